@@ -1,0 +1,219 @@
+//! What the client and server state machines share: input buffering and the preface check,
+//! the outgoing queues with fair scheduling between streams, the heartbeat tick, and closing.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::WireError;
+use crate::frame::{self, Frame, HANDSHAKE_MAX_PAYLOAD, PREFACE};
+use crate::types::{ErrorCode, StreamId};
+
+/// Largest flow-control window a stream may reach, in bytes (2^31 - 1). CREDIT that would
+/// take a window past it is a `flow_control_violation`.
+pub const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+/// Smallest heartbeat interval either side accepts.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// A connection is dead when nothing at all arrived for this many heartbeat intervals.
+pub const IDLE_HEARTBEATS: u32 = 3;
+
+/// Bytes waiting to go out, in order, split so that frame data never has to be copied:
+/// a CHUNK is its header segment followed by its data segment.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// Connection frames and small stream frames that jump the data queues.
+    control: VecDeque<Bytes>,
+    /// Per-stream frames (INITIATED, CHUNK, PROGRESS, terminal) in stream order.
+    streams: HashMap<StreamId, VecDeque<(Bytes, Bytes)>>,
+    /// Streams with something queued, served round-robin one frame at a time.
+    ready: VecDeque<StreamId>,
+    /// The data segment of the frame whose header went out last.
+    body: Option<Bytes>,
+    /// Bytes queued in `streams` (headers and data).
+    queued_bytes: usize,
+}
+
+impl Outbox {
+    pub(crate) fn control(&mut self, frame: &Frame) {
+        self.control.push_back(frame.to_bytes());
+    }
+
+    pub(crate) fn raw_control(&mut self, bytes: Bytes) {
+        self.control.push_back(bytes);
+    }
+
+    pub(crate) fn stream_frame(&mut self, stream: StreamId, frame: &Frame) {
+        self.stream_segments(stream, frame.to_bytes(), Bytes::new());
+    }
+
+    pub(crate) fn stream_segments(&mut self, stream: StreamId, head: Bytes, body: Bytes) {
+        self.queued_bytes += head.len() + body.len();
+        let queue = self.streams.entry(stream).or_default();
+        if queue.is_empty() {
+            self.ready.push_back(stream);
+        }
+        queue.push_back((head, body));
+    }
+
+    /// Drops whatever is still queued for `stream`; returns the data bytes dropped.
+    pub(crate) fn discard(&mut self, stream: StreamId) {
+        if let Some(queue) = self.streams.remove(&stream) {
+            for (head, body) in queue {
+                self.queued_bytes -= head.len() + body.len();
+            }
+            self.ready.retain(|s| *s != stream);
+        }
+    }
+
+    pub(crate) fn is_stream_empty(&self, stream: StreamId) -> bool {
+        self.streams.get(&stream).is_none_or(|q| q.is_empty())
+    }
+
+    pub(crate) fn poll(&mut self) -> Option<Bytes> {
+        if let Some(body) = self.body.take() {
+            return Some(body);
+        }
+        if let Some(bytes) = self.control.pop_front() {
+            return Some(bytes);
+        }
+        let stream = self.ready.pop_front()?;
+        let queue = self.streams.get_mut(&stream).expect("a ready stream has a queue");
+        let (head, body) = queue.pop_front().expect("a ready stream has a frame");
+        if queue.is_empty() {
+            self.streams.remove(&stream);
+        } else {
+            // Round-robin: one frame per stream per turn, so a big stream never starves
+            // the small ones.
+            self.ready.push_back(stream);
+        }
+        self.queued_bytes -= head.len() + body.len();
+        if !body.is_empty() {
+            self.body = Some(body);
+        }
+        Some(head)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.body.is_none() && self.control.is_empty() && self.ready.is_empty()
+    }
+
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes + self.control.iter().map(Bytes::len).sum::<usize>()
+    }
+}
+
+/// Input side: the receive buffer, the preface check and the current payload limit.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    pub(crate) buf: BytesMut,
+    preface_matched: usize,
+    pub(crate) max_payload: u32,
+}
+
+impl Inbox {
+    pub(crate) fn new() -> Self {
+        Inbox { buf: BytesMut::new(), preface_matched: 0, max_payload: HANDSHAKE_MAX_PAYLOAD }
+    }
+
+    /// The next whole frame, once the peer's preface has been checked.
+    pub(crate) fn next_frame(&mut self, peer: &str) -> Result<Option<Frame>, WireError> {
+        while self.preface_matched < PREFACE.len() {
+            let Some(&byte) = self.buf.first() else { return Ok(None) };
+            if byte != PREFACE[self.preface_matched] {
+                return Err(preface_error(peer, self.preface_matched, &self.buf));
+            }
+            self.preface_matched += 1;
+            let _ = self.buf.split_to(1);
+        }
+        frame::decode(&mut self.buf, self.max_payload)
+    }
+
+    pub(crate) fn is_mid_frame(&self) -> bool {
+        !self.buf.is_empty() || (self.preface_matched > 0 && self.preface_matched < PREFACE.len())
+    }
+}
+
+/// A clear error for a peer that did not open with the Nexus preface.
+fn preface_error(peer: &str, matched: usize, rest: &[u8]) -> WireError {
+    let what = if matched > 0 {
+        "a corrupt Nexus preface".to_string()
+    } else if rest.first() == Some(&0x16) {
+        "a TLS handshake record (is the peer using TLS?)".to_string()
+    } else if rest.first().is_some_and(u8::is_ascii_uppercase)
+        && [&b"GET "[..], b"POST", b"PUT ", b"HEAD", b"HTTP", b"OPTI", b"DELE", b"PRI "]
+            .iter()
+            .any(|m| rest.len() < 4 && m.starts_with(rest) || rest.starts_with(m))
+    {
+        "what looks like HTTP (is the peer an HTTP client or server?)".to_string()
+    } else {
+        format!("byte 0x{:02x}", rest.first().copied().unwrap_or(0))
+    };
+    WireError::protocol(format!("expected the Nexus preface from the {peer}, got {what}"))
+}
+
+/// The heartbeat tick and the idle check.
+#[derive(Debug)]
+pub(crate) struct Clock {
+    pub(crate) interval: Duration,
+    pub(crate) next_tick: Instant,
+    pub(crate) last_received: Instant,
+    pub(crate) handshake_deadline: Option<Instant>,
+}
+
+impl Clock {
+    pub(crate) fn new(now: Instant, interval: Duration, handshake_timeout: Duration) -> Self {
+        Clock {
+            interval,
+            next_tick: now + interval,
+            last_received: now,
+            handshake_deadline: Some(now + handshake_timeout),
+        }
+    }
+
+    pub(crate) fn next_deadline(&self) -> Instant {
+        match self.handshake_deadline {
+            Some(d) => d.min(self.next_tick),
+            None => self.next_tick,
+        }
+    }
+
+    pub(crate) fn idle_limit(&self) -> Duration {
+        self.interval * IDLE_HEARTBEATS
+    }
+}
+
+/// The connection-level error frame for `err`.
+pub(crate) fn error_frame(err: &WireError) -> Frame {
+    Frame::Error { stream: StreamId::CONNECTION, code: err.code, message: err.message.clone() }
+}
+
+/// The error that ends every stream when the transport closes under them.
+pub(crate) fn lost(received: u64) -> WireError {
+    WireError::new(
+        ErrorCode::CONNECTION_LOST,
+        format!("connection closed before the stream ended, after {received} bytes"),
+    )
+}
+
+/// The running whole-stream digest: xxh3-64 with seed 0 over the uncompressed data.
+#[derive(Clone, Default)]
+pub(crate) struct Digest(xxhash_rust::xxh3::Xxh3);
+
+impl Digest {
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub(crate) fn value(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Digest({:016x})", self.value())
+    }
+}
