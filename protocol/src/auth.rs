@@ -59,7 +59,10 @@ pub fn proof(
     client_nonce: &[u8; NONCE_LEN],
     server_nonce: &[u8; NONCE_LEN],
 ) -> [u8; PROOF_LEN] {
-    mac(secret, version, role, client_nonce, server_nonce).finalize().into_bytes().into()
+    mac(secret, version, role, client_nonce, server_nonce)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Whether `candidate` is the proof `role` must send; compared in constant time.
@@ -71,7 +74,9 @@ pub fn verify(
     server_nonce: &[u8; NONCE_LEN],
     candidate: &[u8; PROOF_LEN],
 ) -> bool {
-    mac(secret, version, role, client_nonce, server_nonce).verify_slice(candidate).is_ok()
+    mac(secret, version, role, client_nonce, server_nonce)
+        .verify_slice(candidate)
+        .is_ok()
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-
 use crate::auth::{self, Role};
 use crate::compress;
 use crate::conn::{self, Clock, Inbox, Outbox, MIN_HEARTBEAT};
@@ -293,7 +292,9 @@ impl ClientConnection {
             self.fail_connection(WireError::new(ErrorCode::TIMEOUT, message), true);
             return;
         }
-        self.outbox.control(&Frame::Heartbeat { stream: StreamId::CONNECTION });
+        self.outbox.control(&Frame::Heartbeat {
+            stream: StreamId::CONNECTION,
+        });
         let mut timed_out: Vec<StreamId> = self
             .streams
             .iter()
@@ -348,7 +349,11 @@ impl ClientConnection {
     }
 
     /// Starts a stream: queues INITIATE.
-    pub fn initiate(&mut self, request: StreamRequest, now: Instant) -> Result<StreamId, CallError> {
+    pub fn initiate(
+        &mut self,
+        request: StreamRequest,
+        now: Instant,
+    ) -> Result<StreamId, CallError> {
         let accept = match self.phase {
             Phase::Closed => return Err(CallError::Closed),
             Phase::Established => self.accept.as_ref().expect("established after ACCEPT"),
@@ -400,8 +405,13 @@ impl ClientConnection {
     /// The application is done with `bytes` bytes of the stream's data: they count as window
     /// again. CREDIT goes out once a quarter of the initial window has been consumed.
     pub fn consume(&mut self, stream: StreamId, bytes: usize) {
-        let threshold = self.accept.as_ref().map_or(1, |a| u64::from(a.initial_window / 4).max(1));
-        let Some(s) = self.streams.get_mut(&stream) else { return };
+        let threshold = self
+            .accept
+            .as_ref()
+            .map_or(1, |a| u64::from(a.initial_window / 4).max(1));
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
         if !matches!(s.state, StreamState::Open | StreamState::Initiating) {
             return;
         }
@@ -420,13 +430,20 @@ impl ClientConnection {
         if self.phase == Phase::Closed {
             return Err(CallError::Closed);
         }
-        let s = self.streams.get_mut(&stream).ok_or(CallError::UnknownStream(stream))?;
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .ok_or(CallError::UnknownStream(stream))?;
         if !matches!(s.state, StreamState::Open | StreamState::Initiating) {
             return Err(CallError::WrongState(stream));
         }
         s.state = StreamState::Cancelling;
         let reason = reason.to_string();
-        self.outbox.control(&Frame::Cancel { stream, operation: None, reason });
+        self.outbox.control(&Frame::Cancel {
+            stream,
+            operation: None,
+            reason,
+        });
         Ok(())
     }
 
@@ -471,26 +488,42 @@ impl ClientConnection {
     }
 
     fn send_cancel(&mut self, stream: StreamId, reason: String) {
-        self.outbox.control(&Frame::Cancel { stream, operation: None, reason });
+        self.outbox.control(&Frame::Cancel {
+            stream,
+            operation: None,
+            reason,
+        });
     }
 
     /// Tells the application how the stream ended, once; the entry stays until the server's
     /// terminal frame if one is still due.
     fn report(&mut self, stream: StreamId, outcome: Outcome) {
-        let Some(s) = self.streams.get_mut(&stream) else { return };
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
         if s.state == StreamState::Reported {
             return;
         }
         s.state = StreamState::Reported;
         let bytes_received = s.bytes;
-        self.events.push_back(ClientEvent::StreamEnd { stream, outcome, bytes_received });
+        self.events.push_back(ClientEvent::StreamEnd {
+            stream,
+            outcome,
+            bytes_received,
+        });
     }
 
     /// The server's terminal frame for a stream: report `outcome` unless already reported
     /// (a cancelled stream reports `Cancelled` whatever the server's last word was).
     fn finish(&mut self, stream: StreamId, outcome: Outcome) {
-        let Some(s) = self.streams.get(&stream) else { return };
-        let outcome = if s.state == StreamState::Cancelling { Outcome::Cancelled } else { outcome };
+        let Some(s) = self.streams.get(&stream) else {
+            return;
+        };
+        let outcome = if s.state == StreamState::Cancelling {
+            Outcome::Cancelled
+        } else {
+            outcome
+        };
         self.report(stream, outcome);
         self.streams.remove(&stream);
     }
@@ -518,7 +551,10 @@ impl ClientConnection {
                     (Some(e), true) => e.clone(),
                     _ => conn::lost(s.bytes),
                 };
-                Outcome::Error { code: e.code, message: e.message }
+                Outcome::Error {
+                    code: e.code,
+                    message: e.message,
+                }
             };
             self.report(id, outcome);
         }
@@ -530,7 +566,14 @@ impl ClientConnection {
     fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), WireError> {
         match (self.phase, frame) {
             (_, Frame::Extension { .. }) => Ok(()),
-            (_, Frame::Error { stream, code, message }) if stream.is_connection() => {
+            (
+                _,
+                Frame::Error {
+                    stream,
+                    code,
+                    message,
+                },
+            ) if stream.is_connection() => {
                 let err = WireError::new(code, format!("server closed the connection: {message}"));
                 self.close_with(Some(err), true);
                 Ok(())
@@ -589,8 +632,13 @@ impl ClientConnection {
         self.clock.interval = interval.max(MIN_HEARTBEAT);
         match (accept.auth_required, self.settings.secret.as_deref()) {
             (true, Some(secret)) => {
-                let proof =
-                    auth::proof(secret, accept.version, Role::Client, &self.nonce, &accept.nonce);
+                let proof = auth::proof(
+                    secret,
+                    accept.version,
+                    Role::Client,
+                    &self.nonce,
+                    &accept.nonce,
+                );
                 self.outbox.control(&Frame::Auth { proof });
                 self.accept = Some(accept);
                 self.phase = Phase::AwaitAuth;
@@ -654,7 +702,11 @@ impl ClientConnection {
         s.last_heard = now;
         let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
         match frame {
-            Frame::Initiated { zstd, expected_bytes, .. } => {
+            Frame::Initiated {
+                zstd,
+                expected_bytes,
+                ..
+            } => {
                 if s.state == StreamState::Initiating {
                     if zstd && !s.accept_zstd {
                         return Err(WireError::protocol(format!(
@@ -663,16 +715,24 @@ impl ClientConnection {
                     }
                     s.state = StreamState::Open;
                     s.zstd = zstd;
-                    self.events.push_back(ClientEvent::Initiated { stream: id, expected_bytes });
+                    self.events.push_back(ClientEvent::Initiated {
+                        stream: id,
+                        expected_bytes,
+                    });
                 } else if live {
-                    return Err(WireError::protocol(format!("second INITIATED on stream {id}")));
+                    return Err(WireError::protocol(format!(
+                        "second INITIATED on stream {id}"
+                    )));
                 }
                 Ok(())
             }
             Frame::Chunk(chunk) => self.on_chunk(chunk),
             Frame::Progress { progress, .. } => {
                 if live {
-                    self.events.push_back(ClientEvent::Progress { stream: id, progress });
+                    self.events.push_back(ClientEvent::Progress {
+                        stream: id,
+                        progress,
+                    });
                 }
                 Ok(())
             }
@@ -706,26 +766,41 @@ impl ClientConnection {
 
     fn on_chunk(&mut self, chunk: Chunk) -> Result<(), WireError> {
         let id = chunk.stream;
-        let s = self.streams.get_mut(&id).expect("caller checked the stream exists");
+        let s = self
+            .streams
+            .get_mut(&id)
+            .expect("caller checked the stream exists");
         let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
         if raw_len > s.window {
             return Err(WireError::new(
                 ErrorCode::FLOW_CONTROL_VIOLATION,
-                format!("CHUNK of {raw_len} bytes on stream {id} exceeds its window of {}", s.window),
+                format!(
+                    "CHUNK of {raw_len} bytes on stream {id} exceeds its window of {}",
+                    s.window
+                ),
             ));
         }
         s.window -= raw_len;
         match s.state {
             StreamState::Open => {}
             StreamState::Initiating => {
-                return Err(WireError::protocol(format!("CHUNK before INITIATED on stream {id}")))
+                return Err(WireError::protocol(format!(
+                    "CHUNK before INITIATED on stream {id}"
+                )))
             }
             // Cancelled or already failed: dropped, never delivered.
             StreamState::Cancelling | StreamState::Reported => return Ok(()),
         }
         let failure = if chunk.seq != s.next_seq {
-            let what = if chunk.seq < s.next_seq { "duplicate" } else { "gap" };
-            Some(format!("sequence {what}: expected chunk {}, got {}", s.next_seq, chunk.seq))
+            let what = if chunk.seq < s.next_seq {
+                "duplicate"
+            } else {
+                "gap"
+            };
+            Some(format!(
+                "sequence {what}: expected chunk {}, got {}",
+                s.next_seq, chunk.seq
+            ))
         } else if chunk.raw_len.is_some() && !s.zstd {
             Some("compressed CHUNK on a stream without compression".to_string())
         } else if chunk.raw_len.is_none() && chunk.data.is_empty() {
@@ -736,14 +811,17 @@ impl ClientConnection {
         let data = match (failure, chunk.raw_len) {
             (Some(why), _) => Err(why),
             (None, None) => Ok(chunk.data),
-            (None, Some(raw)) => compress::decompress_chunk(&chunk.data, raw).map_err(|e| e.message),
+            (None, Some(raw)) => {
+                compress::decompress_chunk(&chunk.data, raw).map_err(|e| e.message)
+            }
         };
         match data {
             Ok(data) => {
                 s.next_seq += 1;
                 s.bytes += data.len() as u64;
                 s.digest.update(&data);
-                self.events.push_back(ClientEvent::Chunk { stream: id, data });
+                self.events
+                    .push_back(ClientEvent::Chunk { stream: id, data });
             }
             Err(why) => {
                 // The stream is unusable: stop the producer and report the failure now.
@@ -763,9 +841,15 @@ fn verify_completion(s: &Stream, c: &Completion) -> Outcome {
     } else if c.chunks != s.next_seq {
         format!("COMPLETE says {} chunks, received {}", c.chunks, s.next_seq)
     } else if c.digest != digest {
-        format!("digest mismatch: COMPLETE says {:016x}, received data hashes to {digest:016x}", c.digest)
+        format!(
+            "digest mismatch: COMPLETE says {:016x}, received data hashes to {digest:016x}",
+            c.digest
+        )
     } else {
         return Outcome::Complete(*c);
     };
-    Outcome::Error { code: ErrorCode::INTEGRITY_FAILURE, message }
+    Outcome::Error {
+        code: ErrorCode::INTEGRITY_FAILURE,
+        message,
+    }
 }

@@ -25,9 +25,15 @@ pub fn decompress_chunk(data: &[u8], raw_len: u32) -> Result<Bytes, WireError> {
         zstd::bulk::Decompressor::new().map_err(|e| fail(format!("zstd init: {e}")))?;
     let written = decompressor
         .decompress_to_buffer(data, &mut out)
-        .map_err(|e| fail(format!("compressed chunk does not inflate to {raw_len} bytes: {e}")))?;
+        .map_err(|e| {
+            fail(format!(
+                "compressed chunk does not inflate to {raw_len} bytes: {e}"
+            ))
+        })?;
     if written != cap {
-        return Err(fail(format!("compressed chunk inflated to {written} bytes, announced {raw_len}")));
+        return Err(fail(format!(
+            "compressed chunk inflated to {written} bytes, announced {raw_len}"
+        )));
     }
     Ok(Bytes::from(out))
 }
@@ -51,8 +57,9 @@ mod tests {
 
     #[test]
     fn incompressible_data_is_left_raw() {
-        let noise: Vec<u8> =
-            (0..4096u32).map(|i| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) as u8).collect();
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) as u8)
+            .collect();
         assert!(compress_chunk(&noise, 1).is_none());
     }
 }

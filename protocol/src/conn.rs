@@ -80,7 +80,10 @@ impl Outbox {
             return Some(bytes);
         }
         let stream = self.ready.pop_front()?;
-        let queue = self.streams.get_mut(&stream).expect("a ready stream has a queue");
+        let queue = self
+            .streams
+            .get_mut(&stream)
+            .expect("a ready stream has a queue");
         let (head, body) = queue.pop_front().expect("a ready stream has a frame");
         if queue.is_empty() {
             self.streams.remove(&stream);
@@ -115,13 +118,19 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     pub(crate) fn new() -> Self {
-        Inbox { buf: BytesMut::new(), preface_matched: 0, max_payload: HANDSHAKE_MAX_PAYLOAD }
+        Inbox {
+            buf: BytesMut::new(),
+            preface_matched: 0,
+            max_payload: HANDSHAKE_MAX_PAYLOAD,
+        }
     }
 
     /// The next whole frame, once the peer's preface has been checked.
     pub(crate) fn next_frame(&mut self, peer: &str) -> Result<Option<Frame>, WireError> {
         while self.preface_matched < PREFACE.len() {
-            let Some(&byte) = self.buf.first() else { return Ok(None) };
+            let Some(&byte) = self.buf.first() else {
+                return Ok(None);
+            };
             if byte != PREFACE[self.preface_matched] {
                 return Err(preface_error(peer, self.preface_matched, &self.buf));
             }
@@ -143,15 +152,26 @@ fn preface_error(peer: &str, matched: usize, rest: &[u8]) -> WireError {
     } else if rest.first() == Some(&0x16) {
         "a TLS handshake record (is the peer using TLS?)".to_string()
     } else if rest.first().is_some_and(u8::is_ascii_uppercase)
-        && [&b"GET "[..], b"POST", b"PUT ", b"HEAD", b"HTTP", b"OPTI", b"DELE", b"PRI "]
-            .iter()
-            .any(|m| rest.len() < 4 && m.starts_with(rest) || rest.starts_with(m))
+        && [
+            &b"GET "[..],
+            b"POST",
+            b"PUT ",
+            b"HEAD",
+            b"HTTP",
+            b"OPTI",
+            b"DELE",
+            b"PRI ",
+        ]
+        .iter()
+        .any(|m| rest.len() < 4 && m.starts_with(rest) || rest.starts_with(m))
     {
         "what looks like HTTP (is the peer an HTTP client or server?)".to_string()
     } else {
         format!("byte 0x{:02x}", rest.first().copied().unwrap_or(0))
     };
-    WireError::protocol(format!("expected the Nexus preface from the {peer}, got {what}"))
+    WireError::protocol(format!(
+        "expected the Nexus preface from the {peer}, got {what}"
+    ))
 }
 
 /// The heartbeat tick and the idle check.
@@ -187,7 +207,11 @@ impl Clock {
 
 /// The connection-level error frame for `err`.
 pub(crate) fn error_frame(err: &WireError) -> Frame {
-    Frame::Error { stream: StreamId::CONNECTION, code: err.code, message: err.message.clone() }
+    Frame::Error {
+        stream: StreamId::CONNECTION,
+        code: err.code,
+        message: err.message.clone(),
+    }
 }
 
 /// The error that ends every stream when the transport closes under them.

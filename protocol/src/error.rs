@@ -16,7 +16,10 @@ pub struct WireError {
 impl WireError {
     /// An error with this code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError { code, message: message.into() }
+        WireError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// A `protocol_error`.

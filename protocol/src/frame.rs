@@ -351,7 +351,11 @@ impl Frame {
                 dst.put_u32(m.max_paradata);
                 dst.put_u32(m.heartbeat_interval_ms);
                 put_str16(dst, &m.name, MAX_NAME_LEN);
-                let flags = if m.auth_required { FLAG_AUTH_REQUIRED } else { 0 };
+                let flags = if m.auth_required {
+                    FLAG_AUTH_REQUIRED
+                } else {
+                    0
+                };
                 (FrameType::Accept, flags, StreamId::CONNECTION)
             }
             Frame::Auth { proof } => {
@@ -362,13 +366,25 @@ impl Frame {
                 dst.put_u64(m.operation.0);
                 dst.put_u32(m.paradata.len() as u32);
                 dst.put_slice(m.paradata.as_bytes());
-                put_str16(dst, m.traceparent.as_deref().unwrap_or(""), MAX_TRACEPARENT_LEN);
+                put_str16(
+                    dst,
+                    m.traceparent.as_deref().unwrap_or(""),
+                    MAX_TRACEPARENT_LEN,
+                );
                 let flags = if m.accept_zstd { FLAG_ACCEPT_ZSTD } else { 0 };
                 (FrameType::Initiate, flags, m.stream)
             }
-            Frame::Initiated { stream, zstd, expected_bytes } => {
+            Frame::Initiated {
+                stream,
+                zstd,
+                expected_bytes,
+            } => {
                 dst.put_u64(*expected_bytes);
-                (FrameType::Initiated, if *zstd { FLAG_ZSTD } else { 0 }, *stream)
+                (
+                    FrameType::Initiated,
+                    if *zstd { FLAG_ZSTD } else { 0 },
+                    *stream,
+                )
             }
             Frame::Chunk(m) => {
                 dst.put_u64(m.seq);
@@ -376,7 +392,11 @@ impl Frame {
                     dst.put_u32(raw_len);
                 }
                 dst.put_slice(&m.data);
-                let flags = if m.raw_len.is_some() { FLAG_COMPRESSED } else { 0 };
+                let flags = if m.raw_len.is_some() {
+                    FLAG_COMPRESSED
+                } else {
+                    0
+                };
                 (FrameType::Chunk, flags, m.stream)
             }
             Frame::Progress { stream, progress } => {
@@ -388,10 +408,18 @@ impl Frame {
                 dst.put_u32(*increment);
                 (FrameType::Credit, 0, *stream)
             }
-            Frame::Cancel { stream, operation, reason } => {
+            Frame::Cancel {
+                stream,
+                operation,
+                reason,
+            } => {
                 dst.put_u64(operation.map_or(0, |o| o.0));
                 put_str16(dst, reason, MAX_MESSAGE_LEN);
-                let flags = if operation.is_some() { FLAG_OPERATION } else { 0 };
+                let flags = if operation.is_some() {
+                    FLAG_OPERATION
+                } else {
+                    0
+                };
                 (FrameType::Cancel, flags, *stream)
             }
             Frame::Cancelled { stream, bytes_sent } => {
@@ -405,13 +433,21 @@ impl Frame {
                 put_items(dst, &completion.items);
                 (FrameType::Complete, 0, *stream)
             }
-            Frame::Error { stream, code, message } => {
+            Frame::Error {
+                stream,
+                code,
+                message,
+            } => {
                 dst.put_u16(code.0);
                 put_str16(dst, message, MAX_MESSAGE_LEN);
                 (FrameType::Error, 0, *stream)
             }
             Frame::Heartbeat { stream } => (FrameType::Heartbeat, 0, *stream),
-            Frame::GoAway { last_stream, drain_ms, message } => {
+            Frame::GoAway {
+                last_stream,
+                drain_ms,
+                message,
+            } => {
                 dst.put_u32(last_stream.0);
                 dst.put_u32(*drain_ms);
                 put_str16(dst, message, MAX_MESSAGE_LEN);
@@ -451,7 +487,11 @@ pub fn encode_header(payload_len: u32, kind: u8, flags: u8, stream: StreamId) ->
 pub fn chunk_header(stream: StreamId, seq: u64, raw_len: Option<u32>, data_len: usize) -> Bytes {
     let extra = if raw_len.is_some() { 12 } else { 8 };
     let mut b = BytesMut::with_capacity(HEADER_LEN + extra);
-    let flags = if raw_len.is_some() { FLAG_COMPRESSED } else { 0 };
+    let flags = if raw_len.is_some() {
+        FLAG_COMPRESSED
+    } else {
+        0
+    };
     b.put_slice(&encode_header(
         (extra + data_len) as u32,
         FrameType::Chunk as u8,
@@ -506,9 +546,14 @@ pub fn decode_payload(
         if kind >= FIRST_EXTENSION_TYPE {
             return Ok(Frame::Extension { kind, stream });
         }
-        return Err(WireError::protocol(format!("unknown frame type 0x{kind:02x}")));
+        return Err(WireError::protocol(format!(
+            "unknown frame type 0x{kind:02x}"
+        )));
     };
-    let mut r = Reader { buf: payload, frame: frame_type };
+    let mut r = Reader {
+        buf: payload,
+        frame: frame_type,
+    };
     let connection_only = matches!(
         frame_type,
         FrameType::Bind | FrameType::Accept | FrameType::Auth | FrameType::GoAway
@@ -524,10 +569,16 @@ pub fn decode_payload(
             | FrameType::Complete
     );
     if connection_only && !stream.is_connection() {
-        return Err(WireError::protocol(format!("{} on stream {stream}", frame_type.name())));
+        return Err(WireError::protocol(format!(
+            "{} on stream {stream}",
+            frame_type.name()
+        )));
     }
     if stream_only && stream.is_connection() {
-        return Err(WireError::protocol(format!("{} on stream 0", frame_type.name())));
+        return Err(WireError::protocol(format!(
+            "{} on stream 0",
+            frame_type.name()
+        )));
     }
     let frame = match frame_type {
         FrameType::Bind => Frame::Bind(Bind {
@@ -571,15 +622,30 @@ pub fn decode_payload(
         },
         FrameType::Chunk => {
             let seq = r.u64()?;
-            let raw_len = if flags & FLAG_COMPRESSED != 0 { Some(r.u32()?) } else { None };
+            let raw_len = if flags & FLAG_COMPRESSED != 0 {
+                Some(r.u32()?)
+            } else {
+                None
+            };
             // CHUNK has no trailing extension room: everything after the fields is data.
-            Frame::Chunk(Chunk { stream, seq, raw_len, data: r.buf })
+            Frame::Chunk(Chunk {
+                stream,
+                seq,
+                raw_len,
+                data: r.buf,
+            })
         }
         FrameType::Progress => Frame::Progress {
             stream,
-            progress: Progress { bytes_sent: r.u64()?, items: r.items()? },
+            progress: Progress {
+                bytes_sent: r.u64()?,
+                items: r.items()?,
+            },
         },
-        FrameType::Credit => Frame::Credit { stream, increment: r.u32()? },
+        FrameType::Credit => Frame::Credit {
+            stream,
+            increment: r.u32()?,
+        },
         FrameType::Cancel => {
             let operation = r.u64()?;
             let reason = r.str16(MAX_MESSAGE_LEN)?;
@@ -595,7 +661,10 @@ pub fn decode_payload(
                 reason,
             }
         }
-        FrameType::Cancelled => Frame::Cancelled { stream, bytes_sent: r.u64()? },
+        FrameType::Cancelled => Frame::Cancelled {
+            stream,
+            bytes_sent: r.u64()?,
+        },
         FrameType::Complete => Frame::Complete {
             stream,
             completion: Completion {
@@ -710,8 +779,7 @@ impl Reader {
         }
         self.need(len)?;
         let raw = self.buf.split_to(len);
-        String::from_utf8(raw.to_vec()).map_err(|_| {
-            WireError::protocol(format!("{} string is not UTF-8", self.frame.name()))
-        })
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| WireError::protocol(format!("{} string is not UTF-8", self.frame.name())))
     }
 }

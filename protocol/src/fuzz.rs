@@ -18,7 +18,11 @@ pub fn decode_frames(data: &[u8]) {
         frame.encode(&mut again);
         let round = frame::decode(&mut again, 64 * 1024);
         if !matches!(frame, frame::Frame::Extension { .. }) {
-            assert_eq!(round, Ok(Some(frame)), "re-encoded frame must decode to itself");
+            assert_eq!(
+                round,
+                Ok(Some(frame)),
+                "re-encoded frame must decode to itself"
+            );
         }
     }
 }
@@ -28,7 +32,10 @@ pub fn decode_frames(data: &[u8]) {
 /// moving the clock, and drains everything it produces.
 pub fn server(data: &[u8], handshake: bool) {
     let now = Instant::now();
-    let settings = ServerSettings { max_frame_size: 64 * 1024, ..ServerSettings::default() };
+    let settings = ServerSettings {
+        max_frame_size: 64 * 1024,
+        ..ServerSettings::default()
+    };
     let mut conn = ServerConnection::new(settings, [7; 32], now);
     if handshake {
         let client = ClientConnection::new(ClientSettings::default(), [9; 32], now);
@@ -52,7 +59,10 @@ pub fn server(data: &[u8], handshake: bool) {
                 }
             }
         }
-        assert!(conn.queued_bytes() < 64 << 20, "server queue must stay bounded");
+        assert!(
+            conn.queued_bytes() < 64 << 20,
+            "server queue must stay bounded"
+        );
         while conn.poll_transmit().is_some() {}
     }
     conn.handle_eof();
@@ -72,7 +82,10 @@ pub fn client(data: &[u8]) {
         conn.handle_input(&seg, now);
     }
     for paradata in ["a", "b"] {
-        let request = crate::StreamRequest { paradata: paradata.into(), ..Default::default() };
+        let request = crate::StreamRequest {
+            paradata: paradata.into(),
+            ..Default::default()
+        };
         let _ = conn.initiate(request, now);
     }
     let mut t = now;

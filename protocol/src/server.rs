@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-
 use crate::auth::{self, Role};
 use crate::conn::{self, Clock, Inbox, Outbox, MAX_WINDOW, MIN_HEARTBEAT};
 use crate::error::{CallError, WireError};
@@ -204,9 +203,13 @@ impl ServerConnection {
         self.phase = Phase::Closed;
         self.streams.clear();
         let error = if mid_frame {
-            Some(WireError::protocol("connection closed in the middle of a frame"))
+            Some(WireError::protocol(
+                "connection closed in the middle of a frame",
+            ))
         } else if self.clock.handshake_deadline.is_some() {
-            Some(WireError::protocol("connection closed before the handshake finished"))
+            Some(WireError::protocol(
+                "connection closed before the handshake finished",
+            ))
         } else {
             None
         };
@@ -245,11 +248,16 @@ impl ServerConnection {
         if now.duration_since(self.clock.last_received) >= self.clock.idle_limit() {
             self.fail_connection(WireError::new(
                 ErrorCode::TIMEOUT,
-                format!("nothing received for {} ms", self.clock.idle_limit().as_millis()),
+                format!(
+                    "nothing received for {} ms",
+                    self.clock.idle_limit().as_millis()
+                ),
             ));
             return;
         }
-        self.outbox.control(&Frame::Heartbeat { stream: StreamId::CONNECTION });
+        self.outbox.control(&Frame::Heartbeat {
+            stream: StreamId::CONNECTION,
+        });
         let mut timed_out = Vec::new();
         for (&id, stream) in &mut self.streams {
             if !stream.accepted {
@@ -264,7 +272,8 @@ impl ServerConnection {
             if !stream.sent_since_tick && stream.window > 0 && self.outbox.is_stream_empty(id) {
                 // The producer is alive but has had nothing to send: tell the client, so
                 // that its stream timeout does not fire on a slow source.
-                self.outbox.stream_frame(id, &Frame::Heartbeat { stream: id });
+                self.outbox
+                    .stream_frame(id, &Frame::Heartbeat { stream: id });
             }
             stream.sent_since_tick = false;
         }
@@ -273,8 +282,16 @@ impl ServerConnection {
                 "no credit from the client for {} ms",
                 self.settings.stream_timeout.as_millis()
             );
-            self.end_stream(id, &Frame::Error { stream: id, code: ErrorCode::TIMEOUT, message });
-            self.events.push_back(ServerEvent::StreamTimedOut { stream: id });
+            self.end_stream(
+                id,
+                &Frame::Error {
+                    stream: id,
+                    code: ErrorCode::TIMEOUT,
+                    message,
+                },
+            );
+            self.events
+                .push_back(ServerEvent::StreamTimedOut { stream: id });
         }
     }
 
@@ -330,7 +347,14 @@ impl ServerConnection {
         s.accepted = true;
         s.zstd &= zstd;
         let zstd = s.zstd;
-        self.outbox.stream_frame(stream, &Frame::Initiated { stream, zstd, expected_bytes });
+        self.outbox.stream_frame(
+            stream,
+            &Frame::Initiated {
+                stream,
+                zstd,
+                expected_bytes,
+            },
+        );
         Ok(())
     }
 
@@ -343,7 +367,14 @@ impl ServerConnection {
     ) -> Result<(), CallError> {
         self.stream_mut(stream)?;
         let message = message.to_string();
-        self.end_stream(stream, &Frame::Error { stream, code, message });
+        self.end_stream(
+            stream,
+            &Frame::Error {
+                stream,
+                code,
+                message,
+            },
+        );
         Ok(())
     }
 
@@ -378,7 +409,10 @@ impl ServerConnection {
             return Err(CallError::WrongState(stream));
         }
         if raw.is_empty() || raw.len() > capacity {
-            return Err(CallError::NoCapacity { len: raw.len(), capacity });
+            return Err(CallError::NoCapacity {
+                len: raw.len(),
+                capacity,
+            });
         }
         let compressed = compressed.filter(|c| s.zstd && c.len() <= max_chunk);
         s.digest.update(&raw);
@@ -391,7 +425,10 @@ impl ServerConnection {
         let seq = s.seq;
         s.seq += 1;
         let (head, body) = match compressed {
-            Some(c) => (frame::chunk_header(stream, seq, Some(raw.len() as u32), c.len()), c),
+            Some(c) => (
+                frame::chunk_header(stream, seq, Some(raw.len() as u32), c.len()),
+                c,
+            ),
             None => (frame::chunk_header(stream, seq, None, raw.len()), raw),
         };
         self.outbox.stream_segments(stream, head, body);
@@ -405,8 +442,12 @@ impl ServerConnection {
             return Err(CallError::WrongState(stream));
         }
         s.sent_since_tick = true;
-        let progress = Progress { bytes_sent: s.bytes, items };
-        self.outbox.stream_frame(stream, &Frame::Progress { stream, progress });
+        let progress = Progress {
+            bytes_sent: s.bytes,
+            items,
+        };
+        self.outbox
+            .stream_frame(stream, &Frame::Progress { stream, progress });
         Ok(())
     }
 
@@ -417,8 +458,12 @@ impl ServerConnection {
         if !s.accepted {
             return Err(CallError::WrongState(stream));
         }
-        let completion =
-            Completion { bytes: s.bytes, chunks: s.seq, digest: s.digest.value(), items };
+        let completion = Completion {
+            bytes: s.bytes,
+            chunks: s.seq,
+            digest: s.digest.value(),
+            items,
+        };
         self.end_stream(stream, &Frame::Complete { stream, completion });
         Ok(())
     }
@@ -431,7 +476,11 @@ impl ServerConnection {
         self.draining = true;
         let drain_ms = drain.as_millis().min(u32::MAX as u128) as u32;
         let message = message.to_string();
-        self.outbox.control(&Frame::GoAway { last_stream: self.last_stream, drain_ms, message });
+        self.outbox.control(&Frame::GoAway {
+            last_stream: self.last_stream,
+            drain_ms,
+            message,
+        });
     }
 
     /// Closes the connection with a connection-level ERROR (at a drain deadline, say).
@@ -443,7 +492,9 @@ impl ServerConnection {
         if self.phase == Phase::Closed {
             return Err(CallError::Closed);
         }
-        self.streams.get_mut(&stream).ok_or(CallError::UnknownStream(stream))
+        self.streams
+            .get_mut(&stream)
+            .ok_or(CallError::UnknownStream(stream))
     }
 
     /// Queues the stream's last frame and forgets the stream.
@@ -465,7 +516,14 @@ impl ServerConnection {
     fn on_frame(&mut self, frame: Frame) -> Result<(), WireError> {
         match (self.phase, frame) {
             (_, Frame::Extension { .. }) => Ok(()),
-            (_, Frame::Error { stream, code, message }) if stream.is_connection() => {
+            (
+                _,
+                Frame::Error {
+                    stream,
+                    code,
+                    message,
+                },
+            ) if stream.is_connection() => {
                 self.phase = Phase::Closed;
                 self.streams.clear();
                 let err = WireError::new(code, format!("client closed the connection: {message}"));
@@ -481,7 +539,10 @@ impl ServerConnection {
                 let secret = self.settings.secret.as_deref().unwrap_or_default();
                 let (c, s) = (&self.client_nonce, &self.nonce);
                 if !auth::verify(secret, self.version, Role::Client, c, s, &proof) {
-                    return Err(WireError::new(ErrorCode::AUTH_FAILED, "wrong authentication proof"));
+                    return Err(WireError::new(
+                        ErrorCode::AUTH_FAILED,
+                        "wrong authentication proof",
+                    ));
                 }
                 let proof = auth::proof(secret, self.version, Role::Server, c, s);
                 self.outbox.control(&Frame::Auth { proof });
@@ -500,7 +561,12 @@ impl ServerConnection {
             (Phase::Established, Frame::Credit { stream, increment }) => {
                 self.on_credit(stream, increment)
             }
-            (Phase::Established, Frame::Cancel { stream, operation, .. }) => {
+            (
+                Phase::Established,
+                Frame::Cancel {
+                    stream, operation, ..
+                },
+            ) => {
                 match operation {
                     Some(op) => {
                         let mut ids: Vec<StreamId> = self
@@ -602,11 +668,17 @@ impl ServerConnection {
         }
         self.last_stream = stream;
         let refuse = if self.draining {
-            Some((ErrorCode::DRAINING, "server is draining; retry on another connection".into()))
+            Some((
+                ErrorCode::DRAINING,
+                "server is draining; retry on another connection".into(),
+            ))
         } else if self.streams.len() >= self.settings.max_streams as usize {
             Some((
                 ErrorCode::RESOURCE_EXHAUSTED,
-                format!("connection already carries {} streams", self.settings.max_streams),
+                format!(
+                    "connection already carries {} streams",
+                    self.settings.max_streams
+                ),
             ))
         } else if initiate.paradata.len() > self.settings.max_paradata as usize {
             Some((
@@ -621,7 +693,11 @@ impl ServerConnection {
             None
         };
         if let Some((code, message)) = refuse {
-            self.outbox.control(&Frame::Error { stream, code, message });
+            self.outbox.control(&Frame::Error {
+                stream,
+                code,
+                message,
+            });
             return;
         }
         self.streams.insert(
@@ -638,13 +714,16 @@ impl ServerConnection {
                 starved_since: None,
             },
         );
-        self.events.push_back(ServerEvent::StreamRequested(initiate));
+        self.events
+            .push_back(ServerEvent::StreamRequested(initiate));
     }
 
     fn on_credit(&mut self, stream: StreamId, increment: u32) -> Result<(), WireError> {
         self.check_known(stream)?;
         if increment == 0 {
-            return Err(WireError::protocol(format!("CREDIT of 0 on stream {stream}")));
+            return Err(WireError::protocol(format!(
+                "CREDIT of 0 on stream {stream}"
+            )));
         }
         let Some(s) = self.streams.get_mut(&stream) else {
             return Ok(()); // The stream ended while the credit was in flight.
@@ -663,23 +742,30 @@ impl ServerConnection {
     }
 
     fn cancel_stream(&mut self, stream: StreamId) {
-        let Some(s) = self.streams.get(&stream) else { return };
+        let Some(s) = self.streams.get(&stream) else {
+            return;
+        };
         let bytes_sent = s.bytes;
         // Unsent chunks are dropped: the acknowledgement is the last thing on the stream.
         self.outbox.discard(stream);
         self.end_stream(stream, &Frame::Cancelled { stream, bytes_sent });
-        self.events.push_back(ServerEvent::StreamCancelled { stream });
+        self.events
+            .push_back(ServerEvent::StreamCancelled { stream });
     }
 
     /// A frame for a stream id the client never opened is a protocol error.
     fn check_known(&self, stream: StreamId) -> Result<(), WireError> {
         if stream > self.last_stream {
-            return Err(WireError::protocol(format!("frame for stream {stream}, never initiated")));
+            return Err(WireError::protocol(format!(
+                "frame for stream {stream}, never initiated"
+            )));
         }
         Ok(())
     }
 }
 
 pub(crate) fn frame_name(frame: &Frame) -> &'static str {
-    frame.frame_type().map_or("an extension frame", |t| t.name())
+    frame
+        .frame_type()
+        .map_or("an extension frame", |t| t.name())
 }

@@ -1,4 +1,5 @@
 //! Two peers stepped with a fake clock: every rule of PROTOCOL.md's state machines.
+#![allow(clippy::unwrap_used)] // A failed unwrap is a failed assertion here.
 
 mod common;
 
@@ -13,7 +14,11 @@ use nexus_protocol::{
 };
 
 fn data(len: usize, seed: u8) -> Bytes {
-    Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn requested(pair: &Pair) -> Vec<StreamId> {
@@ -44,16 +49,32 @@ fn happy_path_delivers_every_byte_and_verifies_the_digest() {
         sent.extend_from_slice(&chunk);
         p.server.send_chunk(s, chunk, None, p.now).unwrap();
     }
-    let items = ItemCounts { sent: 3, expected: 3, potential: 4, rejected: 1 };
+    let items = ItemCounts {
+        sent: 3,
+        expected: 3,
+        potential: 4,
+        rejected: 1,
+    };
     p.server.complete(s, items).unwrap();
     p.pump();
     assert_eq!(p.received(s), sent);
     let (outcome, bytes) = p.end_of(s);
-    let Outcome::Complete(c) = outcome else { panic!("not complete: {outcome:?}") };
-    assert_eq!((c.bytes, c.chunks, c.digest, c.items), (3000, 3, xxh3(&sent), items));
+    let Outcome::Complete(c) = outcome else {
+        panic!("not complete: {outcome:?}")
+    };
+    assert_eq!(
+        (c.bytes, c.chunks, c.digest, c.items),
+        (3000, 3, xxh3(&sent), items)
+    );
     assert_eq!(bytes, 3000);
-    assert!(p.client_events.contains(&ClientEvent::Initiated { stream: s, expected_bytes: 3000 }));
-    assert_eq!((p.client.active_streams(), p.server.active_streams()), (0, 0));
+    assert!(p.client_events.contains(&ClientEvent::Initiated {
+        stream: s,
+        expected_bytes: 3000
+    }));
+    assert_eq!(
+        (p.client.active_streams(), p.server.active_streams()),
+        (0, 0)
+    );
 }
 
 #[test]
@@ -72,7 +93,9 @@ fn empty_stream_completes_with_zero_counts() {
 fn rejected_initiate_gets_an_immediate_error() {
     let mut p = Pair::default_pair();
     let s = p.initiate("nope:x");
-    p.server.reject(s, ErrorCode::UNKNOWN_SOURCE, "no source for scheme nope").unwrap();
+    p.server
+        .reject(s, ErrorCode::UNKNOWN_SOURCE, "no source for scheme nope")
+        .unwrap();
     p.pump();
     let (outcome, _) = p.end_of(s);
     assert_eq!(
@@ -103,15 +126,23 @@ fn cancel_delivers_nothing_after_the_request_and_is_acknowledged() {
     }
     p.pump();
     let after = &p.client_events[before..];
-    assert!(!after.iter().any(|e| matches!(e, ClientEvent::Chunk { .. })), "{after:?}");
-    assert!(p.server_events.contains(&ServerEvent::StreamCancelled { stream: s }));
+    assert!(
+        !after.iter().any(|e| matches!(e, ClientEvent::Chunk { .. })),
+        "{after:?}"
+    );
+    assert!(p
+        .server_events
+        .contains(&ServerEvent::StreamCancelled { stream: s }));
     assert_eq!(p.end_of(s), (Outcome::Cancelled, 100));
     // The producer is stopped: the server refuses more data for the stream.
     assert_eq!(
         p.server.send_chunk(s, data(10, 4), None, p.now),
         Err(CallError::UnknownStream(s))
     );
-    assert_eq!((p.client.active_streams(), p.server.active_streams()), (0, 0));
+    assert_eq!(
+        (p.client.active_streams(), p.server.active_streams()),
+        (0, 0)
+    );
 }
 
 #[test]
@@ -128,9 +159,18 @@ fn cancel_drops_chunks_the_server_had_queued_but_not_sent() {
     while let Some(seg) = p.client.poll_transmit() {
         p.server.handle_input(&seg, p.now);
     }
-    assert!(p.server.queued_bytes() < queued, "queued chunks are dropped, not sent");
+    assert!(
+        p.server.queued_bytes() < queued,
+        "queued chunks are dropped, not sent"
+    );
     let frames = server_frames(&mut p.server);
-    assert_eq!(frames, vec![Frame::Cancelled { stream: s, bytes_sent: 3000 }]);
+    assert_eq!(
+        frames,
+        vec![Frame::Cancelled {
+            stream: s,
+            bytes_sent: 3000
+        }]
+    );
 }
 
 #[test]
@@ -139,8 +179,11 @@ fn cancel_operation_stops_all_its_streams_and_only_them() {
     let op = OperationId(42);
     let mut in_op = Vec::new();
     for i in 0..3 {
-        let request =
-            StreamRequest { paradata: format!("s{i}"), operation: op, ..Default::default() };
+        let request = StreamRequest {
+            paradata: format!("s{i}"),
+            operation: op,
+            ..Default::default()
+        };
         in_op.push(p.initiate_with(request));
     }
     let other = p.initiate("other");
@@ -152,10 +195,16 @@ fn cancel_operation_stops_all_its_streams_and_only_them() {
     p.pump();
     for s in &in_op {
         assert_eq!(p.end_of(*s).0, Outcome::Cancelled);
-        assert!(p.server_events.contains(&ServerEvent::StreamCancelled { stream: *s }));
+        assert!(p
+            .server_events
+            .contains(&ServerEvent::StreamCancelled { stream: *s }));
     }
-    assert!(!p.server_events.contains(&ServerEvent::StreamCancelled { stream: other }));
-    p.server.send_chunk(other, data(10, 0), None, p.now).unwrap();
+    assert!(!p
+        .server_events
+        .contains(&ServerEvent::StreamCancelled { stream: other }));
+    p.server
+        .send_chunk(other, data(10, 0), None, p.now)
+        .unwrap();
     p.server.complete(other, ItemCounts::default()).unwrap();
     p.pump();
     assert!(matches!(p.end_of(other).0, Outcome::Complete(_)));
@@ -167,18 +216,29 @@ fn server_error_mid_stream_ends_the_stream_with_its_code() {
     let s = p.initiate("file:x");
     p.server.accept(s, 10_000, false).unwrap();
     p.server.send_chunk(s, data(500, 0), None, p.now).unwrap();
-    p.server.reject(s, ErrorCode::SOURCE_FAILED, "read failed: EIO").unwrap();
+    p.server
+        .reject(s, ErrorCode::SOURCE_FAILED, "read failed: EIO")
+        .unwrap();
     p.pump();
     let (outcome, bytes) = p.end_of(s);
     assert_eq!(bytes, 500);
-    assert!(matches!(outcome, Outcome::Error { code: ErrorCode::SOURCE_FAILED, .. }));
+    assert!(matches!(
+        outcome,
+        Outcome::Error {
+            code: ErrorCode::SOURCE_FAILED,
+            ..
+        }
+    ));
     // The connection lives on.
     assert!(p.client.is_established() && !p.server.is_closed());
 }
 
 #[test]
 fn flow_control_exhaustion_and_refill() {
-    let cs = ClientSettings { initial_window: 64 * 1024, ..Default::default() };
+    let cs = ClientSettings {
+        initial_window: 64 * 1024,
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ServerSettings::default());
     let s = p.initiate("synthetic:1M");
     p.server.accept(s, u64::MAX, false).unwrap();
@@ -194,7 +254,11 @@ fn flow_control_exhaustion_and_refill() {
         Err(CallError::NoCapacity { capacity: 0, .. })
     ));
     p.pump();
-    assert_eq!(p.server.send_capacity(s), 0, "no credit before the client consumes");
+    assert_eq!(
+        p.server.send_capacity(s),
+        0,
+        "no credit before the client consumes"
+    );
     // Consuming less than a quarter of the window sends no CREDIT yet.
     p.client.consume(s, 1000);
     p.pump();
@@ -207,18 +271,25 @@ fn flow_control_exhaustion_and_refill() {
 
 #[test]
 fn one_slow_stream_does_not_block_another() {
-    let cs = ClientSettings { initial_window: 8 * 1024, ..Default::default() };
+    let cs = ClientSettings {
+        initial_window: 8 * 1024,
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ServerSettings::default());
     let slow = p.initiate("slow");
     let fast = p.initiate("fast");
     p.server.accept(slow, u64::MAX, false).unwrap();
     p.server.accept(fast, u64::MAX, false).unwrap();
     // Nobody consumes `slow`: its window runs dry.
-    p.server.send_chunk(slow, data(8 * 1024, 0), None, p.now).unwrap();
+    p.server
+        .send_chunk(slow, data(8 * 1024, 0), None, p.now)
+        .unwrap();
     for round in 0..20 {
         let cap = p.server.send_capacity(fast);
         assert!(cap > 0, "fast stream starved in round {round}");
-        p.server.send_chunk(fast, data(cap, 1), None, p.now).unwrap();
+        p.server
+            .send_chunk(fast, data(cap, 1), None, p.now)
+            .unwrap();
         p.pump();
         p.client.consume(fast, cap);
         p.pump();
@@ -236,40 +307,75 @@ fn round_robin_interleaves_streams_one_frame_at_a_time() {
     p.server.accept(small, u64::MAX, false).unwrap();
     let _ = server_frames(&mut p.server);
     for i in 0..8 {
-        p.server.send_chunk(big, data(1000, i), None, p.now).unwrap();
+        p.server
+            .send_chunk(big, data(1000, i), None, p.now)
+            .unwrap();
     }
-    p.server.send_chunk(small, data(10, 9), None, p.now).unwrap();
+    p.server
+        .send_chunk(small, data(10, 9), None, p.now)
+        .unwrap();
     p.server.complete(small, ItemCounts::default()).unwrap();
-    let order: Vec<StreamId> = server_frames(&mut p.server).iter().map(Frame::stream).collect();
+    let order: Vec<StreamId> = server_frames(&mut p.server)
+        .iter()
+        .map(Frame::stream)
+        .collect();
     let small_done = order.iter().rposition(|s| *s == small).unwrap();
-    assert!(small_done <= 3, "small stream finished at frame {small_done} of {order:?}");
+    assert!(
+        small_done <= 3,
+        "small stream finished at frame {small_done} of {order:?}"
+    );
 }
 
 #[test]
 fn server_times_out_a_stream_that_gives_no_credit() {
-    let cs = ClientSettings { initial_window: 4096, ..Default::default() };
-    let ss = ServerSettings { stream_timeout: Duration::from_secs(20), ..Default::default() };
+    let cs = ClientSettings {
+        initial_window: 4096,
+        ..Default::default()
+    };
+    let ss = ServerSettings {
+        stream_timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ss);
     let s = p.initiate("x");
     p.server.accept(s, u64::MAX, false).unwrap();
     p.server.send_chunk(s, data(4096, 0), None, p.now).unwrap();
     p.pump();
     p.advance(Duration::from_secs(15), Duration::from_secs(1));
-    assert!(!p.server_events.contains(&ServerEvent::StreamTimedOut { stream: s }));
+    assert!(!p
+        .server_events
+        .contains(&ServerEvent::StreamTimedOut { stream: s }));
     p.advance(Duration::from_secs(10), Duration::from_secs(1));
-    assert!(p.server_events.contains(&ServerEvent::StreamTimedOut { stream: s }));
-    assert!(matches!(p.end_of(s).0, Outcome::Error { code: ErrorCode::TIMEOUT, .. }));
-    assert!(!p.client.is_closed(), "heartbeats kept the connection alive");
+    assert!(p
+        .server_events
+        .contains(&ServerEvent::StreamTimedOut { stream: s }));
+    assert!(matches!(
+        p.end_of(s).0,
+        Outcome::Error {
+            code: ErrorCode::TIMEOUT,
+            ..
+        }
+    ));
+    assert!(
+        !p.client.is_closed(),
+        "heartbeats kept the connection alive"
+    );
 }
 
 #[test]
 fn slow_source_is_kept_alive_by_stream_heartbeats() {
-    let cs = ClientSettings { stream_timeout: Duration::from_secs(8), ..Default::default() };
+    let cs = ClientSettings {
+        stream_timeout: Duration::from_secs(8),
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ServerSettings::default());
     let s = p.initiate("slow-query");
     p.server.accept(s, u64::MAX, false).unwrap();
     p.advance(Duration::from_secs(60), Duration::from_secs(1));
-    assert!(!p.client_events.iter().any(|e| matches!(e, ClientEvent::StreamEnd { .. })));
+    assert!(!p
+        .client_events
+        .iter()
+        .any(|e| matches!(e, ClientEvent::StreamEnd { .. })));
     p.server.send_chunk(s, data(5, 0), None, p.now).unwrap();
     p.server.complete(s, ItemCounts::default()).unwrap();
     p.pump();
@@ -303,7 +409,10 @@ fn client_times_out_a_silent_stream_and_cancels_it() {
 
 #[test]
 fn idle_connection_is_closed_after_three_missed_heartbeats() {
-    let cs = ClientSettings { heartbeat_interval: Duration::from_secs(1), ..Default::default() };
+    let cs = ClientSettings {
+        heartbeat_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ServerSettings::default());
     for _ in 0..5 {
         p.now += Duration::from_secs(1);
@@ -312,7 +421,10 @@ fn idle_connection_is_closed_after_three_missed_heartbeats() {
     while let Some(e) = p.client.poll_event() {
         p.client_events.push(e);
     }
-    let err = p.client_closed_with().expect("closed").expect("with an error");
+    let err = p
+        .client_closed_with()
+        .expect("closed")
+        .expect("with an error");
     assert_eq!(err.code, ErrorCode::TIMEOUT);
 }
 
@@ -334,17 +446,27 @@ fn inject(p: &mut Pair, frame: &Frame) {
 }
 
 fn chunk(stream: StreamId, seq: u64, data: Bytes) -> Frame {
-    Frame::Chunk(frame::Chunk { stream, seq, raw_len: None, data })
+    Frame::Chunk(frame::Chunk {
+        stream,
+        seq,
+        raw_len: None,
+        data,
+    })
 }
 
 #[test]
 fn a_server_violating_the_window_loses_the_connection() {
-    let cs = ClientSettings { initial_window: 1024, ..Default::default() };
+    let cs = ClientSettings {
+        initial_window: 1024,
+        ..Default::default()
+    };
     let mut p = client_with_open_stream(cs);
     inject(&mut p, &chunk(StreamId(1), 0, data(1025, 0)));
     let err = p.client_closed_with().unwrap().unwrap();
     assert_eq!(err.code, ErrorCode::FLOW_CONTROL_VIOLATION);
-    assert!(matches!(p.end_of(StreamId(1)).0, Outcome::Error { code, .. } if code == ErrorCode::FLOW_CONTROL_VIOLATION));
+    assert!(
+        matches!(p.end_of(StreamId(1)).0, Outcome::Error { code, .. } if code == ErrorCode::FLOW_CONTROL_VIOLATION)
+    );
 }
 
 #[test]
@@ -358,7 +480,10 @@ fn a_client_overflowing_the_window_with_credit_loses_the_connection() {
         traceparent: None,
     });
     server.handle_input(&init.to_bytes(), now);
-    let credit = Frame::Credit { stream: StreamId(1), increment: u32::MAX };
+    let credit = Frame::Credit {
+        stream: StreamId(1),
+        increment: u32::MAX,
+    };
     server.handle_input(&credit.to_bytes(), now);
     let closed = std::iter::from_fn(|| server.poll_event()).find_map(|e| match e {
         ServerEvent::Closed(err) => err,
@@ -372,9 +497,19 @@ fn digest_mismatch_fails_the_stream() {
     let mut p = client_with_open_stream(ClientSettings::default());
     let s = StreamId(1);
     inject(&mut p, &chunk(s, 0, data(100, 0)));
-    let completion =
-        nexus_protocol::Completion { bytes: 100, chunks: 1, digest: 12345, ..Default::default() };
-    inject(&mut p, &Frame::Complete { stream: s, completion });
+    let completion = nexus_protocol::Completion {
+        bytes: 100,
+        chunks: 1,
+        digest: 12345,
+        ..Default::default()
+    };
+    inject(
+        &mut p,
+        &Frame::Complete {
+            stream: s,
+            completion,
+        },
+    );
     let (outcome, bytes) = p.end_of(s);
     assert_eq!(bytes, 100);
     assert!(
@@ -389,10 +524,26 @@ fn count_mismatch_fails_the_stream() {
     let s = StreamId(1);
     let d = data(100, 0);
     inject(&mut p, &chunk(s, 0, d.clone()));
-    let completion =
-        nexus_protocol::Completion { bytes: 200, chunks: 1, digest: xxh3(&d), ..Default::default() };
-    inject(&mut p, &Frame::Complete { stream: s, completion });
-    assert!(matches!(p.end_of(s).0, Outcome::Error { code: ErrorCode::INTEGRITY_FAILURE, .. }));
+    let completion = nexus_protocol::Completion {
+        bytes: 200,
+        chunks: 1,
+        digest: xxh3(&d),
+        ..Default::default()
+    };
+    inject(
+        &mut p,
+        &Frame::Complete {
+            stream: s,
+            completion,
+        },
+    );
+    assert!(matches!(
+        p.end_of(s).0,
+        Outcome::Error {
+            code: ErrorCode::INTEGRITY_FAILURE,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -411,7 +562,9 @@ fn sequence_gap_and_duplicate_fail_the_stream_and_cancel_it() {
         assert_eq!(bytes, 10, "the bad chunk is not delivered");
         // The server is told to stop, then a late COMPLETE changes nothing.
         p.pump();
-        assert!(p.server_events.contains(&ServerEvent::StreamCancelled { stream: s }));
+        assert!(p
+            .server_events
+            .contains(&ServerEvent::StreamCancelled { stream: s }));
         let _ = p.end_of(s);
     }
 }
@@ -419,13 +572,19 @@ fn sequence_gap_and_duplicate_fail_the_stream_and_cancel_it() {
 #[test]
 fn compressed_chunks_are_inflated_and_verified() {
     let mut p = Pair::default_pair();
-    let request = StreamRequest { paradata: "x".into(), accept_zstd: true, ..Default::default() };
+    let request = StreamRequest {
+        paradata: "x".into(),
+        accept_zstd: true,
+        ..Default::default()
+    };
     let s = p.initiate_with(request);
     p.server.accept(s, u64::MAX, true).unwrap();
     assert!(p.server.is_compressed(s));
     let raw = Bytes::from(vec![b'a'; 100_000]);
     let packed = nexus_protocol::compress::compress_chunk(&raw, 1).unwrap();
-    p.server.send_chunk(s, raw.clone(), Some(packed), p.now).unwrap();
+    p.server
+        .send_chunk(s, raw.clone(), Some(packed), p.now)
+        .unwrap();
     p.server.complete(s, ItemCounts::default()).unwrap();
     p.pump();
     assert_eq!(p.received(s), raw.to_vec());
@@ -443,14 +602,35 @@ fn compression_is_off_unless_the_client_accepts_it() {
 #[test]
 fn a_decompression_bomb_fails_the_stream() {
     let mut p = Pair::default_pair();
-    let request = StreamRequest { paradata: "x".into(), accept_zstd: true, ..Default::default() };
+    let request = StreamRequest {
+        paradata: "x".into(),
+        accept_zstd: true,
+        ..Default::default()
+    };
     let s = p.initiate_with(request);
     p.server.accept(s, u64::MAX, true).unwrap();
     p.pump();
     // 1 MiB of zeros announced as 1 KiB.
     let bomb = nexus_protocol::compress::compress_chunk(&vec![0u8; 1 << 20], 19).unwrap();
-    inject(&mut p, &Frame::Chunk(frame::Chunk { stream: s, seq: 0, raw_len: Some(1024), data: bomb }));
-    assert!(matches!(p.end_of(s), (Outcome::Error { code: ErrorCode::INTEGRITY_FAILURE, .. }, 0)));
+    inject(
+        &mut p,
+        &Frame::Chunk(frame::Chunk {
+            stream: s,
+            seq: 0,
+            raw_len: Some(1024),
+            data: bomb,
+        }),
+    );
+    assert!(matches!(
+        p.end_of(s),
+        (
+            Outcome::Error {
+                code: ErrorCode::INTEGRITY_FAILURE,
+                ..
+            },
+            0
+        )
+    ));
 }
 
 #[test]
@@ -466,7 +646,9 @@ fn server_death_mid_stream_is_an_error_with_the_byte_count() {
     }
     let (outcome, bytes) = p.end_of(s);
     assert_eq!(bytes, 777);
-    assert!(matches!(&outcome, Outcome::Error { code: ErrorCode::CONNECTION_LOST, message } if message.contains("777")));
+    assert!(
+        matches!(&outcome, Outcome::Error { code: ErrorCode::CONNECTION_LOST, message } if message.contains("777"))
+    );
 }
 
 #[test]
@@ -517,7 +699,10 @@ fn oversize_frame_is_refused_before_its_payload_is_buffered() {
     server.handle_input(&header, now);
     let err = closed_error(&mut server);
     assert_eq!(err.code, ErrorCode::FRAME_TOO_LARGE);
-    assert!(server.input_buffer().capacity() < 64 * 1024, "nothing sized by the peer");
+    assert!(
+        server.input_buffer().capacity() < 64 * 1024,
+        "nothing sized by the peer"
+    );
 }
 
 #[test]
@@ -567,7 +752,10 @@ fn client_detects_a_server_that_is_not_nexus() {
 #[test]
 fn truncated_frame_then_eof_is_reported() {
     let (mut server, now) = bound_server(ServerSettings::default());
-    let bytes = Frame::Heartbeat { stream: StreamId(0) }.to_bytes();
+    let bytes = Frame::Heartbeat {
+        stream: StreamId(0),
+    }
+    .to_bytes();
     server.handle_input(&bytes[..5], now);
     server.handle_eof();
     let err = closed_error_event(&mut server);
@@ -586,10 +774,15 @@ fn closed_error_event(server: &mut ServerConnection) -> nexus_protocol::WireErro
 #[test]
 fn slowloris_handshake_is_closed_at_the_deadline() {
     let now = std::time::Instant::now();
-    let ss = ServerSettings { handshake_timeout: Duration::from_secs(10), ..Default::default() };
+    let ss = ServerSettings {
+        handshake_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
     let mut server = ServerConnection::new(ss, [0; 32], now);
     let mut client = ClientConnection::new(ClientSettings::default(), [1; 32], now);
-    let hello: Vec<u8> = std::iter::from_fn(|| client.poll_transmit()).flat_map(|b| b.to_vec()).collect();
+    let hello: Vec<u8> = std::iter::from_fn(|| client.poll_transmit())
+        .flat_map(|b| b.to_vec())
+        .collect();
     let mut t = now;
     for byte in hello.iter().take(5) {
         server.handle_input(&[*byte], t);
@@ -619,7 +812,10 @@ fn unsupported_version_is_refused_with_its_code() {
     });
     server.handle_input(&PREFACE, now);
     server.handle_input(&bind.to_bytes(), now);
-    assert_eq!(closed_error(&mut server).code, ErrorCode::UNSUPPORTED_VERSION);
+    assert_eq!(
+        closed_error(&mut server).code,
+        ErrorCode::UNSUPPORTED_VERSION
+    );
 }
 
 #[test]
@@ -640,7 +836,10 @@ fn stream_ids_must_increase() {
 
 #[test]
 fn stream_limit_refuses_the_extra_stream_only() {
-    let ss = ServerSettings { max_streams: 2, ..Default::default() };
+    let ss = ServerSettings {
+        max_streams: 2,
+        ..Default::default()
+    };
     let (mut server, now) = bound_server(ss);
     for id in 1..=3 {
         let init = Frame::Initiate(frame::Initiate {
@@ -653,7 +852,14 @@ fn stream_limit_refuses_the_extra_stream_only() {
         server.handle_input(&init.to_bytes(), now);
     }
     let frames = server_frames(&mut server);
-    assert!(frames.iter().any(|f| matches!(f, Frame::Error { stream: StreamId(3), code: ErrorCode::RESOURCE_EXHAUSTED, .. })));
+    assert!(frames.iter().any(|f| matches!(
+        f,
+        Frame::Error {
+            stream: StreamId(3),
+            code: ErrorCode::RESOURCE_EXHAUSTED,
+            ..
+        }
+    )));
     assert!(!server.is_closed());
     assert_eq!(server.active_streams(), 2);
 }
@@ -680,7 +886,14 @@ fn goaway_refuses_new_streams_and_lets_running_ones_finish() {
     });
     p.server.handle_input(&raced.to_bytes(), p.now);
     let frames = server_frames(&mut p.server);
-    assert!(frames.iter().any(|f| matches!(f, Frame::Error { stream: StreamId(9), code: ErrorCode::DRAINING, .. })));
+    assert!(frames.iter().any(|f| matches!(
+        f,
+        Frame::Error {
+            stream: StreamId(9),
+            code: ErrorCode::DRAINING,
+            ..
+        }
+    )));
     p.server.send_chunk(s, data(10, 0), None, p.now).unwrap();
     p.server.complete(s, ItemCounts::default()).unwrap();
     p.pump();
@@ -693,8 +906,14 @@ fn secret(s: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn authentication_succeeds_with_the_same_secret() {
-    let cs = ClientSettings { secret: secret("hunter2"), ..Default::default() };
-    let ss = ServerSettings { secret: secret("hunter2"), ..Default::default() };
+    let cs = ClientSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
+    let ss = ServerSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     let mut p = Pair::new(cs, ss);
     assert!(p.client.is_established() && p.server.is_established());
     let s = p.initiate("x");
@@ -703,10 +922,19 @@ fn authentication_succeeds_with_the_same_secret() {
 
 #[test]
 fn authentication_fails_with_a_wrong_secret() {
-    let cs = ClientSettings { secret: secret("wrong"), ..Default::default() };
-    let ss = ServerSettings { secret: secret("hunter2"), ..Default::default() };
+    let cs = ClientSettings {
+        secret: secret("wrong"),
+        ..Default::default()
+    };
+    let ss = ServerSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     let p = Pair::new(cs, ss);
-    assert_eq!(p.server_closed_with().unwrap().unwrap().code, ErrorCode::AUTH_FAILED);
+    assert_eq!(
+        p.server_closed_with().unwrap().unwrap().code,
+        ErrorCode::AUTH_FAILED
+    );
     let client_err = p.client_closed_with().unwrap().unwrap();
     assert_eq!(client_err.code, ErrorCode::AUTH_FAILED);
     assert!(!p.client.is_established());
@@ -714,21 +942,36 @@ fn authentication_fails_with_a_wrong_secret() {
 
 #[test]
 fn authentication_missing_on_either_side_fails() {
-    let ss = ServerSettings { secret: secret("hunter2"), ..Default::default() };
+    let ss = ServerSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     let p = Pair::new(ClientSettings::default(), ss);
     let err = p.client_closed_with().unwrap().unwrap();
-    assert!(err.code == ErrorCode::AUTH_FAILED && err.message.contains("requires"), "{err}");
+    assert!(
+        err.code == ErrorCode::AUTH_FAILED && err.message.contains("requires"),
+        "{err}"
+    );
 
-    let cs = ClientSettings { secret: secret("hunter2"), ..Default::default() };
+    let cs = ClientSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     let p = Pair::new(cs, ServerSettings::default());
     let err = p.client_closed_with().unwrap().unwrap();
-    assert!(err.code == ErrorCode::AUTH_FAILED && err.message.contains("does not"), "{err}");
+    assert!(
+        err.code == ErrorCode::AUTH_FAILED && err.message.contains("does not"),
+        "{err}"
+    );
 }
 
 #[test]
 fn initiate_before_authentication_is_refused() {
     let now = std::time::Instant::now();
-    let ss = ServerSettings { secret: secret("hunter2"), ..Default::default() };
+    let ss = ServerSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     let mut server = ServerConnection::new(ss, [2; 32], now);
     let mut client = ClientConnection::new(ClientSettings::default(), [1; 32], now);
     while let Some(seg) = client.poll_transmit() {
@@ -743,7 +986,12 @@ fn initiate_before_authentication_is_refused() {
     });
     server.handle_input(&init.to_bytes(), now);
     let events: Vec<ServerEvent> = std::iter::from_fn(|| server.poll_event()).collect();
-    assert!(!events.iter().any(|e| matches!(e, ServerEvent::StreamRequested(_))), "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::StreamRequested(_))),
+        "{events:?}"
+    );
     let closed = events.iter().find_map(|e| match e {
         ServerEvent::Closed(Some(err)) => Some(err.clone()),
         _ => None,
@@ -754,8 +1002,14 @@ fn initiate_before_authentication_is_refused() {
 #[test]
 fn a_replayed_proof_is_refused() {
     let now = std::time::Instant::now();
-    let ss = ServerSettings { secret: secret("hunter2"), ..Default::default() };
-    let cs = ClientSettings { secret: secret("hunter2"), ..Default::default() };
+    let ss = ServerSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
+    let cs = ClientSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
     // Record what an honest client sends on a first connection.
     let mut server1 = ServerConnection::new(ss.clone(), [10; 32], now);
     let mut client = ClientConnection::new(cs, [1; 32], now);
@@ -781,8 +1035,14 @@ fn a_replayed_proof_is_refused() {
 fn a_fake_server_without_the_secret_is_detected() {
     // The server requires auth but answers with a proof made from another secret.
     let now = std::time::Instant::now();
-    let cs = ClientSettings { secret: secret("hunter2"), ..Default::default() };
-    let ss = ServerSettings { secret: secret("other"), ..Default::default() };
+    let cs = ClientSettings {
+        secret: secret("hunter2"),
+        ..Default::default()
+    };
+    let ss = ServerSettings {
+        secret: secret("other"),
+        ..Default::default()
+    };
     let mut client = ClientConnection::new(cs, [1; 32], now);
     let mut server = ServerConnection::new(ss, [2; 32], now);
     while let Some(seg) = client.poll_transmit() {

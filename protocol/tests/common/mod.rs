@@ -1,5 +1,5 @@
 //! A client and a server connection wired back to back, with a fake clock.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,10 @@ impl Pair {
 
     /// Initiates a stream and lets the server see the request (not yet accepted).
     pub fn initiate(&mut self, paradata: &str) -> StreamId {
-        let request = StreamRequest { paradata: paradata.into(), ..Default::default() };
+        let request = StreamRequest {
+            paradata: paradata.into(),
+            ..Default::default()
+        };
         self.initiate_with(request)
     }
 
@@ -101,13 +104,20 @@ impl Pair {
             .client_events
             .iter()
             .filter_map(|e| match e {
-                ClientEvent::StreamEnd { stream: s, outcome, bytes_received } if *s == stream => {
-                    Some((outcome.clone(), *bytes_received))
-                }
+                ClientEvent::StreamEnd {
+                    stream: s,
+                    outcome,
+                    bytes_received,
+                } if *s == stream => Some((outcome.clone(), *bytes_received)),
                 _ => None,
             })
             .collect();
-        assert_eq!(ends.len(), 1, "exactly one StreamEnd for {stream}: {:?}", self.client_events);
+        assert_eq!(
+            ends.len(),
+            1,
+            "exactly one StreamEnd for {stream}: {:?}",
+            self.client_events
+        );
         ends[0].clone()
     }
 
