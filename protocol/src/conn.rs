@@ -68,6 +68,14 @@ impl Outbox {
         }
     }
 
+    /// Drops every stream's queue: after a connection ERROR nothing but control goes out.
+    pub(crate) fn discard_streams(&mut self) {
+        self.streams.clear();
+        self.ready.clear();
+        self.body = None;
+        self.queued_bytes = 0;
+    }
+
     pub(crate) fn is_stream_empty(&self, stream: StreamId) -> bool {
         self.streams.get(&stream).is_none_or(|q| q.is_empty())
     }

@@ -509,6 +509,7 @@ impl ServerConnection {
         }
         self.phase = Phase::Closed;
         self.streams.clear();
+        self.outbox.discard_streams();
         self.outbox.control(&conn::error_frame(&err));
         self.events.push_back(ServerEvent::Closed(Some(err)));
     }

@@ -671,8 +671,8 @@ fn closed_error(server: &mut ServerConnection) -> nexus_protocol::WireError {
     let err = event.expect("the server closed the connection with an error");
     let frames = server_frames(server);
     assert!(
-        frames.iter().any(|f| matches!(f, Frame::Error { stream, code, .. } if stream.is_connection() && *code == err.code)),
-        "the peer is told why: {frames:?}"
+        matches!(frames.last(), Some(Frame::Error { stream, code, .. }) if stream.is_connection() && *code == err.code),
+        "the peer is told why, last: {frames:?}"
     );
     assert!(server.is_closed());
     err
@@ -681,6 +681,19 @@ fn closed_error(server: &mut ServerConnection) -> nexus_protocol::WireError {
 #[test]
 fn unknown_core_frame_type_is_a_protocol_error_and_extensions_are_ignored() {
     let (mut server, now) = bound_server(ServerSettings::default());
+    // A stream with data queued: after the connection ERROR none of it may follow.
+    let init = Frame::Initiate(frame::Initiate {
+        stream: StreamId(1),
+        operation: OperationId(0),
+        accept_zstd: false,
+        paradata: "x".into(),
+        traceparent: None,
+    });
+    server.handle_input(&init.to_bytes(), now);
+    server.accept(StreamId(1), u64::MAX, false).unwrap();
+    server
+        .send_chunk(StreamId(1), data(100, 0), None, now)
+        .unwrap();
     let mut ext = frame::encode_header(3, 0x90, 0, StreamId(0)).to_vec();
     ext.extend_from_slice(b"abc");
     server.handle_input(&ext, now);
