@@ -445,6 +445,17 @@ fn inject(p: &mut Pair, frame: &Frame) {
     }
 }
 
+/// A plain INITIATE for `x`, as a raw client would send it.
+fn initiate_frame(stream: StreamId) -> Frame {
+    Frame::Initiate(frame::Initiate {
+        stream,
+        operation: OperationId(0),
+        accept_zstd: false,
+        paradata: "x".into(),
+        traceparent: None,
+    })
+}
+
 fn chunk(stream: StreamId, seq: u64, data: Bytes) -> Frame {
     Frame::Chunk(frame::Chunk {
         stream,
@@ -472,13 +483,7 @@ fn a_server_violating_the_window_loses_the_connection() {
 #[test]
 fn a_client_overflowing_the_window_with_credit_loses_the_connection() {
     let (mut server, now) = bound_server(ServerSettings::default());
-    let init = Frame::Initiate(frame::Initiate {
-        stream: StreamId(1),
-        operation: OperationId(0),
-        accept_zstd: false,
-        paradata: "x".into(),
-        traceparent: None,
-    });
+    let init = initiate_frame(StreamId(1));
     server.handle_input(&init.to_bytes(), now);
     let credit = Frame::Credit {
         stream: StreamId(1),
@@ -682,13 +687,7 @@ fn closed_error(server: &mut ServerConnection) -> nexus_protocol::WireError {
 fn unknown_core_frame_type_is_a_protocol_error_and_extensions_are_ignored() {
     let (mut server, now) = bound_server(ServerSettings::default());
     // A stream with data queued: after the connection ERROR none of it may follow.
-    let init = Frame::Initiate(frame::Initiate {
-        stream: StreamId(1),
-        operation: OperationId(0),
-        accept_zstd: false,
-        paradata: "x".into(),
-        traceparent: None,
-    });
+    let init = initiate_frame(StreamId(1));
     server.handle_input(&init.to_bytes(), now);
     server.accept(StreamId(1), u64::MAX, false).unwrap();
     server
@@ -835,13 +834,7 @@ fn unsupported_version_is_refused_with_its_code() {
 fn stream_ids_must_increase() {
     let (mut server, now) = bound_server(ServerSettings::default());
     for id in [5, 5] {
-        let init = Frame::Initiate(frame::Initiate {
-            stream: StreamId(id),
-            operation: OperationId(0),
-            accept_zstd: false,
-            paradata: "x".into(),
-            traceparent: None,
-        });
+        let init = initiate_frame(StreamId(id));
         server.handle_input(&init.to_bytes(), now);
     }
     assert!(closed_error(&mut server).message.contains("not above"));
@@ -890,13 +883,7 @@ fn goaway_refuses_new_streams_and_lets_running_ones_finish() {
         Err(CallError::Draining)
     );
     // A client that raced the GOAWAY gets an explicit `draining` error.
-    let raced = Frame::Initiate(frame::Initiate {
-        stream: StreamId(9),
-        operation: OperationId(0),
-        accept_zstd: false,
-        paradata: "x".into(),
-        traceparent: None,
-    });
+    let raced = initiate_frame(StreamId(9));
     p.server.handle_input(&raced.to_bytes(), p.now);
     let frames = server_frames(&mut p.server);
     assert!(frames.iter().any(|f| matches!(
