@@ -485,24 +485,39 @@ pub fn encode_header(payload_len: u32, kind: u8, flags: u8, stream: StreamId) ->
 /// Header plus the CHUNK fields before the data: what the data path writes in front of a
 /// data buffer it sends as it is. `raw_len` is `Some` for compressed data.
 pub fn chunk_header(stream: StreamId, seq: u64, raw_len: Option<u32>, data_len: usize) -> Bytes {
+    chunk_header_in(&mut BytesMut::new(), stream, seq, raw_len, data_len)
+}
+
+/// [`chunk_header`] carved out of `arena`, which is refilled 4 KiB at a time: the data path
+/// allocates once per ~200 chunks instead of once per chunk.
+pub fn chunk_header_in(
+    arena: &mut BytesMut,
+    stream: StreamId,
+    seq: u64,
+    raw_len: Option<u32>,
+    data_len: usize,
+) -> Bytes {
     let extra = if raw_len.is_some() { 12 } else { 8 };
-    let mut b = BytesMut::with_capacity(HEADER_LEN + extra);
+    if arena.capacity() - arena.len() < HEADER_LEN + extra {
+        arena.reserve(4096);
+    }
     let flags = if raw_len.is_some() {
         FLAG_COMPRESSED
     } else {
         0
     };
-    b.put_slice(&encode_header(
+    let kind = FrameType::Chunk as u8;
+    arena.put_slice(&encode_header(
         (extra + data_len) as u32,
-        FrameType::Chunk as u8,
+        kind,
         flags,
         stream,
     ));
-    b.put_u64(seq);
+    arena.put_u64(seq);
     if let Some(raw_len) = raw_len {
-        b.put_u32(raw_len);
+        arena.put_u32(raw_len);
     }
-    b.freeze()
+    arena.split().freeze()
 }
 
 /// Takes one whole frame off the front of `buf`.

@@ -131,6 +131,8 @@ pub struct ServerConnection {
     outbox: Outbox,
     clock: Clock,
     events: std::collections::VecDeque<ServerEvent>,
+    /// Where CHUNK headers are carved from, so sending a chunk does not allocate.
+    header_arena: BytesMut,
 }
 
 impl ServerConnection {
@@ -155,6 +157,7 @@ impl ServerConnection {
             outbox,
             clock,
             events: Default::default(),
+            header_arena: BytesMut::new(),
         }
     }
 
@@ -424,12 +427,19 @@ impl ServerConnection {
         }
         let seq = s.seq;
         s.seq += 1;
+        let arena = &mut self.header_arena;
         let (head, body) = match compressed {
-            Some(c) => (
-                frame::chunk_header(stream, seq, Some(raw.len() as u32), c.len()),
-                c,
+            Some(c) => {
+                let raw_len = Some(raw.len() as u32);
+                (
+                    frame::chunk_header_in(arena, stream, seq, raw_len, c.len()),
+                    c,
+                )
+            }
+            None => (
+                frame::chunk_header_in(arena, stream, seq, None, raw.len()),
+                raw,
             ),
-            None => (frame::chunk_header(stream, seq, None, raw.len()), raw),
         };
         self.outbox.stream_segments(stream, head, body);
         Ok(())

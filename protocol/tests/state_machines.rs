@@ -490,11 +490,10 @@ fn a_client_overflowing_the_window_with_credit_loses_the_connection() {
         increment: u32::MAX,
     };
     server.handle_input(&credit.to_bytes(), now);
-    let closed = std::iter::from_fn(|| server.poll_event()).find_map(|e| match e {
-        ServerEvent::Closed(err) => err,
-        _ => None,
-    });
-    assert_eq!(closed.unwrap().code, ErrorCode::FLOW_CONTROL_VIOLATION);
+    assert_eq!(
+        closed_error_event(&mut server).code,
+        ErrorCode::FLOW_CONTROL_VIOLATION
+    );
 }
 
 #[test]
@@ -669,11 +668,7 @@ fn client_death_stops_every_producer() {
 }
 
 fn closed_error(server: &mut ServerConnection) -> nexus_protocol::WireError {
-    let event = std::iter::from_fn(|| server.poll_event()).find_map(|e| match e {
-        ServerEvent::Closed(err) => err,
-        _ => None,
-    });
-    let err = event.expect("the server closed the connection with an error");
+    let err = closed_error_event(server);
     let frames = server_frames(server);
     assert!(
         matches!(frames.last(), Some(Frame::Error { stream, code, .. }) if stream.is_connection() && *code == err.code),
@@ -754,11 +749,7 @@ fn client_detects_a_server_that_is_not_nexus() {
     let now = std::time::Instant::now();
     let mut client = ClientConnection::new(ClientSettings::default(), [0; 32], now);
     client.handle_input(b"HTTP/1.1 400 Bad Request\r\n", now);
-    let closed = std::iter::from_fn(|| client.poll_event()).find_map(|e| match e {
-        ClientEvent::Closed(err) => err,
-        _ => None,
-    });
-    assert!(closed.unwrap().message.contains("HTTP"));
+    assert!(client_closed_error(&mut client).message.contains("HTTP"));
 }
 
 #[test]
@@ -772,6 +763,15 @@ fn truncated_frame_then_eof_is_reported() {
     server.handle_eof();
     let err = closed_error_event(&mut server);
     assert!(err.message.contains("middle of a frame"), "{err}");
+}
+
+fn client_closed_error(client: &mut ClientConnection) -> nexus_protocol::WireError {
+    std::iter::from_fn(|| client.poll_event())
+        .find_map(|e| match e {
+            ClientEvent::Closed(err) => err,
+            _ => None,
+        })
+        .expect("the client closed the connection with an error")
 }
 
 fn closed_error_event(server: &mut ServerConnection) -> nexus_protocol::WireError {
@@ -1061,11 +1061,8 @@ fn a_fake_server_without_the_secret_is_detected() {
         &[2; 32],
     );
     client.handle_input(&Frame::Auth { proof: forged }.to_bytes(), now);
-    let err = std::iter::from_fn(|| client.poll_event())
-        .find_map(|e| match e {
-            ClientEvent::Closed(err) => err,
-            _ => None,
-        })
-        .unwrap();
-    assert_eq!(err.code, ErrorCode::AUTH_FAILED);
+    assert_eq!(
+        client_closed_error(&mut client).code,
+        ErrorCode::AUTH_FAILED
+    );
 }
