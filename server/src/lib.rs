@@ -1,10 +1,35 @@
-//! Nexus server: the thread-per-core io_uring server (issue 3).
+//! Nexus server: serves streams over the Nexus protocol (PROTOCOL.md) from a thread-per-core
+//! runtime, with sources an embedding application can extend.
 //!
-//! What is here so far are the pieces of the sources that need no IO runtime: paradata parsing
-//! with the protocol's error codes, the deterministic `synthetic:` generator, and the
-//! confinement of `file:` paths to the server root. The runtime, the stream engine and
-//! `nexus serve` come with the rest of issue 3, on top of `nexus-protocol`.
+//! Data flow: a shard (one OS thread, one runtime, one SO_REUSEPORT listener) accepts a
+//! connection and runs its [`engine`](crate) tasks; an INITIATE goes through the [`Registry`]
+//! to a [`Source`], whose [`Producer`] yields chunks when the client's window has room; chunks
+//! go through `nexus-protocol`'s `ServerConnection` (digest, sequence, framing, round-robin
+//! between streams) and out with one gathered write per batch. A connection and its streams
+//! never leave their shard. IO goes through `io.rs`, the seam between io_uring and epoll.
+//!
+//! Not here: configuration from the environment (the `nexus` binary does that), metrics
+//! export, the client.
 
+mod builtin;
+mod config;
+mod engine;
+mod io;
 pub mod paradata;
+mod pipe;
 pub mod root;
+mod server;
+mod shard;
+mod source;
+mod stats;
 pub mod synthetic;
+
+pub use builtin::{FileSource, SyntheticSource};
+pub use config::ServerConfig;
+pub use io::{probe_io_uring, select_backend, Backend, BackendChoice};
+pub use paradata::SourceError;
+pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
+pub use server::{Server, StartError};
+pub use shard::ShardContext;
+pub use source::{NextChunk, Opened, Producer, Registry, Source, StreamRequest};
+pub use stats::{ServerStats, StatsSnapshot};

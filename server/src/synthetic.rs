@@ -2,8 +2,19 @@
 //! depends only on the seed and `i`, so any range (a resumed or split pull) can be generated
 //! on its own, and a client can recompute the digest independently.
 //!
-//! Each aligned 8-byte word `w` is `mix(seed, w)`, a SplitMix64 finaliser: a few multiplies
-//! per 8 bytes, no state to carry between chunks. Its speed is for the bench to measure.
+//! The stream repeats with a period of [`PERIOD`] bytes: byte `i` is byte `i % PERIOD` of the
+//! generator, where each aligned 8-byte word `w` is `mix(seed, w)`, a SplitMix64 finaliser.
+//! The period lets the server generate one tile per seed and send slices of it, so the source
+//! costs nothing per chunk (iperf3 also resends one buffer); every chunk of at most
+//! [`MAX_CHUNK`] bytes is a zero-copy slice. Chunks are never compressible on their own, since
+//! one chunk never repeats within itself.
+
+/// The period of every synthetic stream, in bytes.
+pub const PERIOD: u64 = 1 << 20;
+
+/// The longest chunk the synthetic source hands out: a slice of a tile of
+/// `PERIOD + MAX_CHUNK` bytes.
+pub const MAX_CHUNK: usize = 1 << 20;
 
 /// The 8 bytes (little-endian) of aligned word `index` of the stream with this seed.
 #[inline]
@@ -14,7 +25,27 @@ pub fn word(seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Fills `out` with the stream's bytes starting at byte `offset`.
+/// Fills `out` with bytes `offset..` of the stream with this seed (with its period).
+pub fn stream_bytes(seed: u64, offset: u64, out: &mut [u8]) {
+    let mut done = 0;
+    let mut at = offset % PERIOD;
+    while done < out.len() {
+        let n = ((PERIOD - at) as usize).min(out.len() - done);
+        fill(seed, at, &mut out[done..done + n]);
+        done += n;
+        at = 0;
+    }
+}
+
+/// One tile: bytes `0..PERIOD + MAX_CHUNK` of the stream, so that any chunk of at most
+/// `MAX_CHUNK` bytes is `tile[offset % PERIOD..][..len]`.
+pub fn tile(seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; PERIOD as usize + MAX_CHUNK];
+    stream_bytes(seed, 0, &mut out);
+    out
+}
+
+/// Fills `out` with the generator's bytes starting at byte `offset` (no period).
 pub fn fill(seed: u64, offset: u64, out: &mut [u8]) {
     let mut pos = 0usize;
     let mut at = offset;
@@ -56,6 +87,20 @@ mod tests {
             fill(42, start as u64, &mut part);
             assert_eq!(part, whole[start..start + len], "range {start}+{len}");
         }
+    }
+
+    #[test]
+    fn the_stream_repeats_with_its_period_and_tiles_match() {
+        let mut a = vec![0u8; 300];
+        let mut b = vec![0u8; 300];
+        stream_bytes(9, PERIOD - 100, &mut a);
+        stream_bytes(9, 5 * PERIOD - 100, &mut b);
+        assert_eq!(a, b);
+        let mut first = vec![0u8; 200];
+        fill(9, 0, &mut first);
+        assert_eq!(a[100..], first[..]);
+        let t = tile(9);
+        assert_eq!(t[PERIOD as usize - 100..][..300], a[..]);
     }
 
     #[test]

@@ -1,0 +1,438 @@
+//! The stream engine: drives one connection's [`ServerConnection`] with real IO.
+//!
+//! Per connection, on its shard, run three tasks plus one per stream, sharing `ConnState`
+//! through `Rc` (one thread, no locks; no `RefCell` borrow is held across an `.await`):
+//! - the reader reads into the protocol's receive buffer and processes it;
+//! - the writer gathers queued frames (`poll_transmit`) into one `writev` and recycles the
+//!   chunk buffers the socket is done with;
+//! - the timer calls `handle_timeout` at `poll_timeout` (heartbeats, handshake deadline,
+//!   stream timeouts);
+//! - each stream's task asks its producer for a chunk only when the client's window has room,
+//!   so a stream holds at most its window (queued) plus one chunk (being split), whatever the
+//!   client does. The protocol's send queue is served round-robin across streams.
+//!
+//! Protocol decisions stay in `nexus-protocol`; this file only moves bytes and events.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nexus_protocol::frame::NONCE_LEN;
+use nexus_protocol::{ErrorCode, ServerConnection, ServerEvent, StreamId};
+use tokio::sync::Notify;
+
+use crate::io;
+use crate::shard::ShardContext;
+use crate::source::Producer;
+use crate::stats;
+
+/// Most frame segments gathered into one `writev`.
+const MAX_SEGMENTS: usize = 256;
+/// Most bytes gathered into one `writev`.
+const MAX_WRITE: usize = 8 << 20;
+/// Receive buffer growth step; clients send small frames (CREDIT, CANCEL, INITIATE).
+const READ_RESERVE: usize = 64 << 10;
+/// PROGRESS is sent at most this often per stream.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One connection's shared state.
+pub(crate) struct ConnState {
+    shard: Rc<ShardContext>,
+    io: io::Connection,
+    peer: SocketAddr,
+    proto: RefCell<ServerConnection>,
+    streams: RefCell<HashMap<StreamId, Rc<StreamSlot>>>,
+    wake_writer: Notify,
+    wake_timer: Notify,
+    finished: Cell<bool>,
+    /// Draining and idle: the writer ends the connection (FIN) once everything is sent.
+    clean_close: Cell<bool>,
+}
+
+struct StreamSlot {
+    /// Credit arrived.
+    credit: Notify,
+    /// The stream ended from outside (cancel, timeout, connection closed).
+    stop: Notify,
+    stopped: Cell<bool>,
+}
+
+impl StreamSlot {
+    fn halt(&self) {
+        self.stopped.set(true);
+        self.stop.notify_one();
+        self.credit.notify_one();
+    }
+}
+
+/// How a stream's task ended, for the counters.
+enum End {
+    Complete,
+    Error,
+    Stopped,
+}
+
+/// Starts the tasks of a new connection. With `refuse`, the connection only gets ERROR
+/// `resource_exhausted` and is closed.
+pub(crate) fn start(
+    shard: Rc<ShardContext>,
+    io: io::Connection,
+    peer: SocketAddr,
+    refuse: bool,
+) -> Rc<ConnState> {
+    let mut nonce = [0u8; NONCE_LEN];
+    let nonce_failed = getrandom::fill(&mut nonce).is_err();
+    let proto = ServerConnection::new(shard.config().protocol.clone(), nonce, Instant::now());
+    let state = Rc::new(ConnState {
+        shard,
+        io,
+        peer,
+        proto: RefCell::new(proto),
+        streams: RefCell::new(HashMap::new()),
+        wake_writer: Notify::new(),
+        wake_timer: Notify::new(),
+        finished: Cell::new(false),
+        clean_close: Cell::new(false),
+    });
+    if refuse {
+        state.close(
+            ErrorCode::RESOURCE_EXHAUSTED,
+            "too many connections; try again later",
+        );
+    } else if nonce_failed {
+        tracing::error!(peer = %peer, "No randomness for the handshake nonce; closing.");
+        state.close(
+            ErrorCode::INTERNAL,
+            "the server has no source of randomness",
+        );
+    }
+    tracing::debug!(peer = %peer, "Connection accepted.");
+    tokio::task::spawn_local(run(Rc::clone(&state)));
+    state
+}
+
+async fn run(state: Rc<ConnState>) {
+    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&state)));
+    let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&state)));
+    read_loop(&state).await;
+    // The protocol is closed now; the writer flushes what is queued (a final ERROR, say).
+    let _ = writer.await;
+    timer.abort();
+    state.halt_all_streams();
+    state.finished.set(true);
+    stats::sub(&state.shard.stats.connections_open, 1);
+    state.shard.connection_ended.notify_one();
+    tracing::debug!(peer = %state.peer, "Connection ended.");
+}
+
+impl ConnState {
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.get()
+    }
+
+    /// Starts draining: GOAWAY now; the connection closes when its last stream ends.
+    pub(crate) fn go_away(self: &Rc<Self>, drain: Duration) {
+        self.proto
+            .borrow_mut()
+            .go_away(drain, "the server is shutting down");
+        self.after_change();
+    }
+
+    /// Closes the connection with a connection-level ERROR.
+    pub(crate) fn close(self: &Rc<Self>, code: ErrorCode, message: &str) {
+        self.proto.borrow_mut().close(code, message);
+        self.after_change();
+    }
+
+    fn halt_all_streams(&self) {
+        for (_, slot) in self.streams.borrow_mut().drain() {
+            slot.halt();
+        }
+    }
+
+    /// Handles every pending protocol event, then wakes the writer and the timer.
+    fn after_change(self: &Rc<Self>) {
+        loop {
+            let event = self.proto.borrow_mut().poll_event();
+            let Some(event) = event else { break };
+            match event {
+                ServerEvent::Established {
+                    version,
+                    client_name,
+                } => {
+                    tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
+                }
+                ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
+                ServerEvent::Credit { stream } => {
+                    if let Some(slot) = self.streams.borrow().get(&stream) {
+                        slot.credit.notify_one();
+                    }
+                }
+                ServerEvent::StreamCancelled { stream } => {
+                    stats::add(&self.shard.stats.streams_cancelled, 1);
+                    self.halt_stream(stream);
+                }
+                ServerEvent::StreamTimedOut { stream } => {
+                    stats::add(&self.shard.stats.streams_timeout, 1);
+                    tracing::info!(peer = %self.peer, stream = stream.0, "Stream timed out: no credit from the client.");
+                    self.halt_stream(stream);
+                }
+                ServerEvent::Closed(error) => {
+                    match &error {
+                        Some(e)
+                            if e.code == ErrorCode::PROTOCOL_ERROR
+                                || e.code == ErrorCode::FRAME_TOO_LARGE
+                                || e.code == ErrorCode::FLOW_CONTROL_VIOLATION
+                                || e.code == ErrorCode::AUTH_FAILED =>
+                        {
+                            stats::add(&self.shard.stats.protocol_errors, 1);
+                            tracing::warn!(peer = %self.peer, code = %e.code, message = %e.message, "Connection closed: protocol error.");
+                        }
+                        Some(e) => {
+                            tracing::info!(peer = %self.peer, code = %e.code, message = %e.message, "Connection closed.");
+                        }
+                        None => {
+                            tracing::debug!(peer = %self.peer, "Connection closed by the client.")
+                        }
+                    }
+                    self.halt_all_streams();
+                }
+            }
+        }
+        // A draining connection with nothing left to serve closes cleanly once flushed.
+        if self.shard.draining.get().is_some() && self.proto.borrow().active_streams() == 0 {
+            self.clean_close.set(true);
+        }
+        self.wake_writer.notify_one();
+        self.wake_timer.notify_one();
+    }
+
+    fn halt_stream(&self, stream: StreamId) {
+        if let Some(slot) = self.streams.borrow_mut().remove(&stream) {
+            slot.halt();
+        }
+    }
+
+    fn start_stream(self: &Rc<Self>, initiate: nexus_protocol::frame::Initiate) {
+        let stream = initiate.stream;
+        let opened =
+            self.shard
+                .registry
+                .open(stream, initiate.operation, &initiate.paradata, &self.shard);
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                stats::add(&self.shard.stats.streams_rejected, 1);
+                tracing::info!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, code = %e.code, message = %e.message, "Stream refused.");
+                let _ = self.proto.borrow_mut().reject(stream, e.code, &e.message);
+                return;
+            }
+        };
+        let expected = opened.expected_bytes.unwrap_or(u64::MAX);
+        if let Err(e) = self
+            .proto
+            .borrow_mut()
+            .accept(stream, expected, initiate.accept_zstd)
+        {
+            tracing::warn!(peer = %self.peer, stream = stream.0, error = %e, "Cannot accept the stream.");
+            return;
+        }
+        let slot = Rc::new(StreamSlot {
+            credit: Notify::new(),
+            stop: Notify::new(),
+            stopped: Cell::new(false),
+        });
+        self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
+        stats::add(&self.shard.stats.streams_total, 1);
+        stats::add(&self.shard.stats.streams_open, 1);
+        tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, "Stream started.");
+        tokio::task::spawn_local(run_stream(Rc::clone(self), slot, stream, opened.producer));
+    }
+}
+
+async fn read_loop(state: &Rc<ConnState>) {
+    loop {
+        let mut buf = std::mem::take(state.proto.borrow_mut().input_buffer());
+        if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+            buf.reserve(READ_RESERVE);
+        }
+        let (result, buf) = state.io.read(buf).await;
+        {
+            let mut proto = state.proto.borrow_mut();
+            *proto.input_buffer() = buf;
+            match result {
+                Ok(0) => proto.handle_eof(),
+                Ok(_) => proto.process_input(Instant::now()),
+                Err(e) => {
+                    tracing::debug!(peer = %state.peer, error = %e, "Read failed.");
+                    proto.handle_eof();
+                }
+            }
+        }
+        state.after_change();
+        if state.proto.borrow().is_closed() {
+            return;
+        }
+    }
+}
+
+async fn write_loop(state: Rc<ConnState>) {
+    let mut segments: Vec<Bytes> = Vec::with_capacity(MAX_SEGMENTS);
+    loop {
+        let mut total = 0;
+        {
+            let mut proto = state.proto.borrow_mut();
+            while segments.len() < MAX_SEGMENTS && total < MAX_WRITE {
+                let Some(segment) = proto.poll_transmit() else {
+                    break;
+                };
+                total += segment.len();
+                segments.push(segment);
+            }
+        }
+        if segments.is_empty() {
+            if state.proto.borrow().is_closed() || state.clean_close.get() {
+                // Everything, including a final ERROR, is out: FIN, and the reader returns.
+                state.io.shutdown();
+                return;
+            }
+            state.wake_writer.notified().await;
+            continue;
+        }
+        let (result, mut written) = state.io.write_all(segments).await;
+        for segment in written.drain(..) {
+            state.shard.recycle(segment);
+        }
+        segments = written;
+        if let Err(e) = result {
+            tracing::debug!(peer = %state.peer, error = %e, "Write failed.");
+            state.proto.borrow_mut().handle_eof();
+            state.after_change();
+            state.io.shutdown();
+            return;
+        }
+    }
+}
+
+async fn timer_loop(state: Rc<ConnState>) {
+    loop {
+        let deadline = state.proto.borrow().poll_timeout();
+        let Some(deadline) = deadline else { return };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                state.proto.borrow_mut().handle_timeout(Instant::now());
+                state.after_change();
+            }
+            _ = state.wake_timer.notified() => {}
+        }
+    }
+}
+
+async fn run_stream(
+    state: Rc<ConnState>,
+    slot: Rc<StreamSlot>,
+    stream: StreamId,
+    mut producer: Box<dyn Producer>,
+) {
+    let (end, bytes) = produce(&state, &slot, stream, producer.as_mut()).await;
+    drop(producer); // the source's cleanup, exactly once
+    let stats = &state.shard.stats;
+    stats::add(&stats.producers_dropped, 1);
+    stats::sub(&stats.streams_open, 1);
+    stats::add(&stats.bytes_sent, bytes);
+    match end {
+        End::Complete => stats::add(&stats.streams_complete, 1),
+        End::Error => stats::add(&stats.streams_error, 1),
+        // Cancel and timeout are counted where the event arrives; a closed connection fails
+        // the stream with it.
+        End::Stopped => {
+            if state.proto.borrow().is_closed() {
+                stats::add(&stats.streams_error, 1);
+            }
+        }
+    }
+    state.streams.borrow_mut().remove(&stream);
+    state.after_change();
+}
+
+/// Feeds one stream from its producer until it ends; returns how and the bytes sent.
+async fn produce(
+    state: &Rc<ConnState>,
+    slot: &StreamSlot,
+    stream: StreamId,
+    producer: &mut dyn Producer,
+) -> (End, u64) {
+    let mut pending: Option<Bytes> = None;
+    let mut sent = 0u64;
+    let mut last_progress = Instant::now();
+    let compressed = state.proto.borrow().is_compressed(stream);
+    loop {
+        if slot.stopped.get() {
+            return (End::Stopped, sent);
+        }
+        let capacity = state.proto.borrow().send_capacity(stream);
+        if capacity == 0 {
+            slot.credit.notified().await;
+            continue;
+        }
+        let mut data = match pending.take() {
+            Some(data) => data,
+            None => {
+                let next = tokio::select! {
+                    next = producer.next(capacity) => next,
+                    _ = slot.stop.notified() => return (End::Stopped, sent),
+                };
+                match next {
+                    None => {
+                        let items = producer.items();
+                        let done = state.proto.borrow_mut().complete(stream, items);
+                        return match done {
+                            Ok(()) => (End::Complete, sent),
+                            Err(_) => (End::Stopped, sent),
+                        };
+                    }
+                    Some(Err(e)) => {
+                        tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, message = %e.message, "Stream failed in its source.");
+                        let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
+                        return (End::Error, sent);
+                    }
+                    Some(Ok(data)) if data.is_empty() => continue,
+                    Some(Ok(data)) => data,
+                }
+            }
+        };
+        if slot.stopped.get() {
+            return (End::Stopped, sent);
+        }
+        // The window is only ever grown by CREDIT while we wait, so `capacity` still holds.
+        if data.len() > capacity {
+            pending = Some(data.split_off(capacity));
+        }
+        let zstd = if compressed {
+            nexus_protocol::compress::compress_chunk(&data, 1)
+        } else {
+            None
+        };
+        sent += data.len() as u64;
+        let now = Instant::now();
+        let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
+        if let Err(e) = result {
+            // Only a bug gets here: capacity was checked, the stream is known.
+            tracing::error!(peer = %state.peer, stream = stream.0, error = %e, "Cannot queue a chunk.");
+            let _ = state.proto.borrow_mut().reject(
+                stream,
+                ErrorCode::INTERNAL,
+                "the server could not queue a chunk",
+            );
+            return (End::Error, sent);
+        }
+        if now.duration_since(last_progress) >= PROGRESS_INTERVAL {
+            last_progress = now;
+            let _ = state.proto.borrow_mut().progress(stream, producer.items());
+        }
+        state.wake_writer.notify_one();
+    }
+}

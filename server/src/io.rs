@@ -1,0 +1,299 @@
+//! The IO seam: everything that differs between the io_uring and the epoll backend.
+//!
+//! Above this module the server is one code base: a shard runs a current-thread tokio runtime
+//! (tokio-uring builds on one too), spawns `!Send` tasks with `spawn_local`, and uses tokio's
+//! timers and `Notify`. Only sockets and file reads differ, and they live here, behind owned
+//! buffer APIs (`read(buf) -> (result, buf)`) that both backends can implement without copies.
+//! Replacing tokio-uring means changing this file only.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::str::FromStr;
+
+use bytes::{Bytes, BytesMut};
+
+/// Which IO backend to use, as configured (`burst.nexus.io.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// io_uring when the kernel and the sandbox allow it, else epoll with a warning.
+    #[default]
+    Auto,
+    /// io_uring or nothing: start fails when it is unavailable.
+    IoUring,
+    /// epoll (tokio's reactor), always available.
+    Epoll,
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(BackendChoice::Auto),
+            "io_uring" => Ok(BackendChoice::IoUring),
+            "epoll" => Ok(BackendChoice::Epoll),
+            other => Err(format!(
+                "unknown IO backend {other:?}; expected auto, io_uring or epoll"
+            )),
+        }
+    }
+}
+
+/// The backend in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// tokio-uring.
+    IoUring,
+    /// tokio's epoll reactor.
+    Epoll,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::IoUring => "io_uring",
+            Backend::Epoll => "epoll",
+        })
+    }
+}
+
+/// Resolves a choice to a backend. `Auto` probes io_uring and falls back to epoll, returning
+/// the reason for the fallback so the caller can log it once; a forced `IoUring` that does
+/// not work is an error naming the reason.
+pub fn select_backend(choice: BackendChoice) -> Result<(Backend, Option<String>), String> {
+    match choice {
+        BackendChoice::Epoll => Ok((Backend::Epoll, None)),
+        BackendChoice::IoUring => probe_io_uring()
+            .map(|()| (Backend::IoUring, None))
+            .map_err(|reason| format!("io_uring is unavailable: {reason}")),
+        BackendChoice::Auto => match probe_io_uring() {
+            Ok(()) => Ok((Backend::IoUring, None)),
+            Err(reason) => Ok((Backend::Epoll, Some(reason))),
+        },
+    }
+}
+
+/// Starts a tiny io_uring runtime on a scratch thread and completes one no-op on it: this
+/// catches a kernel without io_uring, `kernel.io_uring_disabled`, and seccomp profiles that
+/// block `io_uring_setup` or `io_uring_enter` (Docker's default does), without touching the
+/// shard threads.
+pub fn probe_io_uring() -> Result<(), String> {
+    let probe = std::thread::Builder::new()
+        .name("nexus-uring-probe".into())
+        .spawn(|| {
+            let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(8))
+                .map_err(|e| format!("cannot create a ring: {e}"))?;
+            runtime
+                .block_on(tokio_uring::no_op())
+                .map_err(|e| format!("a no-op on the ring failed: {e}"))
+        })
+        .map_err(|e| format!("cannot start the probe thread: {e}"))?;
+    probe
+        .join()
+        .unwrap_or_else(|_| Err("the probe panicked".into()))
+}
+
+/// Runs `future` to completion on a new runtime of this backend, on the current thread.
+/// `ring_entries` sizes the io_uring submission queue.
+pub(crate) fn block_on<F: Future>(
+    backend: Backend,
+    ring_entries: u32,
+    future: F,
+) -> io::Result<F::Output> {
+    match backend {
+        Backend::IoUring => {
+            let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(ring_entries))?;
+            Ok(runtime.block_on(future))
+        }
+        Backend::Epoll => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let local = tokio::task::LocalSet::new();
+            Ok(local.block_on(&runtime, future))
+        }
+    }
+}
+
+/// A listening socket of one shard.
+pub(crate) enum Listener {
+    Uring(tokio_uring::net::TcpListener),
+    Epoll(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Adopts a bound, listening, non-blocking std socket. Must run inside the shard's runtime.
+    pub(crate) fn from_std(backend: Backend, socket: std::net::TcpListener) -> io::Result<Self> {
+        Ok(match backend {
+            Backend::IoUring => Listener::Uring(tokio_uring::net::TcpListener::from_std(socket)),
+            Backend::Epoll => Listener::Epoll(tokio::net::TcpListener::from_std(socket)?),
+        })
+    }
+
+    pub(crate) async fn accept(&self) -> io::Result<(Connection, SocketAddr)> {
+        match self {
+            Listener::Uring(l) => {
+                let (stream, peer) = l.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok((Connection::Uring(Rc::new(stream)), peer))
+            }
+            Listener::Epoll(l) => {
+                let (stream, peer) = l.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok((Connection::Epoll(Rc::new(stream)), peer))
+            }
+        }
+    }
+}
+
+/// A connected socket; clones share it (one reader task, one writer task).
+#[derive(Clone)]
+pub(crate) enum Connection {
+    Uring(Rc<tokio_uring::net::TcpStream>),
+    Epoll(Rc<tokio::net::TcpStream>),
+}
+
+impl Connection {
+    /// Reads into the spare capacity of `buf` (after its current contents) and returns it.
+    /// `Ok(0)` is end of stream.
+    pub(crate) async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        match self {
+            Connection::Uring(s) => s.read(buf).await,
+            Connection::Epoll(s) => loop {
+                if let Err(e) = s.readable().await {
+                    return (Err(e), buf);
+                }
+                match s.try_read_buf(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => return (result, buf),
+                }
+            },
+        }
+    }
+
+    /// Writes all of `segments` (gathered, as few system calls as the socket allows) and
+    /// hands the vector back so the caller can recycle the buffers.
+    pub(crate) async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+        let total: usize = segments.iter().map(Bytes::len).sum();
+        match self {
+            Connection::Uring(s) => {
+                let mut pending = segments;
+                let mut left = total;
+                loop {
+                    let (result, back) = s.writev(pending).await;
+                    match result {
+                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), back),
+                        Ok(n) if n >= left => return (Ok(()), back),
+                        // A short write: resubmit the rest (new handles, no data copied).
+                        // Buffers of the first attempt are then freed, not recycled: rare.
+                        Ok(n) => {
+                            left -= n;
+                            pending = remaining(&back, n);
+                        }
+                        Err(e) => return (Err(e), back),
+                    }
+                }
+            }
+            Connection::Epoll(s) => {
+                let mut written = 0;
+                while written < total {
+                    if let Err(e) = s.writable().await {
+                        return (Err(e), segments);
+                    }
+                    let slices = io_slices(&segments, written);
+                    match s.try_write_vectored(&slices) {
+                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), segments),
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return (Err(e), segments),
+                    }
+                }
+                (Ok(()), segments)
+            }
+        }
+    }
+
+    /// Shuts down both directions: a pending read returns, the peer sees FIN.
+    pub(crate) fn shutdown(&self) {
+        // Errors mean the socket is already gone, which is the goal.
+        let _ = match self {
+            Connection::Uring(s) => s.shutdown(std::net::Shutdown::Both),
+            Connection::Epoll(s) => socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// A read-only file of a source.
+pub(crate) enum File {
+    Uring(tokio_uring::fs::File),
+    /// The epoll backend reads with `pread` on the shard thread: files are served from the
+    /// page cache in the common case, and a thread hop per chunk would cost more than it saves.
+    Std(std::fs::File),
+}
+
+impl File {
+    pub(crate) fn from_std(backend: Backend, file: std::fs::File) -> Self {
+        match backend {
+            Backend::IoUring => File::Uring(tokio_uring::fs::File::from_std(file)),
+            Backend::Epoll => File::Std(file),
+        }
+    }
+
+    /// Reads at most `len` bytes at `offset` into `buf`, which must be empty with a capacity
+    /// of at least `len`; `Ok(0)` is end of file.
+    pub(crate) async fn read_at(
+        &self,
+        mut buf: BytesMut,
+        offset: u64,
+        len: usize,
+    ) -> (io::Result<usize>, BytesMut) {
+        debug_assert!(buf.is_empty() && buf.capacity() >= len);
+        match self {
+            File::Uring(f) => {
+                use tokio_uring::buf::BoundedBuf;
+                let (result, slice) = f.read_at(buf.slice(0..len), offset).await;
+                (result, slice.into_inner())
+            }
+            File::Std(f) => {
+                use std::os::unix::fs::FileExt;
+                buf.resize(len, 0);
+                let result = f.read_at(&mut buf, offset);
+                buf.truncate(*result.as_ref().unwrap_or(&0));
+                (result, buf)
+            }
+        }
+    }
+}
+
+/// The segments after the first `skip` bytes, as new `Bytes` handles (no data copied).
+fn remaining(segments: &[Bytes], mut skip: usize) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(segments.len());
+    for seg in segments {
+        if skip >= seg.len() {
+            skip -= seg.len();
+            continue;
+        }
+        out.push(seg.slice(skip..));
+        skip = 0;
+    }
+    out
+}
+
+fn io_slices(segments: &[Bytes], mut skip: usize) -> Vec<io::IoSlice<'_>> {
+    let mut out = Vec::with_capacity(segments.len().min(1024));
+    for seg in segments {
+        if skip >= seg.len() {
+            skip -= seg.len();
+            continue;
+        }
+        out.push(io::IoSlice::new(&seg[skip..]));
+        skip = 0;
+        if out.len() == 1024 {
+            break; // IOV_MAX
+        }
+    }
+    out
+}

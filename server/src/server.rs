@@ -1,0 +1,180 @@
+//! The server handle: binds the shards' sockets, starts their threads, shuts them down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::ServerConfig;
+use crate::io::{self, Backend};
+use crate::shard;
+use crate::source::Registry;
+use crate::stats::{ServerStats, StatsSnapshot};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is inconsistent or unsafe.
+    #[error("{0}")]
+    Config(String),
+    /// `io_uring` was required and is not available.
+    #[error("{0}")]
+    Backend(String),
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// Where.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A shard thread could not be started.
+    #[error("cannot start a shard thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running server. Dropping it shuts it down without a drain period.
+pub struct Server {
+    address: SocketAddr,
+    backend: Backend,
+    stats: Arc<ServerStats>,
+    shutdown: watch::Sender<Option<Duration>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds the port and starts `config.threads` shards serving the sources of `registry`.
+    /// Refuses a non-loopback address without a secret unless `config.insecure` is set.
+    /// With backend `auto`, a missing io_uring is logged once (WARN) and epoll is used.
+    pub fn start(config: ServerConfig, registry: Registry) -> Result<Server, StartError> {
+        if config.threads == 0 {
+            return Err(StartError::Config(
+                "burst.nexus.server.threads must be at least 1".into(),
+            ));
+        }
+        if config.chunk_size == 0 || config.chunk_size > config.protocol.max_frame_size as usize {
+            return Err(StartError::Config(format!(
+                "burst.nexus.stream.chunk.size must be between 1 and the max frame size ({} bytes)",
+                config.protocol.max_frame_size
+            )));
+        }
+        if !config.bind.is_loopback() && config.protocol.secret.is_none() && !config.insecure {
+            return Err(StartError::Config(format!(
+                "refusing to listen on {} without authentication: anyone who can reach it could \
+                 read every file under the root. Set burst.nexus.auth.secret (or \
+                 burst.nexus.auth.secret.file), or set burst.nexus.server.insecure=true if the \
+                 network is trusted",
+                config.bind
+            )));
+        }
+        let (backend, fallback) =
+            io::select_backend(config.backend).map_err(StartError::Backend)?;
+        if let Some(reason) = fallback {
+            tracing::warn!(%reason, "io_uring is unavailable; using epoll.");
+        }
+        let listeners = bind(&config)?;
+        let address = listeners[0]
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                address: (config.bind, config.port).into(),
+                source,
+            })?;
+        let config = Arc::new(config);
+        let registry = Arc::new(registry);
+        let stats = Arc::new(ServerStats::default());
+        let (shutdown, _) = watch::channel(None);
+        let mut threads = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (config, registry, stats) = (config.clone(), registry.clone(), stats.clone());
+            let receiver = shutdown.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("nexus-shard-{index}"))
+                .spawn(move || {
+                    if let Err(e) =
+                        shard::run(index, backend, listener, config, registry, stats, receiver)
+                    {
+                        tracing::error!(shard = index, error = %e, "Shard failed.");
+                    }
+                })
+                .map_err(StartError::Thread)?;
+            threads.push(thread);
+        }
+        tracing::info!(%address, %backend, shards = threads.len(), "Listening.");
+        Ok(Server {
+            address,
+            backend,
+            stats,
+            shutdown,
+            threads,
+        })
+    }
+
+    /// The address the server listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The IO backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Graceful shutdown: stop accepting, send GOAWAY (new INITIATEs get `draining`), let
+    /// running streams go on for up to `drain`, then end the rest with ERROR `draining`.
+    /// Returns when every shard has stopped.
+    pub fn shutdown(mut self, drain: Duration) {
+        self.stop(drain);
+    }
+
+    fn stop(&mut self, drain: Duration) {
+        // Receivers gone means the shards have stopped already.
+        let _ = self.shutdown.send(Some(drain));
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("A shard thread panicked.");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+/// One listening socket per shard on the same address (SO_REUSEPORT); with port 0 the first
+/// socket picks the port and the others join it.
+fn bind(config: &ServerConfig) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let mut address = SocketAddr::new(config.bind, config.port);
+    let mut listeners = Vec::with_capacity(config.threads);
+    for _ in 0..config.threads {
+        let listen_error = |source| StartError::Listen { address, source };
+        let socket = Socket::new(
+            Domain::for_address(address),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(listen_error)?;
+        socket.set_reuse_address(true).map_err(listen_error)?;
+        socket.set_reuse_port(true).map_err(listen_error)?;
+        socket.set_nonblocking(true).map_err(listen_error)?;
+        socket.bind(&address.into()).map_err(listen_error)?;
+        socket.listen(1024).map_err(listen_error)?;
+        let listener: std::net::TcpListener = socket.into();
+        if address.port() == 0 {
+            address = listener.local_addr().map_err(listen_error)?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}

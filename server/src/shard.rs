@@ -1,0 +1,205 @@
+//! One shard: an OS thread with its own runtime and listening socket (SO_REUSEPORT spreads
+//! connections over shards). Everything a connection touches lives here, behind `Rc` and
+//! `RefCell`: no locks and no shared atomics on the data path.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nexus_protocol::ErrorCode;
+use tokio::sync::{watch, Notify};
+
+use crate::config::ServerConfig;
+use crate::engine::{self, ConnState};
+use crate::io::{self, Backend};
+use crate::source::Registry;
+use crate::stats::{self, ServerStats};
+use crate::synthetic;
+
+/// Free buffers kept per shard; more are dropped.
+const POOL_MAX_FREE: usize = 64;
+/// Synthetic tiles cached per shard (each `PERIOD + MAX_CHUNK` bytes).
+const TILES_MAX: usize = 4;
+
+/// What sources and the engine may use of their shard.
+pub struct ShardContext {
+    backend: Backend,
+    config: Arc<ServerConfig>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) stats: Arc<ServerStats>,
+    pool: RefCell<Vec<BytesMut>>,
+    tiles: RefCell<HashMap<u64, Bytes>>,
+    pub(crate) draining: Cell<Option<Instant>>,
+    pub(crate) connections: RefCell<Vec<Weak<ConnState>>>,
+    /// Notified whenever a connection of this shard ends.
+    pub(crate) connection_ended: Notify,
+}
+
+impl ShardContext {
+    /// The IO backend of this shard.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Bytes per chunk (`burst.nexus.stream.chunk.size`).
+    pub fn chunk_size(&self) -> usize {
+        self.config.chunk_size
+    }
+
+    /// Depth of queue adapters (`burst.nexus.pipe.size`).
+    pub fn pipe_size(&self) -> usize {
+        self.config.pipe_size
+    }
+
+    /// An empty buffer with room for one chunk, reused from the pool when one is free.
+    pub fn buffer(&self) -> BytesMut {
+        let size = self.config.chunk_size;
+        self.pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(size))
+    }
+
+    /// Takes back a buffer once the socket is done with it. Only whole, unshared chunk buffers
+    /// are kept; slices of shared memory (headers, synthetic tiles) are simply dropped.
+    pub(crate) fn recycle(&self, data: Bytes) {
+        if data.len() < self.config.chunk_size / 2 {
+            return;
+        }
+        if let Ok(mut buf) = data.try_into_mut() {
+            buf.clear();
+            let mut pool = self.pool.borrow_mut();
+            if buf.capacity() >= self.config.chunk_size && pool.len() < POOL_MAX_FREE {
+                pool.push(buf);
+            }
+        }
+    }
+
+    /// The synthetic tile of `seed`, generated on first use and cached.
+    pub(crate) fn synthetic_tile(&self, seed: u64) -> Bytes {
+        let mut tiles = self.tiles.borrow_mut();
+        if let Some(tile) = tiles.get(&seed) {
+            return tile.clone();
+        }
+        if tiles.len() >= TILES_MAX {
+            tiles.clear();
+        }
+        let tile = Bytes::from(synthetic::tile(seed));
+        tiles.insert(seed, tile.clone());
+        tile
+    }
+
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+}
+
+/// Runs one shard until shutdown: accepts connections, and on shutdown drains them.
+pub(crate) fn run(
+    index: usize,
+    backend: Backend,
+    listener: std::net::TcpListener,
+    config: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+    stats: Arc<ServerStats>,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) -> std::io::Result<()> {
+    let ring_entries = config.ring_entries;
+    io::block_on(backend, ring_entries, async move {
+        let shard = Rc::new(ShardContext {
+            backend,
+            config,
+            registry,
+            stats,
+            pool: RefCell::new(Vec::new()),
+            tiles: RefCell::new(HashMap::new()),
+            draining: Cell::new(None),
+            connections: RefCell::new(Vec::new()),
+            connection_ended: Notify::new(),
+        });
+        let listener = io::Listener::from_std(backend, listener)?;
+        let drain = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((connection, peer)) => accept(&shard, connection, peer),
+                    // EMFILE and friends: log, back off a little, go on.
+                    Err(e) => {
+                        tracing::warn!(shard = index, error = %e, "Accept failed.");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                changed = shutdown.changed() => {
+                    let drain = *shutdown.borrow();
+                    match (changed, drain) {
+                        (Ok(()), Some(drain)) => break drain,
+                        (Ok(()), None) => continue,
+                        (Err(_), _) => break Duration::ZERO,
+                    }
+                }
+            }
+        };
+        drop(listener);
+        drain_connections(&shard, drain).await;
+        Ok(())
+    })?
+}
+
+fn accept(shard: &Rc<ShardContext>, connection: io::Connection, peer: std::net::SocketAddr) {
+    let open = shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    stats::add(&shard.stats.connections_total, 1);
+    let refuse = open >= shard.config.max_connections as u64;
+    if refuse {
+        stats::add(&shard.stats.connections_refused, 1);
+        tracing::warn!(%peer, limit = shard.config.max_connections, "Connection refused: at the connection limit.");
+    }
+    let mut connections = shard.connections.borrow_mut();
+    connections.retain(|c| c.strong_count() > 0);
+    let state = engine::start(Rc::clone(shard), connection, peer, refuse);
+    connections.push(Rc::downgrade(&state));
+}
+
+async fn drain_connections(shard: &Rc<ShardContext>, drain: Duration) {
+    let deadline = Instant::now() + drain;
+    shard.draining.set(Some(deadline));
+    for state in live(shard) {
+        state.go_away(drain);
+    }
+    // Connections close themselves once their streams are done; wait for that or the deadline.
+    loop {
+        if live(shard).is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = shard.connection_ended.notified() => {}
+            _ = tokio::time::sleep_until(deadline.into()) => break,
+        }
+    }
+    for state in live(shard) {
+        state.close(
+            ErrorCode::DRAINING,
+            "the server shut down; the drain deadline has passed",
+        );
+    }
+    // Give writers a moment to flush the ERROR frames; then the runtime ends the rest.
+    let flush_deadline = Instant::now() + Duration::from_secs(2);
+    while !live(shard).is_empty() {
+        tokio::select! {
+            _ = shard.connection_ended.notified() => {}
+            _ = tokio::time::sleep_until(flush_deadline.into()) => return,
+        }
+    }
+}
+
+fn live(shard: &ShardContext) -> Vec<Rc<ConnState>> {
+    shard
+        .connections
+        .borrow()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|c| !c.is_finished())
+        .collect()
+}

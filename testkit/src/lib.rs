@@ -1,0 +1,436 @@
+//! Test fixtures shared by Nexus's tests and benches (not published):
+//! - [`Client`]: a blocking, single-connection driver of `nexus-protocol`'s
+//!   `ClientConnection` over a real `std::net::TcpStream`, with the application's side
+//!   (consume, cancel) left to the test so it can be slow, stop reading, or misbehave;
+//! - [`start_server`]: a real server on 127.0.0.1 with a free port, on a given backend;
+//! - [`TempDir`]: a directory removed on drop;
+//! - [`read_frames_until_close`]: for raw-socket tests, the frames a server sent before
+//!   closing.
+//!
+//! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
+//! a test instead of hanging it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nexus_protocol::frame::{Frame, NONCE_LEN, PREFACE};
+use nexus_protocol::{
+    ClientConnection, ClientEvent, ClientSettings, Completion, ErrorCode, Outcome, StreamId,
+    StreamRequest, WireError,
+};
+use nexus_server::{Backend, BackendChoice, Registry, Server, ServerConfig};
+
+/// How long a test waits for anything before failing.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs a test body once per IO backend: `both_backends!(name, body_fn)` defines
+/// `name::io_uring` and `name::epoll`, each calling `body_fn(Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn io_uring() {
+                super::$body(nexus_server::Backend::IoUring)
+            }
+            #[test]
+            fn epoll() {
+                super::$body(nexus_server::Backend::Epoll)
+            }
+        }
+    };
+}
+
+/// The config of a test server: port 0 on 127.0.0.1, two shards, this backend, `root`.
+pub fn test_config(backend: Backend, root: &Path) -> ServerConfig {
+    ServerConfig {
+        port: 0,
+        threads: 2,
+        backend: match backend {
+            Backend::IoUring => BackendChoice::IoUring,
+            Backend::Epoll => BackendChoice::Epoll,
+        },
+        root: root.to_path_buf(),
+        ..ServerConfig::default()
+    }
+}
+
+/// The built-in sources for `root`.
+pub fn builtin_registry(root: &Path) -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register(nexus_server::FileSource::new(root).unwrap())
+        .register(nexus_server::SyntheticSource);
+    registry
+}
+
+/// Starts a server with the built-in sources serving `root`.
+pub fn start_server(backend: Backend, root: &Path) -> Server {
+    start_with(test_config(backend, root), builtin_registry(root))
+}
+
+/// Starts a server with this config and registry; panics with the reason if it cannot.
+pub fn start_with(config: ServerConfig, registry: Registry) -> Server {
+    let server = Server::start(config, registry).unwrap_or_else(|e| panic!("server start: {e}"));
+    server
+}
+
+/// Waits until `condition` holds, polling every few milliseconds, failing after [`PATIENCE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A directory under the system temp dir, removed with its contents on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory whose name contains `label`.
+    pub fn new(label: &str) -> TempDir {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).unwrap();
+        let name = format!(
+            "nexus-{label}-{}-{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(random)
+        );
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path.canonicalize().unwrap())
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `len` bytes of a deterministic pattern (different per `seed`) to `path`.
+pub fn write_pattern_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    nexus_server::synthetic::fill(seed, 0, &mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// What a pulled stream delivered.
+#[derive(Debug)]
+pub struct Pulled {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The data, in order.
+    pub data: Vec<u8>,
+    /// Number of chunks received.
+    pub chunks: usize,
+    /// Expected bytes from INITIATED, if it got that far.
+    pub expected_bytes: Option<u64>,
+}
+
+impl Pulled {
+    /// The completion, panicking with the outcome if the stream did not complete.
+    pub fn completion(&self) -> &Completion {
+        match &self.outcome {
+            Outcome::Complete(c) => c,
+            other => panic!("stream did not complete: {other:?}"),
+        }
+    }
+
+    /// The error code and message, panicking if the stream did not fail.
+    pub fn error(&self) -> (ErrorCode, &str) {
+        match &self.outcome {
+            Outcome::Error { code, message } => (*code, message),
+            other => panic!("stream did not fail: {other:?}"),
+        }
+    }
+}
+
+/// A blocking single-connection client for tests and benches.
+pub struct Client {
+    socket: TcpStream,
+    proto: ClientConnection,
+    events: VecDeque<ClientEvent>,
+    closed: Option<Option<WireError>>,
+}
+
+impl Client {
+    /// Connects with default settings and finishes the handshake.
+    pub fn connect(address: SocketAddr) -> Client {
+        Client::connect_with(address, ClientSettings::default()).unwrap()
+    }
+
+    /// Connects and finishes the handshake; the connection error if it fails.
+    pub fn connect_with(
+        address: SocketAddr,
+        settings: ClientSettings,
+    ) -> Result<Client, WireError> {
+        let socket = TcpStream::connect(address).unwrap();
+        socket.set_nodelay(true).unwrap();
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).unwrap();
+        let mut client = Client {
+            socket,
+            proto: ClientConnection::new(settings, nonce, Instant::now()),
+            events: VecDeque::new(),
+            closed: None,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match client.next_event(deadline) {
+                Some(ClientEvent::Established { .. }) => return Ok(client),
+                Some(ClientEvent::Closed(error)) => {
+                    return Err(error.unwrap_or_else(|| WireError::protocol("closed without error")))
+                }
+                Some(_) => {}
+                None => panic!("handshake did not finish in time"),
+            }
+        }
+    }
+
+    /// The protocol state, for calls the helpers do not wrap.
+    pub fn proto(&mut self) -> &mut ClientConnection {
+        &mut self.proto
+    }
+
+    /// The socket, for tests that misbehave on purpose.
+    pub fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Asks for a stream.
+    pub fn initiate(&mut self, paradata: &str) -> StreamId {
+        self.initiate_request(StreamRequest {
+            paradata: paradata.into(),
+            ..StreamRequest::default()
+        })
+    }
+
+    /// Asks for a stream with every option.
+    pub fn initiate_request(&mut self, request: StreamRequest) -> StreamId {
+        let stream = self.proto.initiate(request, Instant::now()).unwrap();
+        self.flush();
+        stream
+    }
+
+    /// Gives `bytes` of window back for `stream`.
+    pub fn consume(&mut self, stream: StreamId, bytes: usize) {
+        self.proto.consume(stream, bytes);
+    }
+
+    /// Cancels a stream.
+    pub fn cancel(&mut self, stream: StreamId) {
+        self.proto.cancel(stream, "test").unwrap();
+        self.flush();
+    }
+
+    /// Pulls one stream to its end, consuming everything at once.
+    pub fn pull(&mut self, paradata: &str) -> Pulled {
+        let stream = self.initiate(paradata);
+        self.finish(&[stream]).remove(&stream).unwrap()
+    }
+
+    /// Pulls several streams concurrently on this connection; results in request order.
+    pub fn pull_all(&mut self, paradata: &[String]) -> Vec<Pulled> {
+        let streams: Vec<StreamId> = paradata.iter().map(|p| self.initiate(p)).collect();
+        let mut results = self.finish(&streams);
+        streams.iter().map(|s| results.remove(s).unwrap()).collect()
+    }
+
+    /// Runs until every stream in `streams` has ended, consuming data as it arrives.
+    pub fn finish(&mut self, streams: &[StreamId]) -> HashMap<StreamId, Pulled> {
+        let mut open: HashMap<StreamId, Pulled> = streams
+            .iter()
+            .map(|s| {
+                let p = Pulled {
+                    outcome: Outcome::Cancelled,
+                    data: Vec::new(),
+                    chunks: 0,
+                    expected_bytes: None,
+                };
+                (*s, p)
+            })
+            .collect();
+        let mut done = HashMap::new();
+        let deadline = Instant::now() + PATIENCE;
+        while !open.is_empty() {
+            let event = self
+                .next_event(deadline)
+                .unwrap_or_else(|| panic!("streams {:?} did not end in time", open.keys()));
+            match event {
+                ClientEvent::Initiated {
+                    stream,
+                    expected_bytes,
+                } => {
+                    if let Some(p) = open.get_mut(&stream) {
+                        p.expected_bytes = Some(expected_bytes);
+                    }
+                }
+                ClientEvent::Chunk { stream, data } => {
+                    self.consume(stream, data.len());
+                    if let Some(p) = open.get_mut(&stream) {
+                        p.data.extend_from_slice(&data);
+                        p.chunks += 1;
+                    }
+                }
+                ClientEvent::StreamEnd {
+                    stream, outcome, ..
+                } => {
+                    if let Some(mut p) = open.remove(&stream) {
+                        p.outcome = outcome;
+                        done.insert(stream, p);
+                    }
+                }
+                ClientEvent::Closed(error) => {
+                    panic!("connection closed with streams open: {error:?}")
+                }
+                _ => {}
+            }
+        }
+        done
+    }
+
+    /// The next event, doing IO until one arrives or `deadline` passes (`None`). After the
+    /// connection closed, `None` at once.
+    pub fn next_event(&mut self, deadline: Instant) -> Option<ClientEvent> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Some(event);
+            }
+            if let Some(event) = self.proto.poll_event() {
+                if let ClientEvent::Closed(error) = &event {
+                    self.closed = Some(error.clone());
+                }
+                return Some(event);
+            }
+            if self.closed.is_some() {
+                return None;
+            }
+            self.flush();
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let wake = self
+                .proto
+                .poll_timeout()
+                .map_or(deadline, |t| t.min(deadline));
+            if wake <= now {
+                self.proto.handle_timeout(now);
+                continue;
+            }
+            self.read_once(wake - now);
+        }
+    }
+
+    /// Reads once (up to `wait`), feeding the protocol.
+    fn read_once(&mut self, wait: Duration) {
+        self.socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .unwrap();
+        let buf = self.proto.input_buffer();
+        if buf.capacity() - buf.len() < (1 << 20) {
+            buf.reserve(4 << 20);
+        }
+        let len = buf.len();
+        let cap = buf.capacity();
+        buf.resize(cap, 0);
+        let result = self.socket.read(&mut buf[len..]);
+        let n = *result.as_ref().unwrap_or(&0);
+        buf.truncate(len + n);
+        match result {
+            Ok(0) => self.proto.handle_eof(),
+            Ok(_) => self.proto.process_input(Instant::now()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                self.proto.handle_timeout(Instant::now())
+            }
+            Err(_) => self.proto.handle_eof(),
+        }
+    }
+
+    /// Writes everything the protocol has queued.
+    pub fn flush(&mut self) {
+        while let Some(segment) = self.proto.poll_transmit() {
+            if self.socket.write_all(&segment).is_err() {
+                self.proto.handle_eof();
+                return;
+            }
+        }
+    }
+}
+
+/// Connects a raw socket, sends `bytes`, half-closes if `fin`, and returns every frame the
+/// server sent (after its preface) until it closed the connection, or the connection's
+/// parse error. Panics if the server keeps the connection open past [`PATIENCE`].
+pub fn exchange_raw(address: SocketAddr, bytes: &[u8], fin: bool) -> Vec<Frame> {
+    let mut socket = TcpStream::connect(address).unwrap();
+    // The server may close before reading everything; a failed write is not the point here.
+    let _ = socket.write_all(bytes);
+    if fin {
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+    }
+    read_frames_until_close(&mut socket)
+}
+
+/// Reads the server's preface and frames until it closes the connection.
+pub fn read_frames_until_close(socket: &mut TcpStream) -> Vec<Frame> {
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match socket.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server did not close the connection: {e}"),
+        }
+    }
+    assert!(
+        received.starts_with(&PREFACE),
+        "no server preface in {received:?}"
+    );
+    let mut buf = BytesMut::from(&received[PREFACE.len()..]);
+    let mut frames = Vec::new();
+    while let Some(frame) = nexus_protocol::frame::decode(&mut buf, 16 << 20).unwrap() {
+        frames.push(frame);
+    }
+    assert!(buf.is_empty(), "trailing partial frame from the server");
+    frames
+}
+
+/// The connection-level ERROR among `frames`, panicking if there is none.
+pub fn connection_error(frames: &[Frame]) -> (ErrorCode, String) {
+    frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Error {
+                stream,
+                code,
+                message,
+            } if stream.is_connection() => Some((*code, message.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no connection ERROR in {frames:?}"))
+}
+
+/// The xxh3 digest PROTOCOL.md specifies, for checking COMPLETE independently.
+pub fn digest(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// Bytes as a `Bytes`, for frames built by hand.
+pub fn bytes(data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(data)
+}
