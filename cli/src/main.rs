@@ -1,20 +1,86 @@
-//! The `nexus` command: `serve`, `pull`, `config`.
+//! The `nexus` command: `serve`, `pull`, `config`, `version`.
 //!
-//! The protocol has landed (PROTOCOL.md, `nexus-protocol`); the server and client it drives
-//! are the next issues. Until then each subcommand says so and exits with status 2, so that a
-//! script relying on it fails loudly instead of silently doing nothing.
+//! The binary parses arguments and properties, sets up logging and signals, then calls the
+//! libraries. `pull` comes with the client issue; until then it says so and exits 2.
 
 // A command-line tool reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
-use std::process::ExitCode;
+mod props;
 
-const USAGE: &str = "usage: nexus <serve|pull|config|version>";
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nexus_server::{FileSource, Registry, Server, SyntheticSource};
+
+use props::Values;
+
+#[derive(Parser)]
+#[command(
+    name = "nexus",
+    version,
+    about = "Nexus: high-throughput streaming transfer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server with the built-in sources (file:, synthetic:).
+    Serve(ServeArgs),
+    /// Pull a stream from a server (not available yet).
+    Pull,
+    /// Print the effective configuration and where each value comes from.
+    Config(PropertyArgs),
+    /// Print the version and the protocol versions spoken.
+    Version,
+}
+
+#[derive(Args)]
+struct PropertyArgs {
+    /// Set a property: -D burst.nexus.server.port=1280 (below flags, above the environment).
+    #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = parse_define)]
+    define: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Port (burst.nexus.server.port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Bind address (burst.nexus.server.bind).
+    #[arg(long)]
+    bind: Option<String>,
+    /// Root directory of file: streams (burst.nexus.server.root).
+    #[arg(long)]
+    root: Option<String>,
+    /// Shards (burst.nexus.server.threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Allow a non-loopback address without a secret (burst.nexus.server.insecure).
+    #[arg(long)]
+    insecure: bool,
+    #[command(flatten)]
+    properties: PropertyArgs,
+}
+
+fn parse_define(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))
+}
 
 fn main() -> ExitCode {
-    let command = std::env::args().nth(1);
-    match command.as_deref() {
-        Some("version") | Some("--version") => {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Version => {
             println!(
                 "nexus {} (protocol versions {}..={})",
                 env!("CARGO_PKG_VERSION"),
@@ -23,17 +89,126 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Some(cmd @ ("serve" | "pull" | "config")) => {
-            eprintln!(
-                "nexus {cmd}: not available yet: the {} lands with its own issue; the wire \
-                 protocol it will speak is specified in PROTOCOL.md",
-                if cmd == "pull" { "client" } else { "server" }
-            );
+        Command::Pull => {
+            eprintln!("nexus pull: not available yet: the client lands with its own issue");
             ExitCode::from(2)
         }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
-        }
+        Command::Config(args) => match resolve(&[], &args.define) {
+            Ok(values) => {
+                for (property, value, origin) in values.describe() {
+                    let name = property.name;
+                    println!(
+                        "# {} ({origin}; {})",
+                        property.description,
+                        props::env_name(name)
+                    );
+                    println!("{name}={value}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Serve(args) => serve(args),
     }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn resolve(
+    flags: &[(&'static str, String)],
+    defines: &[(String, String)],
+) -> Result<Values, String> {
+    for (var, closest) in Values::unknown_env(std::env::vars().map(|(k, _)| k)) {
+        tracing::warn!("Unknown variable {var}; did you mean {closest}?");
+    }
+    Values::resolve(flags, defines, &|name| std::env::var(name).ok()).map_err(|e| e.to_string())
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("nexus: {message}");
+    ExitCode::from(2)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut flags = Vec::new();
+    if let Some(v) = args.port {
+        flags.push(("burst.nexus.server.port", v.to_string()));
+    }
+    if let Some(v) = args.bind {
+        flags.push(("burst.nexus.server.bind", v));
+    }
+    if let Some(v) = args.root {
+        flags.push(("burst.nexus.server.root", v));
+    }
+    if let Some(v) = args.threads {
+        flags.push(("burst.nexus.server.threads", v.to_string()));
+    }
+    if let Some(v) = args.backend {
+        flags.push(("burst.nexus.io.backend", v));
+    }
+    if args.insecure {
+        flags.push(("burst.nexus.server.insecure", "true".to_string()));
+    }
+    let config = match resolve(&flags, &args.properties.define)
+        .and_then(|v| v.server_config().map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    let mut registry = Registry::new();
+    match FileSource::new(&config.root) {
+        Ok(files) => registry.register(files),
+        Err(e) => return fail(&format!("burst.nexus.server.root {:?}: {e}", config.root)),
+    };
+    registry.register(SyntheticSource);
+    let drain = config.drain_timeout;
+    let server = match Server::start(config, registry) {
+        Ok(server) => server,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let signal = wait_for_signal();
+    tracing::info!(
+        signal,
+        drain_ms = drain.as_millis() as u64,
+        "Shutting down: draining."
+    );
+    server.shutdown(drain);
+    tracing::info!("Stopped.");
+    ExitCode::SUCCESS
+}
+
+/// Blocks until SIGTERM or SIGINT; returns its name.
+fn wait_for_signal() -> &'static str {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot watch for signals; stopping on stdin close instead.");
+            std::thread::sleep(Duration::MAX);
+            return "none";
+        }
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            std::future::pending::<()>().await;
+            return "none";
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }

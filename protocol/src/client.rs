@@ -438,6 +438,9 @@ impl ClientConnection {
             return Err(CallError::WrongState(stream));
         }
         s.state = StreamState::Cancelling;
+        // Chunks decoded before the call but not yet polled are dropped too.
+        self.events
+            .retain(|e| !matches!(e, ClientEvent::Chunk { stream: s, .. } if *s == stream));
         let reason = reason.to_string();
         self.outbox.control(&Frame::Cancel {
             stream,
@@ -463,6 +466,13 @@ impl ClientConnection {
             }
         }
         if covered > 0 {
+            let streams = &self.streams;
+            self.events.retain(|e| match e {
+                ClientEvent::Chunk { stream, .. } => streams
+                    .get(stream)
+                    .is_none_or(|s| s.state != StreamState::Cancelling),
+                _ => true,
+            });
             self.outbox.control(&Frame::Cancel {
                 stream: StreamId::CONNECTION,
                 operation: Some(operation),

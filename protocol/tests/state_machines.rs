@@ -146,6 +146,28 @@ fn cancel_delivers_nothing_after_the_request_and_is_acknowledged() {
 }
 
 #[test]
+fn cancel_drops_chunks_decoded_but_not_yet_polled() {
+    let mut p = Pair::default_pair();
+    let s = p.initiate("synthetic:1G");
+    p.server.accept(s, u64::MAX, false).unwrap();
+    p.pump();
+    p.server.send_chunk(s, data(100, 1), None, p.now).unwrap();
+    p.server.send_chunk(s, data(100, 2), None, p.now).unwrap();
+    while let Some(seg) = p.server.poll_transmit() {
+        p.client.handle_input(&seg, p.now);
+    }
+    // Both chunks are decoded and waiting in the event queue; the application cancels first.
+    p.client.cancel(s, "stop").unwrap();
+    let pending: Vec<ClientEvent> = std::iter::from_fn(|| p.client.poll_event()).collect();
+    assert!(
+        !pending
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Chunk { .. })),
+        "{pending:?}"
+    );
+}
+
+#[test]
 fn cancel_drops_chunks_the_server_had_queued_but_not_sent() {
     let mut p = Pair::default_pair();
     let s = p.initiate("synthetic:1G");

@@ -136,6 +136,7 @@ impl Source for SyntheticSource {
         Ok(Opened {
             producer: Box::new(SyntheticProducer {
                 tile: request.shard.synthetic_tile(seed),
+                chunk: request.shard.chunk_size().min(synthetic::MAX_CHUNK),
                 offset: 0,
                 size,
             }),
@@ -146,6 +147,7 @@ impl Source for SyntheticSource {
 
 struct SyntheticProducer {
     tile: Bytes,
+    chunk: usize,
     offset: u64,
     size: u64,
 }
@@ -154,7 +156,7 @@ impl Producer for SyntheticProducer {
     fn next(&mut self, max: usize) -> NextChunk<'_> {
         let left = self.size - self.offset;
         let chunk = (left > 0).then(|| {
-            let len = (max.min(synthetic::MAX_CHUNK) as u64).min(left) as usize;
+            let len = (max.min(self.chunk) as u64).min(left) as usize;
             let start = (self.offset % synthetic::PERIOD) as usize;
             self.offset += len as u64;
             Ok(self.tile.slice(start..start + len))
