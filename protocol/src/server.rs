@@ -197,26 +197,26 @@ impl ServerConnection {
         }
     }
 
-    /// The peer closed its sending side (or the socket failed).
+    /// The peer closed its sending side (or the socket failed). EOF inside a frame or before
+    /// the handshake finished is a protocol error, answered with ERROR: the peer may have
+    /// closed only its sending side and still read the reason.
     pub fn handle_eof(&mut self) {
         if self.phase == Phase::Closed {
             return;
         }
-        let mid_frame = self.inbox.is_mid_frame();
+        if self.inbox.is_mid_frame() {
+            return self.fail_connection(WireError::protocol(
+                "connection closed in the middle of a frame",
+            ));
+        }
+        if self.clock.handshake_deadline.is_some() {
+            return self.fail_connection(WireError::protocol(
+                "connection closed before the handshake finished",
+            ));
+        }
         self.phase = Phase::Closed;
         self.streams.clear();
-        let error = if mid_frame {
-            Some(WireError::protocol(
-                "connection closed in the middle of a frame",
-            ))
-        } else if self.clock.handshake_deadline.is_some() {
-            Some(WireError::protocol(
-                "connection closed before the handshake finished",
-            ))
-        } else {
-            None
-        };
-        self.events.push_back(ServerEvent::Closed(error));
+        self.events.push_back(ServerEvent::Closed(None));
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.

@@ -785,6 +785,15 @@ fn truncated_frame_then_eof_is_reported() {
     server.handle_eof();
     let err = closed_error_event(&mut server);
     assert!(err.message.contains("middle of a frame"), "{err}");
+    // The peer may have closed only its sending side: it is told why, too.
+    assert_eq!(
+        server_frames(&mut server),
+        vec![Frame::Error {
+            stream: StreamId(0),
+            code: ErrorCode::PROTOCOL_ERROR,
+            message: err.message.clone()
+        }]
+    );
 }
 
 fn client_closed_error(client: &mut ClientConnection) -> nexus_protocol::WireError {

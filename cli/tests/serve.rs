@@ -1,0 +1,161 @@
+//! `nexus serve` as a real process: it serves, and on SIGTERM drains (GOAWAY, running
+//! streams go on until the deadline, the rest end with `draining`) and exits 0. Bad
+//! configuration exits non-zero before anything starts.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_protocol::{ClientEvent, ErrorCode, Outcome};
+use nexus_testkit::{Client, TempDir, PATIENCE};
+
+/// A child process killed when dropped, so a failing test leaves no server behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `nexus serve` on a free port; returns the child and its address (from its log).
+fn serve(root: &std::path::Path, env: &[(&str, &str)]) -> (Guard, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .arg("serve")
+        .env("BURST_NEXUS_SERVER_PORT", "0")
+        .env("BURST_NEXUS_SERVER_ROOT", root)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            eprintln!("[nexus] {line}");
+            if let Some(rest) = line.split("address=").nth(1) {
+                let address = rest.split_whitespace().next().unwrap_or("").to_string();
+                let _ = tx.send(address);
+            }
+        }
+    });
+    let address = rx
+        .recv_timeout(PATIENCE)
+        .expect("the server never said where it listens");
+    (Guard(child), address.parse().unwrap())
+}
+
+fn wait_exit(Guard(child): &mut Guard) -> std::process::ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "nexus serve did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigterm_drains_running_streams_and_exits_zero() {
+    let dir = TempDir::new("drain");
+    let (mut child, address) = serve(
+        dir.path(),
+        &[("BURST_NEXUS_SERVER_DRAIN_TIMEOUT_MS", "1500")],
+    );
+    let mut client = Client::connect(address);
+    // A stream the client stops reading (it cannot finish) and one it reads to the end.
+    let stuck = client.initiate("synthetic:1TiB");
+    let short = client.initiate("synthetic:64MiB");
+    let deadline = Instant::now() + PATIENCE;
+    // Wait until both run, then signal.
+    let mut seen_short = false;
+    while !seen_short {
+        if let Some(ClientEvent::Chunk { stream, data }) = client.next_event(deadline) {
+            if stream == short {
+                seen_short = true;
+                client.consume(stream, data.len());
+            }
+        }
+    }
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (mut go_away, mut short_outcome, mut stuck_outcome) = (false, None, None);
+    while stuck_outcome.is_none() || short_outcome.is_none() {
+        match client.next_event(deadline).expect("drain did not finish") {
+            ClientEvent::GoAway { .. } => go_away = true,
+            ClientEvent::Chunk { stream, data } if stream == short => {
+                client.consume(stream, data.len())
+            }
+            ClientEvent::StreamEnd {
+                stream, outcome, ..
+            } if stream == short => short_outcome = Some(outcome),
+            ClientEvent::StreamEnd {
+                stream, outcome, ..
+            } if stream == stuck => stuck_outcome = Some(outcome),
+            _ => {}
+        }
+    }
+    assert!(go_away, "no GOAWAY before the end");
+    assert!(
+        matches!(short_outcome, Some(Outcome::Complete(_))),
+        "{short_outcome:?}"
+    );
+    match stuck_outcome {
+        Some(Outcome::Error { code, .. }) => assert_eq!(code, ErrorCode::DRAINING),
+        other => panic!("the unfinished stream ended with {other:?}"),
+    }
+    assert!(wait_exit(&mut child).success());
+    assert!(
+        std::net::TcpStream::connect(address).is_err(),
+        "still accepting after exit"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_before_listening() {
+    let dir = TempDir::new("badconf");
+    for (var, value) in [
+        ("BURST_NEXUS_SERVER_PORT", "abc"),
+        ("BURST_NEXUS_STREAM_TIMEOUT_MS", "0"),
+        ("BURST_NEXUS_IO_BACKEND", "kqueue"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .arg("serve")
+            .env("BURST_NEXUS_SERVER_ROOT", dir.path())
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        assert!(stderr.contains(var) && stderr.contains(value), "{stderr}");
+    }
+}
+
+#[test]
+fn served_by_the_binary_on_the_backend_asked_for() {
+    let dir = TempDir::new("binary");
+    std::fs::write(dir.path().join("hello.txt"), b"hello, nexus\n").unwrap();
+    for backend in ["io_uring", "epoll"] {
+        let (mut child, address) = serve(dir.path(), &[("BURST_NEXUS_IO_BACKEND", backend)]);
+        let mut client = Client::connect(address);
+        assert_eq!(client.pull("file:hello.txt").data, b"hello, nexus\n");
+        drop(client);
+        Command::new("kill")
+            .arg("-INT")
+            .arg(child.0.id().to_string())
+            .status()
+            .unwrap();
+        assert!(wait_exit(&mut child).success());
+    }
+}
