@@ -34,7 +34,7 @@ enum Command {
     /// Pull a stream from a server (not available yet).
     Pull,
     /// Print the effective configuration and where each value comes from.
-    Config(PropertyArgs),
+    Config(ConfigArgs),
     /// Print the version and the protocol versions spoken.
     Version,
 }
@@ -44,6 +44,15 @@ struct PropertyArgs {
     /// Set a property: -D burst.nexus.server.port=1280 (below flags, above the environment).
     #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = parse_define)]
     define: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Print the table of every property (name, default, meaning) as Markdown instead.
+    #[arg(long)]
+    markdown: bool,
+    #[command(flatten)]
+    properties: PropertyArgs,
 }
 
 #[derive(Args)]
@@ -93,7 +102,11 @@ fn main() -> ExitCode {
             eprintln!("nexus pull: not available yet: the client lands with its own issue");
             ExitCode::from(2)
         }
-        Command::Config(args) => match resolve(&[], &args.define) {
+        Command::Config(args) if args.markdown => {
+            print!("{}", props::markdown_table());
+            ExitCode::SUCCESS
+        }
+        Command::Config(args) => match resolve(&[], &args.properties.define) {
             Ok(values) => {
                 for (property, value, origin) in values.describe() {
                     let name = property.name;

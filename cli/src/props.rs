@@ -370,9 +370,40 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// The README's configuration table rows, generated from [`PROPERTIES`].
+pub(crate) fn markdown_table() -> String {
+    let mut out = String::from("| property | default | meaning |\n|---|---|---|\n");
+    for p in PROPERTIES {
+        let default = if p.default.is_empty() {
+            "-".to_string()
+        } else {
+            format!("`{}`", p.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {default} | {} |\n",
+            p.name, p.description
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_table_is_the_property_table() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let start = readme.find("<!-- properties:start -->\n").unwrap()
+            + "<!-- properties:start -->\n".len();
+        let end = readme.find("<!-- properties:end -->").unwrap();
+        let expected = markdown_table();
+        assert!(
+            readme[start..end] == expected,
+            "README.md's configuration table is out of date; replace it with:\n{expected}"
+        );
+    }
 
     fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {

@@ -251,6 +251,16 @@ impl Client {
 
     /// Runs until every stream in `streams` has ended, consuming data as it arrives.
     pub fn finish(&mut self, streams: &[StreamId]) -> HashMap<StreamId, Pulled> {
+        self.finish_keeping(streams, true)
+    }
+
+    /// As [`finish`](Self::finish); with `keep` false the data is counted, not stored (for
+    /// transfers larger than memory): `data` stays empty.
+    pub fn finish_keeping(
+        &mut self,
+        streams: &[StreamId],
+        keep: bool,
+    ) -> HashMap<StreamId, Pulled> {
         let mut open: HashMap<StreamId, Pulled> = streams
             .iter()
             .map(|s| {
@@ -281,7 +291,9 @@ impl Client {
                 ClientEvent::Chunk { stream, data } => {
                     self.consume(stream, data.len());
                     if let Some(p) = open.get_mut(&stream) {
-                        p.data.extend_from_slice(&data);
+                        if keep {
+                            p.data.extend_from_slice(&data);
+                        }
                         p.chunks += 1;
                     }
                 }
@@ -344,12 +356,12 @@ impl Client {
         if buf.capacity() - buf.len() < (1 << 20) {
             buf.reserve(4 << 20);
         }
-        let len = buf.len();
-        let cap = buf.capacity();
-        buf.resize(cap, 0);
-        let result = self.socket.read(&mut buf[len..]);
-        let n = *result.as_ref().unwrap_or(&0);
-        buf.truncate(len + n);
+        let result = socket2::SockRef::from(&self.socket).recv(buf.spare_capacity_mut());
+        if let Ok(n) = result {
+            // SAFETY: recv initialised the first `n` bytes of the spare capacity, and
+            // `n` is at most its length.
+            unsafe { buf.set_len(buf.len() + n) };
+        }
         match result {
             Ok(0) => self.proto.handle_eof(),
             Ok(_) => self.proto.process_input(Instant::now()),
