@@ -134,9 +134,11 @@ fn scenario(name: &'static str, options: &Options, streams: usize, bytes_each: u
         );
         pairs.push((nexus, iperf));
     }
+    // Runs where iperf3 reported nothing (printed above) are left out of the medians.
+    pairs.retain(|p| p.1.bytes > 0);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     Summary {
         name,
@@ -270,6 +272,12 @@ fn run_iperf(seconds: f64) -> Run {
         std::thread::sleep(Duration::from_millis(100)); // the server is still starting
     }
     let json = String::from_utf8(output.expect("iperf3 never connected")).unwrap_or_default();
+    if !json.contains("\"sum_received\"") {
+        eprintln!(
+            "iperf3 gave no result: {}",
+            json.chars().take(400).collect::<String>()
+        );
+    }
     let number = |key: &str, after: &str| -> f64 {
         let section = json.rfind(after).map_or("", |i| &json[i..]);
         section
