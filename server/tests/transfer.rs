@@ -4,7 +4,9 @@
 
 use nexus_protocol::{ErrorCode, Outcome};
 use nexus_server::synthetic;
-use nexus_testkit::{both_backends, digest, start_server, write_pattern_file, Client, TempDir};
+use nexus_testkit::{
+    both_backends, digest, start_server, synthetic_bytes, write_pattern_file, Client, TempDir,
+};
 
 fn file_pulled_byte_exact(backend: nexus_server::Backend) {
     let dir = TempDir::new("file");
@@ -46,8 +48,7 @@ fn synthetic_with_digest(backend: nexus_server::Backend) {
     let mut client = Client::connect(server.local_addr());
     let size = 5 * synthetic::PERIOD as usize + 12_345;
     let pulled = client.pull(&format!("synthetic:{size}?seed=99"));
-    let mut expected = vec![0u8; size];
-    synthetic::stream_bytes(99, 0, &mut expected);
+    let expected = synthetic_bytes(99, size);
     assert!(
         pulled.data == expected,
         "synthetic bytes differ from the generator"
@@ -73,8 +74,7 @@ fn many_streams_one_connection(backend: nexus_server::Backend) {
     let pulled = client.pull_all(&paradata);
     for (i, p) in pulled.iter().enumerate() {
         let size = 100_000 + i * 37_000;
-        let mut expected = vec![0u8; size];
-        synthetic::stream_bytes(i as u64, 0, &mut expected);
+        let expected = synthetic_bytes(i as u64, size);
         assert!(p.data == expected, "stream {i} differs");
         assert_eq!(p.completion().digest, digest(&expected));
     }
@@ -103,8 +103,7 @@ fn many_connections(backend: nexus_server::Backend) {
     assert_eq!(server.stats().connections_total, 200);
     for (i, (client, stream)) in clients.iter_mut().zip(streams).enumerate() {
         let pulled = client.finish(&[stream]).remove(&stream).unwrap();
-        let mut expected = vec![0u8; 64 << 10];
-        synthetic::stream_bytes(i as u64, 0, &mut expected);
+        let expected = synthetic_bytes(i as u64, 64 << 10);
         assert!(pulled.data == expected, "connection {i} got wrong bytes");
         assert!(matches!(pulled.outcome, Outcome::Complete(_)));
     }

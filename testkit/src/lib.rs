@@ -127,6 +127,13 @@ pub fn write_pattern_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// The first `len` bytes of the `synthetic:` stream with this seed, as the server sends them.
+pub fn synthetic_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    nexus_server::synthetic::stream_bytes(seed, 0, &mut out);
+    out
+}
+
 /// What a pulled stream delivered.
 #[derive(Debug)]
 pub struct Pulled {
