@@ -13,14 +13,13 @@
 // A benchmark reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nexus_protocol::{Outcome, StreamId};
-use nexus_testkit::Client;
+use nexus_testkit::{spawn_nexus_serve, ChildGuard, Client};
 
 struct Options {
     quick: bool,
@@ -155,41 +154,14 @@ fn nexus_binary() -> PathBuf {
     me.with_file_name("nexus")
 }
 
-/// Kills the child on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn run_nexus(backend: &str, streams: usize, bytes_each: u64) -> Run {
-    let mut child = Command::new(nexus_binary())
-        .arg("serve")
-        .env("BURST_NEXUS_SERVER_PORT", "0")
-        .env("BURST_NEXUS_SERVER_THREADS", "1")
-        .env("BURST_NEXUS_IO_BACKEND", backend)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", nexus_binary()));
-    let stderr = child.stderr.take().expect("piped");
-    let guard = Guard(child);
-    let mut address = None;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap_or_default();
-        if let Some(rest) = line.split("address=").nth(1) {
-            address = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse::<SocketAddr>().ok());
-            break;
-        }
-    }
-    let address = address.expect("nexus serve did not report its address");
+    let (guard, address) = spawn_nexus_serve(
+        &nexus_binary(),
+        &[
+            ("BURST_NEXUS_SERVER_THREADS", "1"),
+            ("BURST_NEXUS_IO_BACKEND", backend),
+        ],
+    );
     let pid = guard.0.id();
     let mut client = Client::connect(address);
     let server_cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
@@ -246,7 +218,7 @@ fn run_iperf(seconds: f64) -> Run {
         .stderr(Stdio::null())
         .spawn()
         .expect("iperf3 server");
-    let _guard = Guard(server);
+    let _guard = ChildGuard(server);
     let duration = seconds.clamp(2.0, 60.0).round() as u64;
     let mut output = None;
     for _ in 0..50 {

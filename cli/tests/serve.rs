@@ -3,55 +3,22 @@
 //! configuration exits non-zero before anything starts.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nexus_protocol::{ClientEvent, ErrorCode, Outcome};
-use nexus_testkit::{Client, TempDir, PATIENCE};
+use nexus_testkit::{spawn_nexus_serve, ChildGuard, Client, TempDir, PATIENCE};
 
-/// A child process killed when dropped, so a failing test leaves no server behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts `nexus serve` serving `root`; returns the child and its address.
+fn serve(root: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
+    let root = root.to_str().unwrap();
+    let mut all = vec![("BURST_NEXUS_SERVER_ROOT", root)];
+    all.extend_from_slice(env);
+    spawn_nexus_serve(std::path::Path::new(env!("CARGO_BIN_EXE_nexus")), &all)
 }
 
-/// Starts `nexus serve` on a free port; returns the child and its address (from its log).
-fn serve(root: &std::path::Path, env: &[(&str, &str)]) -> (Guard, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .arg("serve")
-        .env("BURST_NEXUS_SERVER_PORT", "0")
-        .env("BURST_NEXUS_SERVER_ROOT", root)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap_or_default();
-            eprintln!("[nexus] {line}");
-            if let Some(rest) = line.split("address=").nth(1) {
-                let address = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(address);
-            }
-        }
-    });
-    let address = rx
-        .recv_timeout(PATIENCE)
-        .expect("the server never said where it listens");
-    (Guard(child), address.parse().unwrap())
-}
-
-fn wait_exit(Guard(child): &mut Guard) -> std::process::ExitStatus {
+fn wait_exit(ChildGuard(child): &mut ChildGuard) -> std::process::ExitStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -85,14 +85,13 @@ struct FileProducer {
 }
 
 impl Producer for FileProducer {
-    fn next(&mut self, max: usize) -> NextChunk<'_> {
+    fn next(&mut self, _max: usize) -> NextChunk<'_> {
         Box::pin(async move {
             if self.remaining == 0 {
                 return None;
             }
             // Read a whole chunk even when the window is smaller: the engine sends the rest
             // when credit comes, and big reads are what makes file IO cheap.
-            let _ = max;
             let want = (self.shard.chunk_size() as u64).min(self.remaining) as usize;
             let buf = self.shard.buffer();
             let (result, buf) = self.file.read_at(buf, self.offset, want).await;

@@ -456,3 +456,47 @@ pub fn digest(data: &[u8]) -> u64 {
 pub fn bytes(data: &[u8]) -> Bytes {
     Bytes::copy_from_slice(data)
 }
+
+/// A child process killed (and reaped) when dropped, so a failing test or bench leaves no
+/// server behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `nexus` binary at `binary` as `nexus serve` on a free port with these extra
+/// environment variables; returns it and the address it reports in its "Listening." log
+/// line. Its log goes on to this process's stderr, prefixed with `[nexus]`.
+pub fn spawn_nexus_serve(binary: &Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(binary)
+        .arg("serve")
+        .env("BURST_NEXUS_SERVER_PORT", "0")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary:?}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let guard = ChildGuard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading for the child's whole life, so its log writes never hit a closed pipe.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            eprintln!("[nexus] {line}");
+            if let Some(rest) = line.split("address=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let address = rx
+        .recv_timeout(PATIENCE)
+        .expect("nexus serve never said where it listens");
+    (guard, address.parse().expect("a socket address in the log"))
+}
