@@ -6,7 +6,7 @@
 //! to a [`Source`], whose [`Producer`] yields chunks when the client's window has room; chunks
 //! go through `nexus-protocol`'s `ServerConnection` (digest, sequence, framing, round-robin
 //! between streams) and out with one gathered write per batch. A connection and its streams
-//! never leave their shard. IO goes through `io.rs`, the seam between io_uring and epoll.
+//! never leave their shard. IO goes through `nexus-io`, the seam between io_uring and epoll.
 //!
 //! Not here: configuration from the environment (the `nexus` binary does that), metrics
 //! export, the client.
@@ -14,7 +14,6 @@
 mod builtin;
 mod config;
 mod engine;
-mod io;
 pub mod paradata;
 mod pipe;
 pub mod root;
@@ -24,9 +23,11 @@ mod source;
 mod stats;
 pub mod synthetic;
 
+use nexus_io as io;
+
 pub use builtin::{FileSource, SyntheticSource};
 pub use config::ServerConfig;
-pub use io::{probe_io_uring, select_backend, Backend, BackendChoice};
+pub use nexus_io::{probe_io_uring, select_backend, Backend, BackendChoice};
 pub use paradata::SourceError;
 pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
 pub use server::{Server, StartError};

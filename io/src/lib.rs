@@ -1,10 +1,11 @@
 //! The IO seam: everything that differs between the io_uring and the epoll backend.
 //!
-//! Above this module the server is one code base: a shard runs a current-thread tokio runtime
-//! (tokio-uring builds on one too), spawns `!Send` tasks with `spawn_local`, and uses tokio's
-//! timers and `Notify`. Only sockets and file reads differ, and they live here, behind owned
-//! buffer APIs (`read(buf) -> (result, buf)`) that both backends can implement without copies.
-//! Replacing tokio-uring means changing this file only.
+//! Above this crate the server and the client are one code base each: a shard or client IO
+//! thread runs a current-thread tokio runtime (tokio-uring builds on one too), spawns `!Send`
+//! tasks with `spawn_local`, and uses tokio's timers and `Notify`. Only sockets and file reads
+//! differ, and they live here, behind owned buffer APIs (`read(buf) -> (result, buf)`) that
+//! both backends can implement without copies. Replacing tokio-uring means changing this
+//! crate only.
 
 use std::fmt;
 use std::future::Future;
@@ -98,7 +99,7 @@ pub fn probe_io_uring() -> Result<(), String> {
 
 /// Runs `future` to completion on a new runtime of this backend, on the current thread.
 /// `ring_entries` sizes the io_uring submission queue.
-pub(crate) fn block_on<F: Future>(
+pub fn block_on<F: Future>(
     backend: Backend,
     ring_entries: u32,
     future: F,
@@ -119,21 +120,23 @@ pub(crate) fn block_on<F: Future>(
 }
 
 /// A listening socket of one shard.
-pub(crate) enum Listener {
+#[allow(missing_docs)] // the variants are the two backends
+pub enum Listener {
     Uring(tokio_uring::net::TcpListener),
     Epoll(tokio::net::TcpListener),
 }
 
 impl Listener {
     /// Adopts a bound, listening, non-blocking std socket. Must run inside the shard's runtime.
-    pub(crate) fn from_std(backend: Backend, socket: std::net::TcpListener) -> io::Result<Self> {
+    pub fn from_std(backend: Backend, socket: std::net::TcpListener) -> io::Result<Self> {
         Ok(match backend {
             Backend::IoUring => Listener::Uring(tokio_uring::net::TcpListener::from_std(socket)),
             Backend::Epoll => Listener::Epoll(tokio::net::TcpListener::from_std(socket)?),
         })
     }
 
-    pub(crate) async fn accept(&self) -> io::Result<(Connection, SocketAddr)> {
+    /// Accepts one connection, with TCP_NODELAY.
+    pub async fn accept(&self) -> io::Result<(Connection, SocketAddr)> {
         match self {
             Listener::Uring(l) => {
                 let (stream, peer) = l.accept().await?;
@@ -151,15 +154,32 @@ impl Listener {
 
 /// A connected socket; clones share it (one reader task, one writer task).
 #[derive(Clone)]
-pub(crate) enum Connection {
+#[allow(missing_docs)] // the variants are the two backends
+pub enum Connection {
     Uring(Rc<tokio_uring::net::TcpStream>),
     Epoll(Rc<tokio::net::TcpStream>),
 }
 
 impl Connection {
+    /// Connects to `addr` with TCP_NODELAY. Must run inside a runtime of `backend`.
+    pub async fn connect(backend: Backend, addr: SocketAddr) -> io::Result<Self> {
+        match backend {
+            Backend::IoUring => {
+                let stream = tokio_uring::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(Connection::Uring(Rc::new(stream)))
+            }
+            Backend::Epoll => {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(Connection::Epoll(Rc::new(stream)))
+            }
+        }
+    }
+
     /// Reads into the spare capacity of `buf` (after its current contents) and returns it.
     /// `Ok(0)` is end of stream.
-    pub(crate) async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    pub async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         match self {
             Connection::Uring(s) => s.read(buf).await,
             Connection::Epoll(s) => loop {
@@ -176,7 +196,7 @@ impl Connection {
 
     /// Writes all of `segments` (gathered, as few system calls as the socket allows) and
     /// hands the vector back so the caller can recycle the buffers.
-    pub(crate) async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+    pub async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
         let total: usize = segments.iter().map(Bytes::len).sum();
         match self {
             Connection::Uring(s) => {
@@ -217,7 +237,7 @@ impl Connection {
     }
 
     /// Shuts down both directions: a pending read returns, the peer sees FIN.
-    pub(crate) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         // Errors mean the socket is already gone, which is the goal.
         let _ = match self {
             Connection::Uring(s) => s.shutdown(std::net::Shutdown::Both),
@@ -227,7 +247,8 @@ impl Connection {
 }
 
 /// A read-only file of a source.
-pub(crate) enum File {
+#[allow(missing_docs)] // the variants are the two backends
+pub enum File {
     Uring(tokio_uring::fs::File),
     /// The epoll backend reads with `pread` on the shard thread: files are served from the
     /// page cache in the common case, and a thread hop per chunk would cost more than it saves.
@@ -235,7 +256,8 @@ pub(crate) enum File {
 }
 
 impl File {
-    pub(crate) fn from_std(backend: Backend, file: std::fs::File) -> Self {
+    /// Adopts an open file.
+    pub fn from_std(backend: Backend, file: std::fs::File) -> Self {
         match backend {
             Backend::IoUring => File::Uring(tokio_uring::fs::File::from_std(file)),
             Backend::Epoll => File::Std(file),
@@ -244,7 +266,7 @@ impl File {
 
     /// Reads at most `len` bytes at `offset` into `buf`, which must be empty with a capacity
     /// of at least `len`; `Ok(0)` is end of file.
-    pub(crate) async fn read_at(
+    pub async fn read_at(
         &self,
         mut buf: BytesMut,
         offset: u64,
