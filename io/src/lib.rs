@@ -181,7 +181,17 @@ impl Connection {
     /// `Ok(0)` is end of stream.
     pub async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         match self {
-            Connection::Uring(s) => s.read(buf).await,
+            Connection::Uring(s) => {
+                // tokio-uring reads at the start of a plain buffer, over what it holds; a
+                // slice of the spare capacity appends (its set_init grows the length).
+                use tokio_uring::buf::BoundedBuf;
+                if buf.len() == buf.capacity() {
+                    buf.reserve(64 << 10);
+                }
+                let (len, capacity) = (buf.len(), buf.capacity());
+                let (result, slice) = s.read(buf.slice(len..capacity)).await;
+                (result, slice.into_inner())
+            }
             Connection::Epoll(s) => loop {
                 if let Err(e) = s.readable().await {
                     return (Err(e), buf);
@@ -318,4 +328,48 @@ fn io_slices(segments: &[Bytes], mut skip: usize) -> Vec<io::IoSlice<'_>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    /// A second read appends after what the buffer holds (a frame split across reads).
+    fn read_appends(backend: Backend) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        block_on(backend, 8, async move {
+            let connection = Connection::connect(backend, address).await.unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            peer.write_all(b"first ").unwrap();
+            let (n, buf) = connection.read(BytesMut::with_capacity(64)).await;
+            assert_eq!(n.unwrap(), 6);
+            peer.write_all(b"second").unwrap();
+            let (n, buf) = connection.read(buf).await;
+            assert_eq!(n.unwrap(), 6);
+            assert_eq!(&buf[..], b"first second");
+            // A full buffer grows instead of reading nothing (which would look like EOF).
+            let mut full = BytesMut::with_capacity(4);
+            full.extend_from_slice(b"abcd");
+            let spare = full.capacity() - full.len();
+            full.extend_from_slice(&vec![b'x'; spare]);
+            peer.write_all(b"!").unwrap();
+            let (n, buf) = connection.read(full).await;
+            assert_eq!(n.unwrap(), 1);
+            assert_eq!(buf.last(), Some(&b'!'));
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn read_appends_io_uring() {
+        read_appends(Backend::IoUring);
+    }
+
+    #[test]
+    fn read_appends_epoll() {
+        read_appends(Backend::Epoll);
+    }
 }
