@@ -25,6 +25,7 @@ mod error;
 pub mod frame;
 pub mod fuzz;
 mod server;
+pub mod size;
 mod types;
 
 pub use client::{ClientConnection, ClientEvent, ClientSettings, Outcome, StreamRequest};

@@ -101,32 +101,13 @@ impl<'a> Paradata<'a> {
     }
 }
 
-/// A byte count: digits with an optional unit `B`, `KB`/`MB`/`GB`/`TB` (powers of 1000) or
-/// `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024). Overflow is an error.
+/// A byte count as [`nexus_protocol::size::parse_size`] reads it, or `bad_paradata`.
 pub fn parse_size(text: &str) -> Result<u64, SourceError> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let bad = || {
+    nexus_protocol::size::parse_size(text).ok_or_else(|| {
         SourceError::bad(format!(
             "{text:?} is not a size like 1048576, 64KiB or 10GB"
         ))
-    };
-    let number: u64 = digits.parse().map_err(|_| bad())?;
-    let multiplier: u64 = match unit {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(multiplier).ok_or_else(bad)
+    })
 }
 
 #[cfg(test)]
