@@ -1,4 +1,30 @@
-//! Nexus client: the pooled multiplexed client (issue 4).
+//! Nexus client: pulls streams from Nexus servers (PROTOCOL.md) over pooled, multiplexed
+//! connections.
 //!
-//! Not built yet: this crate holds the workspace slot so that the layout, lints and CI are
-//! in place. It depends on `nexus-protocol`, which implements PROTOCOL.md without IO.
+//! - [`Client`] owns a pool keyed by endpoint: one connection per endpoint by default (more
+//!   with `connections_per_endpoint`), idle ones kept in an LRU and closed by a tender when
+//!   stale, dead ones replaced at checkout (a stream the server never accepted is retried
+//!   once on a fresh connection; one that delivered data never is).
+//! - [`Client::initiate`] returns a [`StreamHandle`]: a bounded queue of chunks then one end
+//!   marker, read blocking from any thread or as a `futures::Stream` from any runtime.
+//! - [`Operation`] groups streams: progress across all, cancel all, first error cancels the
+//!   rest, a summary per stream.
+//! - [`resume_paradata`] continues a failed `file:` stream from the first missing byte.
+//!
+//! IO runs on `threads` client IO threads (io_uring or epoll, through `nexus-io`); the
+//! protocol itself is `nexus-protocol`'s `ClientConnection`.
+
+mod client;
+mod config;
+mod conn;
+mod operation;
+mod resume;
+mod stream;
+
+pub use client::{Client, ClientError, PoolStats, StreamOptions};
+pub use config::ClientConfig;
+pub use nexus_io::{Backend, BackendChoice};
+pub use nexus_protocol::{ClientSettings, Completion, ErrorCode, ItemCounts, OperationId, Outcome};
+pub use operation::{Operation, OperationOptions, OperationProgress, StreamSummary};
+pub use resume::resume_paradata;
+pub use stream::{Ended, Item, StreamHandle, StreamProgress};

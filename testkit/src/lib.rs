@@ -4,12 +4,16 @@
 //!   (consume, cancel) left to the test so it can be slow, stop reading, or misbehave;
 //! - [`start_server`]: a real server on 127.0.0.1 with a free port, on a given backend;
 //! - [`TempDir`]: a directory removed on drop;
+//! - [`Proxy`]: a TCP proxy that cuts connections when told, for fault injection;
 //! - [`read_frames_until_close`]: for raw-socket tests, the frames a server sent before
 //!   closing.
 //!
 //! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
 //! a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod proxy;
+pub use proxy::Proxy;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};

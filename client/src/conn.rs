@@ -1,0 +1,751 @@
+//! One pooled connection: a [`ConnHandle`] any thread can send commands to, and the tasks on
+//! a client IO thread that own the socket and the protocol state (`ClientConnection`).
+//!
+//! Per connection, on its IO thread (one thread, `Rc`, no `RefCell` borrow across `.await`):
+//! - the reader reads into the protocol's buffer and dispatches events to the streams' queues;
+//! - the writer gathers queued frames into one write;
+//! - the timer runs `handle_timeout` (heartbeats, handshake deadline, stream timeouts);
+//! - the command loop applies what handles, operations and the pool ask (initiate, credit,
+//!   cancel, close).
+//!
+//! A stream's queue is bounded; when it is full the IO thread keeps the overflow beside it
+//! (never blocks) and moves it in as the handle reads, which the handle signals with its
+//! credit. The server cannot send more than the window, so the overflow is bounded by it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Sender, TrySendError};
+use nexus_io::{Backend, Connection};
+use nexus_protocol::frame::NONCE_LEN;
+use nexus_protocol::{
+    CallError, ClientConnection, ClientEvent, ClientSettings, ErrorCode, OperationId, Outcome,
+    StreamId,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::Notify;
+
+use crate::client::Shared;
+use crate::stream::{Ended, Item, StreamShared};
+
+const MAX_SEGMENTS: usize = 64;
+/// Receive buffer growth step. Chunks are slices of it (zero copy), so a chunk a slow consumer
+/// holds keeps its whole block alive: see `COPY_BELOW`.
+const READ_RESERVE: usize = 1 << 20;
+/// Chunks smaller than this are copied out of the receive buffer, so that memory held by
+/// unread chunks stays within a small factor of their size (the window), not a block each.
+const COPY_BELOW: usize = READ_RESERVE / 2;
+
+/// What other threads ask of a connection.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Initiate(NewStream),
+    Consume {
+        key: u64,
+        bytes: u64,
+    },
+    Cancel {
+        key: u64,
+    },
+    CancelOperation(OperationId),
+    /// Close: with `idle`, only when no stream runs (a FIN, no error).
+    Close {
+        idle: bool,
+    },
+}
+
+/// A stream on its way to a connection, with the sending side of its queue.
+#[derive(Debug)]
+pub(crate) struct NewStream {
+    pub(crate) shared: Arc<StreamShared>,
+    pub(crate) tx: Sender<Item>,
+    /// Already moved once from a connection that died before the server accepted it.
+    pub(crate) retried: bool,
+}
+
+impl NewStream {
+    /// Ends a stream that never reached a server.
+    pub(crate) fn fail(self, code: ErrorCode, message: &str) {
+        let end = Ended::error(code, message, 0);
+        finish(&self.shared, &self.tx, end);
+    }
+}
+
+/// Records the end and queues its marker, for a stream with nothing queued aside.
+fn finish(shared: &StreamShared, tx: &Sender<Item>, end: Ended) {
+    record_end(shared, &end);
+    // The queue may be full only if chunks are in it; a stream failed here has none.
+    let _ = tx.try_send(Item::End(end));
+    shared.wake();
+}
+
+fn record_end(shared: &StreamShared, end: &Ended) {
+    *shared.ended.lock() = Some(end.clone());
+    if let Some(op) = &shared.operation {
+        op.stream_ended(shared, end);
+    }
+}
+
+const CONNECTING: u8 = 0;
+const ESTABLISHED: u8 = 1;
+const DRAINING: u8 = 2;
+const DEAD: u8 = 3;
+
+/// A connection as the pool and the handles see it.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    pub(crate) id: u64,
+    pub(crate) endpoint: SocketAddr,
+    commands: UnboundedSender<Command>,
+    status: AtomicU8,
+    /// Streams checked out on it and not yet ended.
+    pub(crate) active: AtomicUsize,
+    pub(crate) last_used: Mutex<Instant>,
+}
+
+impl ConnHandle {
+    pub(crate) fn new(
+        id: u64,
+        endpoint: SocketAddr,
+        commands: UnboundedSender<Command>,
+    ) -> ConnHandle {
+        ConnHandle {
+            id,
+            endpoint,
+            commands,
+            status: AtomicU8::new(CONNECTING),
+            active: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Sends a command; it is dropped when the connection is gone (its streams have ended).
+    pub(crate) fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+
+    /// Hands a stream to the connection, or back when the connection is gone.
+    pub(crate) fn start(&self, stream: NewStream) -> Result<(), NewStream> {
+        self.commands
+            .send(Command::Initiate(stream))
+            .map_err(|e| match e.0 {
+                Command::Initiate(stream) => stream,
+                _ => unreachable!("sent an Initiate"),
+            })
+    }
+
+    /// Whether new streams may go here.
+    pub(crate) fn is_usable(&self) -> bool {
+        self.status.load(Ordering::Acquire) < DRAINING && !self.commands.is_closed()
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.status.load(Ordering::Acquire) == DEAD || self.commands.is_closed()
+    }
+
+    fn stream_done(&self) {
+        *self.last_used.lock() = Instant::now();
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Where a connection's tasks run and what they need.
+pub(crate) struct Spawn {
+    pub(crate) handle: Arc<ConnHandle>,
+    pub(crate) commands: UnboundedReceiver<Command>,
+    pub(crate) client: Weak<Shared>,
+    pub(crate) backend: Backend,
+    pub(crate) settings: ClientSettings,
+    pub(crate) connect_timeout: Duration,
+}
+
+struct Slot {
+    shared: Arc<StreamShared>,
+    tx: Sender<Item>,
+    overflow: VecDeque<Item>,
+    id: Option<StreamId>,
+    initiated: bool,
+    retried: bool,
+    ended: bool,
+}
+
+struct Actor {
+    handle: Arc<ConnHandle>,
+    client: Weak<Shared>,
+    io: Connection,
+    proto: RefCell<ClientConnection>,
+    slots: RefCell<HashMap<u64, Slot>>,
+    ids: RefCell<HashMap<StreamId, u64>>,
+    /// Streams waiting for the handshake, in order.
+    waiting: RefCell<Vec<u64>>,
+    wake_writer: Notify,
+    wake_timer: Notify,
+    closing_idle: Cell<bool>,
+}
+
+/// Runs a connection to its end. Call on a client IO thread (inside its runtime).
+pub(crate) async fn run(spawn: Spawn) {
+    let Spawn {
+        handle,
+        mut commands,
+        client,
+        backend,
+        settings,
+        connect_timeout,
+    } = spawn;
+    let endpoint = handle.endpoint;
+    let connected =
+        tokio::time::timeout(connect_timeout, Connection::connect(backend, endpoint)).await;
+    let io = match connected {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => {
+            return refuse(
+                &handle,
+                &mut commands,
+                &format!("cannot connect to {endpoint}: {e}"),
+            )
+        }
+        Err(_) => {
+            let ms = connect_timeout.as_millis();
+            return refuse(
+                &handle,
+                &mut commands,
+                &format!("cannot connect to {endpoint} within {ms} ms"),
+            );
+        }
+    };
+    let mut nonce = [0u8; NONCE_LEN];
+    if getrandom::fill(&mut nonce).is_err() {
+        return refuse(
+            &handle,
+            &mut commands,
+            "no source of randomness for the handshake",
+        );
+    }
+    let actor = Rc::new(Actor {
+        handle: Arc::clone(&handle),
+        client,
+        io,
+        proto: RefCell::new(ClientConnection::new(settings, nonce, Instant::now())),
+        slots: RefCell::new(HashMap::new()),
+        ids: RefCell::new(HashMap::new()),
+        waiting: RefCell::new(Vec::new()),
+        wake_writer: Notify::new(),
+        wake_timer: Notify::new(),
+        closing_idle: Cell::new(false),
+    });
+    tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connected.");
+    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
+    let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&actor)));
+    let command_actor = Rc::clone(&actor);
+    let command_loop = tokio::task::spawn_local(async move {
+        while let Some(command) = commands.recv().await {
+            command_actor.apply(command);
+        }
+        commands
+    });
+    actor.after_change();
+    read_loop(&actor).await;
+    handle.status.store(DEAD, Ordering::Release);
+    let _ = writer.await;
+    timer.abort();
+    command_loop.abort();
+    // Streams still queued aside end here too; anything sent from now on is refused.
+    if let Ok(mut commands) = command_loop.await {
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            actor.apply(command);
+        }
+    }
+    actor.end_remaining();
+    if let Some(client) = actor.client.upgrade() {
+        client.connection_ended(&handle);
+    }
+    tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connection ended.");
+}
+
+/// The connection could not be made: every stream sent to it fails with `message`.
+fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
+    tracing::debug!(endpoint = %handle.endpoint, "{message}");
+    handle.status.store(DEAD, Ordering::Release);
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        if let Command::Initiate(stream) = command {
+            handle.stream_done();
+            stream.fail(ErrorCode::CONNECTION_LOST, message);
+        }
+    }
+}
+
+impl Actor {
+    fn apply(self: &Rc<Self>, command: Command) {
+        match command {
+            Command::Initiate(stream) => {
+                let key = stream.shared.key;
+                self.slots.borrow_mut().insert(
+                    key,
+                    Slot {
+                        shared: stream.shared,
+                        tx: stream.tx,
+                        overflow: VecDeque::new(),
+                        id: None,
+                        initiated: false,
+                        retried: stream.retried,
+                        ended: false,
+                    },
+                );
+                self.waiting.borrow_mut().push(key);
+                self.closing_idle.set(false);
+            }
+            Command::Consume { key, bytes } => {
+                let id = self.slots.borrow().get(&key).and_then(|s| s.id);
+                if let Some(id) = id {
+                    self.proto.borrow_mut().consume(id, bytes as usize);
+                }
+                self.drain_overflow(key);
+            }
+            Command::Cancel { key } => self.cancel(key),
+            Command::CancelOperation(operation) => {
+                let keys: Vec<u64> = self
+                    .slots
+                    .borrow()
+                    .iter()
+                    .filter(|(_, s)| !s.ended && s.shared.request.operation == operation)
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut sent = Vec::new();
+                for key in keys {
+                    if self
+                        .slots
+                        .borrow()
+                        .get(&key)
+                        .is_some_and(|s| s.id.is_none())
+                    {
+                        self.cancel(key);
+                    } else {
+                        sent.push(key);
+                    }
+                }
+                if !sent.is_empty() {
+                    self.proto
+                        .borrow_mut()
+                        .cancel_operation(operation, "cancelled by the application");
+                    for key in sent {
+                        self.purge_chunks(key);
+                    }
+                }
+            }
+            Command::Close { idle } => {
+                if idle {
+                    if self.slots.borrow().is_empty() {
+                        self.closing_idle.set(true);
+                    }
+                } else {
+                    self.proto
+                        .borrow_mut()
+                        .close(ErrorCode::CANCELLED, "the client closed the connection");
+                }
+            }
+        }
+        self.after_change();
+    }
+
+    fn cancel(&self, key: u64) {
+        let id = match self.slots.borrow().get(&key) {
+            None => return,
+            Some(slot) if slot.ended => return,
+            Some(slot) => slot.id,
+        };
+        match id {
+            Some(id) => {
+                let _ = self
+                    .proto
+                    .borrow_mut()
+                    .cancel(id, "cancelled by the application");
+                self.purge_chunks(key);
+            }
+            None => {
+                self.waiting.borrow_mut().retain(|k| *k != key);
+                self.end(key, Outcome::Cancelled, 0);
+            }
+        }
+    }
+
+    /// Chunks kept aside for a cancelled stream are not delivered.
+    fn purge_chunks(&self, key: u64) {
+        if let Some(slot) = self.slots.borrow_mut().get_mut(&key) {
+            slot.overflow.retain(|item| matches!(item, Item::End(_)));
+        }
+    }
+
+    /// Handles every protocol event, then wakes the writer and the timer.
+    fn after_change(self: &Rc<Self>) {
+        if self.proto.borrow().is_closed() {
+            // Before the streams' ends are handled, so a retry does not pick this connection.
+            self.handle.status.store(DEAD, Ordering::Release);
+        }
+        if self.proto.borrow().is_established() {
+            self.initiate_waiting();
+        }
+        loop {
+            let event = self.proto.borrow_mut().poll_event();
+            let Some(event) = event else { break };
+            match event {
+                ClientEvent::Established {
+                    version,
+                    server_name,
+                } => {
+                    tracing::debug!(endpoint = %self.handle.endpoint, version, server = %server_name, "Handshake done.");
+                    let _ = self.handle.status.compare_exchange(
+                        CONNECTING,
+                        ESTABLISHED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    self.initiate_waiting();
+                }
+                ClientEvent::Initiated {
+                    stream,
+                    expected_bytes,
+                } => {
+                    if let Some(slot) = self.slot_of(stream).as_mut() {
+                        slot.initiated = true;
+                        slot.shared
+                            .expected_bytes
+                            .store(expected_bytes, Ordering::Relaxed);
+                    }
+                }
+                ClientEvent::Chunk { stream, data } => self.deliver_chunk(stream, data),
+                ClientEvent::Progress { stream, progress } => {
+                    if let Some(slot) = self.slot_of(stream).as_mut() {
+                        let shared = &slot.shared;
+                        shared
+                            .items_sent
+                            .store(progress.items.sent, Ordering::Relaxed);
+                        shared
+                            .items_expected
+                            .store(progress.items.expected, Ordering::Relaxed);
+                    }
+                }
+                ClientEvent::StreamEnd {
+                    stream,
+                    outcome,
+                    bytes_received,
+                } => {
+                    let Some(key) = self.ids.borrow_mut().remove(&stream) else {
+                        continue;
+                    };
+                    self.stream_ended(key, outcome, bytes_received);
+                }
+                ClientEvent::GoAway { message } => {
+                    tracing::debug!(endpoint = %self.handle.endpoint, %message, "Server drains.");
+                    self.handle.status.store(DRAINING, Ordering::Release);
+                    // Streams not yet sent go to another connection.
+                    self.initiate_waiting();
+                }
+                ClientEvent::Closed(error) => {
+                    self.handle.status.store(DEAD, Ordering::Release);
+                    match error {
+                        Some(e) => {
+                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, message = %e.message, "Connection closed.")
+                        }
+                        None => {
+                            tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
+                        }
+                    }
+                }
+            }
+        }
+        self.wake_writer.notify_one();
+        self.wake_timer.notify_one();
+    }
+
+    fn slot_of(&self, stream: StreamId) -> Option<std::cell::RefMut<'_, Slot>> {
+        let key = *self.ids.borrow().get(&stream)?;
+        std::cell::RefMut::filter_map(self.slots.borrow_mut(), |slots| slots.get_mut(&key)).ok()
+    }
+
+    /// Sends INITIATE for the streams waiting for the handshake, or moves them elsewhere if
+    /// this connection cannot take them.
+    fn initiate_waiting(self: &Rc<Self>) {
+        let keys = std::mem::take(&mut *self.waiting.borrow_mut());
+        for key in keys {
+            let (request, cancelled) = match self.slots.borrow().get(&key) {
+                Some(slot) => (
+                    slot.shared.request.clone(),
+                    slot.shared.cancel_requested.load(Ordering::Acquire),
+                ),
+                None => continue,
+            };
+            if cancelled {
+                self.end(key, Outcome::Cancelled, 0);
+                continue;
+            }
+            let result = self.proto.borrow_mut().initiate(request, Instant::now());
+            match result {
+                Ok(id) => {
+                    self.ids.borrow_mut().insert(id, key);
+                    if let Some(slot) = self.slots.borrow_mut().get_mut(&key) {
+                        slot.id = Some(id);
+                    }
+                }
+                Err(CallError::Draining) | Err(CallError::Closed) => {
+                    let message = "the server is draining or the connection closed";
+                    self.retry_or_end(key, ErrorCode::DRAINING, message);
+                }
+                Err(e @ CallError::TooManyStreams(_)) => {
+                    let message = format!("{e}; raise burst.nexus.client.connections.per.endpoint");
+                    self.end(key, error(ErrorCode::RESOURCE_EXHAUSTED, &message), 0);
+                }
+                Err(e @ CallError::ParadataTooLong { .. }) => {
+                    self.end(key, error(ErrorCode::BAD_PARADATA, &e.to_string()), 0);
+                }
+                Err(e) => self.end(key, error(ErrorCode::INTERNAL, &e.to_string()), 0),
+            }
+        }
+    }
+
+    fn stream_ended(self: &Rc<Self>, key: u64, outcome: Outcome, bytes: u64) {
+        let retry = match (&outcome, self.slots.borrow().get(&key)) {
+            (Outcome::Error { code, .. }, Some(slot)) => {
+                !slot.initiated
+                    && !slot.retried
+                    && (*code == ErrorCode::CONNECTION_LOST || *code == ErrorCode::DRAINING)
+            }
+            _ => false,
+        };
+        if retry {
+            let message = match &outcome {
+                Outcome::Error { message, .. } => message.clone(),
+                _ => String::new(),
+            };
+            self.retry_or_end(key, ErrorCode::CONNECTION_LOST, &message);
+        } else {
+            self.end(key, outcome, bytes);
+        }
+    }
+
+    /// A stream the server never accepted goes to a fresh connection, once.
+    fn retry_or_end(self: &Rc<Self>, key: u64, code: ErrorCode, message: &str) {
+        let retried = self.slots.borrow().get(&key).is_some_and(|s| s.retried);
+        let client = self.client.upgrade();
+        match (retried, client) {
+            (false, Some(client)) => {
+                let Some(slot) = self.slots.borrow_mut().remove(&key) else {
+                    return;
+                };
+                if let Some(id) = slot.id {
+                    self.ids.borrow_mut().remove(&id);
+                }
+                self.handle.stream_done();
+                tracing::debug!(endpoint = %self.handle.endpoint, %message, "Retrying a stream on a fresh connection.");
+                client.start(NewStream {
+                    shared: slot.shared,
+                    tx: slot.tx,
+                    retried: true,
+                });
+            }
+            _ => self.end(key, error(code, message), 0),
+        }
+    }
+
+    fn deliver_chunk(&self, stream: StreamId, data: Bytes) {
+        let Some(key) = self.ids.borrow().get(&stream).copied() else {
+            return;
+        };
+        let mut slots = self.slots.borrow_mut();
+        let Some(slot) = slots.get_mut(&key) else {
+            return;
+        };
+        slot.shared
+            .bytes_received
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let data = if data.len() < COPY_BELOW {
+            Bytes::copy_from_slice(&data)
+        } else {
+            data
+        };
+        push(slot, Item::Chunk(data));
+    }
+
+    /// The stream ended: its marker is queued after its data, the pool learns it is free.
+    fn end(&self, key: u64, outcome: Outcome, bytes: u64) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(slot) = slots.get_mut(&key) else {
+            return;
+        };
+        if slot.ended {
+            return;
+        }
+        slot.ended = true;
+        let end = Ended {
+            outcome,
+            bytes_received: bytes,
+        };
+        record_end(&slot.shared, &end);
+        push(slot, Item::End(end));
+        if slot.overflow.is_empty() {
+            slots.remove(&key);
+        }
+        drop(slots);
+        self.handle.stream_done();
+    }
+
+    /// Moves items kept aside into the stream's queue as far as it has room.
+    fn drain_overflow(&self, key: u64) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(slot) = slots.get_mut(&key) else {
+            return;
+        };
+        while let Some(item) = slot.overflow.pop_front() {
+            match slot.tx.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    slot.overflow.push_front(item);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    slot.overflow.clear();
+                    break;
+                }
+            }
+        }
+        slot.shared.wake();
+        if slot.ended && slot.overflow.is_empty() {
+            slots.remove(&key);
+        }
+    }
+
+    /// The connection is over: every stream still here ends (normally the protocol already
+    /// ended them; this covers streams that never reached it).
+    fn end_remaining(self: &Rc<Self>) {
+        let keys: Vec<u64> = self.slots.borrow().keys().copied().collect();
+        for key in keys {
+            let not_sent = self
+                .slots
+                .borrow()
+                .get(&key)
+                .is_some_and(|s| s.id.is_none());
+            if not_sent {
+                self.retry_or_end(key, ErrorCode::CONNECTION_LOST, "the connection closed");
+            } else {
+                let bytes = self
+                    .slots
+                    .borrow()
+                    .get(&key)
+                    .map_or(0, |s| s.shared.bytes_received.load(Ordering::Relaxed));
+                self.end(
+                    key,
+                    error(ErrorCode::CONNECTION_LOST, "the connection closed"),
+                    bytes,
+                );
+            }
+        }
+        // Markers that could not be queued (the handle never read its full queue) are dropped
+        // with the slots; the handle sees its queue disconnect and reports the loss.
+        self.slots.borrow_mut().clear();
+    }
+}
+
+fn error(code: ErrorCode, message: &str) -> Outcome {
+    Outcome::Error {
+        code,
+        message: message.to_string(),
+    }
+}
+
+/// Queues an item behind whatever is kept aside; wakes an async reader.
+fn push(slot: &mut Slot, item: Item) {
+    if slot.overflow.is_empty() {
+        match slot.tx.try_send(item) {
+            Ok(()) => {}
+            Err(TrySendError::Full(item)) => slot.overflow.push_back(item),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    } else {
+        slot.overflow.push_back(item);
+    }
+    slot.shared.wake();
+}
+
+async fn read_loop(actor: &Rc<Actor>) {
+    loop {
+        let mut buf = std::mem::take(actor.proto.borrow_mut().input_buffer());
+        if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+            buf.reserve(READ_RESERVE);
+        }
+        let (result, buf) = actor.io.read(buf).await;
+        {
+            let mut proto = actor.proto.borrow_mut();
+            *proto.input_buffer() = buf;
+            match result {
+                Ok(0) => proto.handle_eof(),
+                Ok(_) => proto.process_input(Instant::now()),
+                Err(e) => {
+                    tracing::debug!(endpoint = %actor.handle.endpoint, error = %e, "Read failed.");
+                    proto.handle_eof();
+                }
+            }
+        }
+        actor.after_change();
+        if actor.proto.borrow().is_closed() {
+            return;
+        }
+    }
+}
+
+async fn write_loop(actor: Rc<Actor>) {
+    let mut segments: Vec<Bytes> = Vec::with_capacity(MAX_SEGMENTS);
+    loop {
+        {
+            let mut proto = actor.proto.borrow_mut();
+            while segments.len() < MAX_SEGMENTS {
+                let Some(segment) = proto.poll_transmit() else {
+                    break;
+                };
+                segments.push(segment);
+            }
+        }
+        if segments.is_empty() {
+            let idle_close = actor.closing_idle.get() && actor.slots.borrow().is_empty();
+            if actor.proto.borrow().is_closed() || idle_close {
+                // Everything is out; FIN, and the reader sees the end.
+                actor.io.shutdown();
+                return;
+            }
+            actor.wake_writer.notified().await;
+            continue;
+        }
+        let (result, mut written) = actor.io.write_all(segments).await;
+        written.clear();
+        segments = written;
+        if let Err(e) = result {
+            tracing::debug!(endpoint = %actor.handle.endpoint, error = %e, "Write failed.");
+            actor.proto.borrow_mut().handle_eof();
+            actor.after_change();
+            actor.io.shutdown();
+            return;
+        }
+    }
+}
+
+async fn timer_loop(actor: Rc<Actor>) {
+    loop {
+        let deadline = actor.proto.borrow().poll_timeout();
+        let Some(deadline) = deadline else { return };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                actor.proto.borrow_mut().handle_timeout(Instant::now());
+                actor.after_change();
+            }
+            _ = actor.wake_timer.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! One stream as the application sees it: a [`StreamHandle`] whose receiving side is a
+//! bounded crossbeam queue of [`Item`]s (chunks, then exactly one [`Item::End`]), readable
+//! blocking (`recv`) or as a `futures::Stream` from any async runtime.
+//!
+//! Flow control: data taken out of the queue is handed back to the connection as credit, in
+//! batches of a quarter window and whenever the queue runs dry, so a consumer that stops
+//! reading stops its stream only (the server has no window left for it) while the other
+//! streams on the connection go on.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use nexus_protocol::{ErrorCode, Outcome, StreamRequest};
+use parking_lot::Mutex;
+
+use crate::client::Client;
+use crate::conn::{Command, ConnHandle};
+use crate::operation::OperationShared;
+
+/// What a stream's queue yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// Data, in order, sequence and (at the end) digest checked. Zero-copy from the socket
+    /// buffer.
+    Chunk(Bytes),
+    /// The end: nothing follows. Exactly one per stream.
+    End(Ended),
+}
+
+/// How a stream ended and how much of it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Complete (counts and digest verified), Error (code, message), Cancelled or TimedOut.
+    pub outcome: Outcome,
+    /// Data bytes delivered before the end.
+    pub bytes_received: u64,
+}
+
+impl Ended {
+    /// Whether COMPLETE arrived and its counts and digest matched.
+    pub fn is_complete(&self) -> bool {
+        matches!(self.outcome, Outcome::Complete(_))
+    }
+
+    /// The error code, for Error outcomes.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match &self.outcome {
+            Outcome::Error { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn error(code: ErrorCode, message: impl Into<String>, bytes: u64) -> Ended {
+        Ended {
+            outcome: Outcome::Error {
+                code,
+                message: message.into(),
+            },
+            bytes_received: bytes,
+        }
+    }
+}
+
+/// A stream's counters so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamProgress {
+    /// Data bytes received by the client.
+    pub bytes_received: u64,
+    /// Total the server announced, when it knows it.
+    pub expected_bytes: Option<u64>,
+    /// Items the server reports as sent (PROGRESS, COMPLETE).
+    pub items_sent: u64,
+    /// Items the server expects to send in all.
+    pub items_expected: u64,
+}
+
+/// State one stream shares between its handle, its connection's IO thread and its operation.
+#[derive(Debug)]
+pub(crate) struct StreamShared {
+    pub(crate) key: u64,
+    pub(crate) endpoint: SocketAddr,
+    pub(crate) request: StreamRequest,
+    /// The connection the stream runs on; changes once if the stream is retried.
+    pub(crate) route: Mutex<Option<Arc<ConnHandle>>>,
+    pub(crate) cancel_requested: AtomicBool,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) expected_bytes: AtomicU64,
+    pub(crate) items_sent: AtomicU64,
+    pub(crate) items_expected: AtomicU64,
+    pub(crate) ended: Mutex<Option<Ended>>,
+    pub(crate) waker: Mutex<Option<Waker>>,
+    pub(crate) operation: Option<Arc<OperationShared>>,
+}
+
+impl StreamShared {
+    pub(crate) fn new(
+        key: u64,
+        endpoint: SocketAddr,
+        request: StreamRequest,
+        operation: Option<Arc<OperationShared>>,
+    ) -> Self {
+        StreamShared {
+            key,
+            endpoint,
+            request,
+            route: Mutex::new(None),
+            cancel_requested: AtomicBool::new(false),
+            bytes_received: AtomicU64::new(0),
+            expected_bytes: AtomicU64::new(u64::MAX),
+            items_sent: AtomicU64::new(0),
+            items_expected: AtomicU64::new(0),
+            ended: Mutex::new(None),
+            waker: Mutex::new(None),
+            operation,
+        }
+    }
+
+    pub(crate) fn send(&self, command: Command) {
+        if let Some(route) = self.route.lock().as_ref() {
+            route.send(command);
+        }
+    }
+
+    /// Asks for the stream to stop: chunks not yet read are dropped from now on, and the
+    /// connection sends CANCEL (or ends a stream not yet sent at once).
+    pub(crate) fn request_cancel(&self) {
+        if !self.cancel_requested.swap(true, Ordering::AcqRel) && !self.is_ended() {
+            self.send(Command::Cancel { key: self.key });
+        }
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.lock().is_some()
+    }
+
+    pub(crate) fn wake(&self) {
+        if let Some(waker) = self.waker.lock().take() {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn progress(&self) -> StreamProgress {
+        let expected = self.expected_bytes.load(Ordering::Relaxed);
+        StreamProgress {
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            expected_bytes: (expected != u64::MAX).then_some(expected),
+            items_sent: self.items_sent.load(Ordering::Relaxed),
+            items_expected: self.items_expected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running stream. Read it with [`recv`](Self::recv) (blocking, from any thread) or as a
+/// `futures::Stream`; it yields [`Item::Chunk`]s, then one [`Item::End`], then nothing.
+/// Dropping the handle before the end cancels the stream.
+#[derive(Debug)]
+pub struct StreamHandle {
+    _client: Client,
+    shared: Arc<StreamShared>,
+    rx: Receiver<Item>,
+    /// Bytes read and not yet handed back as credit.
+    unconsumed: u64,
+    /// Something was read since credit was last handed back.
+    read_since_flush: bool,
+    credit_batch: u64,
+    finished: bool,
+}
+
+impl StreamHandle {
+    pub(crate) fn new(
+        client: Client,
+        shared: Arc<StreamShared>,
+        rx: Receiver<Item>,
+        window: u32,
+    ) -> Self {
+        StreamHandle {
+            _client: client,
+            shared,
+            rx,
+            unconsumed: 0,
+            read_since_flush: false,
+            credit_batch: u64::from(window / 4).max(1),
+            finished: false,
+        }
+    }
+
+    /// The next item, waiting for it; `None` once the end has been returned.
+    pub fn recv(&mut self) -> Option<Item> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            let item = match self.rx.try_recv() {
+                Ok(item) => item,
+                Err(TryRecvError::Empty) => {
+                    self.flush_credit();
+                    match self.rx.recv() {
+                        Ok(item) => item,
+                        Err(_) => self.lost(),
+                    }
+                }
+                Err(TryRecvError::Disconnected) => self.lost(),
+            };
+            if let Some(item) = self.accept(item) {
+                return Some(item);
+            }
+        }
+    }
+
+    /// Like [`recv`](Self::recv), waiting at most `timeout`; `Err(())` when it passed.
+    #[allow(clippy::result_unit_err)]
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Item>, ()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            let item = match self.rx.try_recv() {
+                Ok(item) => item,
+                Err(TryRecvError::Empty) => {
+                    self.flush_credit();
+                    match self.rx.recv_deadline(deadline) {
+                        Ok(item) => item,
+                        Err(RecvTimeoutError::Timeout) => return Err(()),
+                        Err(RecvTimeoutError::Disconnected) => self.lost(),
+                    }
+                }
+                Err(TryRecvError::Disconnected) => self.lost(),
+            };
+            if let Some(item) = self.accept(item) {
+                return Ok(Some(item));
+            }
+        }
+    }
+
+    /// Reads everything, handing each chunk to `sink`; returns how the stream ended.
+    pub fn for_each_chunk(&mut self, mut sink: impl FnMut(&Bytes)) -> Ended {
+        loop {
+            match self.recv() {
+                Some(Item::Chunk(data)) => sink(&data),
+                Some(Item::End(end)) => return end,
+                None => {
+                    return self
+                        .shared
+                        .ended
+                        .lock()
+                        .clone()
+                        .unwrap_or_else(|| Ended::error(ErrorCode::INTERNAL, "no end", 0))
+                }
+            }
+        }
+    }
+
+    /// Cancels the stream: every server producer stops and acknowledges; no chunk is returned
+    /// from now on, only the end marker (`Cancelled`, unless it had already ended).
+    pub fn cancel(&self) {
+        self.shared.request_cancel();
+    }
+
+    /// Counters so far.
+    pub fn progress(&self) -> StreamProgress {
+        self.shared.progress()
+    }
+
+    /// How the stream ended, once the connection knows (the end marker may still be queued).
+    pub fn ended(&self) -> Option<Ended> {
+        self.shared.ended.lock().clone()
+    }
+
+    /// The paradata it was started with.
+    pub fn paradata(&self) -> &str {
+        &self.shared.request.paradata
+    }
+
+    /// The server it reads from.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.shared.endpoint
+    }
+
+    /// Handles one item from the queue: counts credit, drops chunks after a cancel.
+    fn accept(&mut self, item: Item) -> Option<Item> {
+        self.read_since_flush = true;
+        match item {
+            Item::Chunk(data) => {
+                self.unconsumed += data.len() as u64;
+                if self.unconsumed >= self.credit_batch {
+                    self.flush_credit();
+                }
+                if self.shared.cancel_requested.load(Ordering::Acquire) {
+                    return None;
+                }
+                Some(Item::Chunk(data))
+            }
+            Item::End(end) => {
+                self.finished = true;
+                Some(Item::End(end))
+            }
+        }
+    }
+
+    /// The queue's sender is gone without an end marker: the client was shut down.
+    fn lost(&mut self) -> Item {
+        let bytes = self.shared.bytes_received.load(Ordering::Relaxed);
+        Item::End(Ended::error(
+            ErrorCode::CONNECTION_LOST,
+            "the client shut down before the stream ended",
+            bytes,
+        ))
+    }
+
+    fn flush_credit(&mut self) {
+        if self.read_since_flush && !self.finished {
+            self.shared.send(Command::Consume {
+                key: self.shared.key,
+                bytes: self.unconsumed,
+            });
+        }
+        self.unconsumed = 0;
+        self.read_since_flush = false;
+    }
+}
+
+impl futures_core::Stream for StreamHandle {
+    type Item = Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            let item = match this.rx.try_recv() {
+                Ok(item) => item,
+                Err(TryRecvError::Disconnected) => this.lost(),
+                Err(TryRecvError::Empty) => {
+                    this.flush_credit();
+                    *this.shared.waker.lock() = Some(cx.waker().clone());
+                    // The IO thread wakes after each push; look again in case it pushed
+                    // between the first look and the waker being stored.
+                    match this.rx.try_recv() {
+                        Ok(item) => item,
+                        Err(TryRecvError::Disconnected) => this.lost(),
+                        Err(TryRecvError::Empty) => return Poll::Pending,
+                    }
+                }
+            };
+            if let Some(item) = this.accept(item) {
+                return Poll::Ready(Some(item));
+            }
+        }
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared.request_cancel();
+        }
+    }
+}
