@@ -1,13 +1,15 @@
 //! The `nexus` command: `serve`, `pull`, `config`, `version`.
 //!
 //! The binary parses arguments and properties, sets up logging and signals, then calls the
-//! libraries. `pull` comes with the client issue; until then it says so and exits 2.
+//! libraries.
 
 // A command-line tool reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
 mod props;
+mod pull;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,8 +33,8 @@ struct Cli {
 enum Command {
     /// Run the server with the built-in sources (file:, synthetic:).
     Serve(ServeArgs),
-    /// Pull a stream from a server (not available yet).
-    Pull,
+    /// Pull a stream (or a manifest of streams) from servers.
+    Pull(PullArgs),
     /// Print the effective configuration and where each value comes from.
     Config(ConfigArgs),
     /// Print the version and the protocol versions spoken.
@@ -79,6 +81,37 @@ struct ServeArgs {
     properties: PropertyArgs,
 }
 
+#[derive(Args)]
+struct PullArgs {
+    /// Server address, host:port.
+    endpoint: Option<String>,
+    /// What to stream, e.g. file:data/big.bin or synthetic:10GiB.
+    paradata: Option<String>,
+    /// Write the data to FILE instead of stdout (removed if the pull fails).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print a JSON summary on stdout (needs -o or --manifest).
+    #[arg(long)]
+    json: bool,
+    /// Pull every line `ENDPOINT PARADATA OUTPUT` of FILE as one operation.
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// Streams of a manifest pulled at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Pull one file as N ranged streams in parallel, written in place (needs -o).
+    #[arg(long, value_name = "N")]
+    split: Option<usize>,
+    /// Times a file: stream is resumed after a lost connection or a timeout.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
+    #[arg(long)]
+    backend: Option<String>,
+    #[command(flatten)]
+    properties: PropertyArgs,
+}
+
 fn parse_define(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
@@ -98,10 +131,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Pull => {
-            eprintln!("nexus pull: not available yet: the client lands with its own issue");
-            ExitCode::from(2)
-        }
+        Command::Pull(args) => pull(args),
         Command::Config(args) if args.markdown => {
             print!("{}", props::markdown_table());
             ExitCode::SUCCESS
@@ -198,8 +228,38 @@ fn serve(args: ServeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn pull(args: PullArgs) -> ExitCode {
+    let mut flags = Vec::new();
+    if let Some(v) = args.backend {
+        flags.push(("burst.nexus.io.backend", v));
+    }
+    let config = match resolve(&flags, &args.properties.define)
+        .and_then(|v| v.client_config().map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    let client = match nexus_client::Client::new(config) {
+        Ok(client) => client,
+        Err(e) => return fail(&e.to_string()),
+    };
+    pull::run(
+        client,
+        pull::Job {
+            endpoint: args.endpoint,
+            paradata: args.paradata,
+            output: args.output,
+            json: args.json,
+            manifest: args.manifest,
+            parallel: args.parallel,
+            split: args.split,
+            retries: args.retries,
+        },
+    )
+}
+
 /// Blocks until SIGTERM or SIGINT; returns its name.
-fn wait_for_signal() -> &'static str {
+pub(crate) fn wait_for_signal() -> &'static str {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use nexus_client::ClientConfig;
 use nexus_server::{BackendChoice, ServerConfig};
 
 /// One property.
@@ -119,7 +120,54 @@ pub(crate) const PROPERTIES: &[Property] = &[
         "",
         "File holding the shared secret (trailing newline ignored).",
     ),
+    p(
+        "burst.nexus.client.threads",
+        "",
+        "Client IO threads (each with its own runtime); default: the number of cores.",
+    ),
+    p(
+        "burst.nexus.client.connections.per.endpoint",
+        "1",
+        "Connections per server that a client stripes its streams over.",
+    ),
+    p(
+        "burst.nexus.client.pool.stale.ms",
+        "3600000",
+        "An idle pooled connection unused this long is closed, in ms (alias nexus.client.pool.stale.ms).",
+    ),
+    p(
+        "burst.nexus.client.cache.tender.ms",
+        "600000",
+        "How often the pool's tender closes stale connections, in ms.",
+    ),
+    p(
+        "burst.nexus.client.pool.max.connections",
+        "1024",
+        "Most pooled connections; beyond it the least recently used idle one is closed.",
+    ),
+    p(
+        "burst.nexus.client.queue.size",
+        "100",
+        "Items a stream's consumer queue holds (memory is bounded by the window either way).",
+    ),
+    p(
+        "burst.nexus.client.window",
+        "4194304",
+        "Per-stream window a client asks for, in bytes: the most data in flight per stream.",
+    ),
+    p(
+        "burst.nexus.client.connect.timeout.ms",
+        "10000",
+        "Time allowed for a client's TCP connect, in ms.",
+    ),
 ];
+
+/// Other names accepted for a property (as `-D` and as environment variables), for operators
+/// of the original system. The canonical name wins when both are set.
+pub(crate) const ALIASES: &[(&str, &str)] = &[(
+    "nexus.client.pool.stale.ms",
+    "burst.nexus.client.pool.stale.ms",
+)];
 
 const fn p(name: &'static str, default: &'static str, description: &'static str) -> Property {
     Property {
@@ -165,20 +213,43 @@ impl Values {
         defines: &[(String, String)],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Values, BadValue> {
-        for (name, _) in defines {
-            if !PROPERTIES.iter().any(|p| p.name == name) {
-                return Err(BadValue(format!("-D {name}: unknown property")));
+        let canonical = |name: &str| -> Option<&'static str> {
+            let name = ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == name)
+                .map_or(name, |(_, property)| property);
+            PROPERTIES.iter().find(|p| p.name == name).map(|p| p.name)
+        };
+        let mut canonical_defines = Vec::with_capacity(defines.len());
+        for (name, value) in defines {
+            match canonical(name) {
+                Some(property) => {
+                    canonical_defines.push((property, value.clone(), name == property))
+                }
+                None => return Err(BadValue(format!("-D {name}: unknown property"))),
             }
         }
+        // A canonical name beats an alias given at the same level.
+        canonical_defines.sort_by_key(|(_, _, is_canonical)| *is_canonical);
         let mut values = BTreeMap::new();
         for property in PROPERTIES {
             let flag = flags.iter().rev().find(|(n, _)| *n == property.name);
-            let define = defines.iter().rev().find(|(n, _)| n == property.name);
+            let define = canonical_defines
+                .iter()
+                .rev()
+                .find(|(n, _, _)| *n == property.name)
+                .map(|(n, v, _)| (n, v));
+            let alias_env = || {
+                ALIASES
+                    .iter()
+                    .filter(|(_, p)| *p == property.name)
+                    .find_map(|(alias, _)| env(&env_name(alias)))
+            };
             let value = if let Some((_, v)) = flag {
                 Some((v.clone(), Origin::Flag))
             } else if let Some((_, v)) = define {
                 Some((v.clone(), Origin::Define))
-            } else if let Some(v) = env(&env_name(property.name)) {
+            } else if let Some(v) = env(&env_name(property.name)).or_else(alias_env) {
                 Some((v, Origin::Env))
             } else {
                 (!property.default.is_empty())
@@ -309,11 +380,17 @@ impl Values {
         if let Some(v) = self.parse::<bool>("burst.nexus.server.insecure")? {
             c.insecure = v;
         }
+        c.protocol.secret = self.secret()?;
+        Ok(c)
+    }
+
+    /// The shared secret, from the property or the file it names.
+    fn secret(&self) -> Result<Option<Vec<u8>>, BadValue> {
         let secret = self
             .raw("burst.nexus.auth.secret")
             .map(|(v, _)| v.as_bytes().to_vec());
         let secret_file = self.parse::<PathBuf>("burst.nexus.auth.secret.file")?;
-        c.protocol.secret = match (secret, secret_file) {
+        let secret = match (secret, secret_file) {
             (Some(_), Some(_)) => {
                 return Err(BadValue(
                     "set burst.nexus.auth.secret or burst.nexus.auth.secret.file, not both".into(),
@@ -331,9 +408,46 @@ impl Values {
             }
             (None, None) => None,
         };
-        if c.protocol.secret.as_ref().is_some_and(|s| s.is_empty()) {
+        if secret.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(BadValue("the shared secret is empty".into()));
         }
+        Ok(secret)
+    }
+
+    /// The client configuration these values describe.
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, BadValue> {
+        let mut c = ClientConfig::default();
+        if let Some(v) = self.positive::<usize>("burst.nexus.client.threads")? {
+            c.threads = v;
+        }
+        if let Some(v) = self.parse::<BackendChoice>("burst.nexus.io.backend")? {
+            c.backend = v;
+        }
+        if let Some(v) = self.positive::<usize>("burst.nexus.client.connections.per.endpoint")? {
+            c.connections_per_endpoint = v;
+        }
+        if let Some(v) = self.millis("burst.nexus.client.pool.stale.ms")? {
+            c.pool_stale = v;
+        }
+        if let Some(v) = self.millis("burst.nexus.client.cache.tender.ms")? {
+            c.tender_interval = v;
+        }
+        if let Some(v) = self.positive::<usize>("burst.nexus.client.pool.max.connections")? {
+            c.max_connections = v;
+        }
+        if let Some(v) = self.positive::<usize>("burst.nexus.client.queue.size")? {
+            c.queue_size = v;
+        }
+        if let Some(v) = self.positive::<u32>("burst.nexus.client.window")? {
+            c.protocol.initial_window = v;
+        }
+        if let Some(v) = self.millis("burst.nexus.client.connect.timeout.ms")? {
+            c.connect_timeout = v;
+        }
+        if let Some(v) = self.millis("burst.nexus.stream.timeout.ms")? {
+            c.protocol.stream_timeout = v;
+        }
+        c.protocol.secret = self.secret()?;
         Ok(c)
     }
 
@@ -422,6 +536,68 @@ mod tests {
         );
         for p in PROPERTIES {
             assert!(p.name.starts_with("burst.nexus."), "{}", p.name);
+        }
+    }
+
+    #[test]
+    fn the_original_stale_name_is_an_alias_and_the_canonical_name_wins() {
+        let stale = |v: &Values| v.client_config().unwrap().pool_stale;
+        let v = Values::resolve(&[], &[], &env(&[("NEXUS_CLIENT_POOL_STALE_MS", "1500")])).unwrap();
+        assert_eq!(stale(&v), Duration::from_millis(1500));
+        let v = Values::resolve(
+            &[],
+            &[],
+            &env(&[
+                ("NEXUS_CLIENT_POOL_STALE_MS", "1500"),
+                ("BURST_NEXUS_CLIENT_POOL_STALE_MS", "2500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(stale(&v), Duration::from_millis(2500));
+        let defines = [
+            (
+                "burst.nexus.client.pool.stale.ms".to_string(),
+                "7".to_string(),
+            ),
+            ("nexus.client.pool.stale.ms".to_string(), "9".to_string()),
+        ];
+        let v = Values::resolve(&[], &defines, &env(&[])).unwrap();
+        assert_eq!(stale(&v), Duration::from_millis(7));
+        let v = Values::resolve(&[], &defines[1..], &env(&[])).unwrap();
+        assert_eq!(stale(&v), Duration::from_millis(9));
+        assert_eq!(
+            stale(&Values::resolve(&[], &[], &env(&[])).unwrap()),
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn client_properties_reach_the_client_config() {
+        let v = Values::resolve(
+            &[],
+            &[],
+            &env(&[
+                ("BURST_NEXUS_CLIENT_THREADS", "3"),
+                ("BURST_NEXUS_CLIENT_CONNECTIONS_PER_ENDPOINT", "2"),
+                ("BURST_NEXUS_CLIENT_CACHE_TENDER_MS", "1000"),
+                ("BURST_NEXUS_CLIENT_WINDOW", "65536"),
+                ("BURST_NEXUS_STREAM_TIMEOUT_MS", "5000"),
+                ("BURST_NEXUS_IO_BACKEND", "epoll"),
+            ]),
+        )
+        .unwrap();
+        let c = v.client_config().unwrap();
+        assert_eq!((c.threads, c.connections_per_endpoint), (3, 2));
+        assert_eq!(c.tender_interval, Duration::from_secs(1));
+        assert_eq!(c.protocol.initial_window, 65536);
+        assert_eq!(c.protocol.stream_timeout, Duration::from_secs(5));
+        assert_eq!(c.backend, BackendChoice::Epoll);
+        for bad in ["0", "-1", "abc"] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(Box::new([("BURST_NEXUS_CLIENT_CACHE_TENDER_MS", bad)]));
+            let v = Values::resolve(&[], &[], &env(pairs)).unwrap();
+            let err = v.client_config().unwrap_err().to_string();
+            assert!(err.contains("BURST_NEXUS_CLIENT_CACHE_TENDER_MS"), "{err}");
         }
     }
 
