@@ -2,10 +2,13 @@
 //! that drift on a shared machine hits both alike; prints each run and the median ratio.
 //!
 //! Scenarios so far: `single` (one `synthetic:` stream vs `iperf3 -P 1 -l 1M`) and `mux16`
-//! (16 streams on one connection vs `iperf3 -P 1`). The server is the real `nexus serve`
-//! process (found next to this binary), the client is the blocking protocol driver of
-//! `nexus-testkit` in this process. CPU is user+sys of both ends, from /proc for Nexus and
-//! from iperf3's own report (getrusage) for iperf3.
+//! (16 streams on one connection vs `iperf3 -P 1`), each read by the blocking protocol driver
+//! of `nexus-testkit` (the protocol and server alone) and by `nexus-client` (`client-single`,
+//! `client-mux16`: pool, IO thread, queue handles); and `small`: time to first byte and 4 KiB
+//! streams per second on a warm pooled connection (no baseline; targets: p50 under 100 us,
+//! at least 50k streams/s). The server is the real `nexus serve` process (found next to this
+//! binary), the client runs in this process. CPU is user+sys of both ends, from /proc for
+//! Nexus and from iperf3's own report (getrusage) for iperf3.
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench &&
 //! target/release/nexus-bench [--quick] [--runs N] [--backend io_uring|epoll]`.
@@ -18,6 +21,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nexus_client::{ClientConfig, Item, StreamOptions};
 use nexus_protocol::{Outcome, StreamId};
 use nexus_testkit::{spawn_nexus_serve, ChildGuard, Client};
 
@@ -78,9 +82,12 @@ fn main() {
         (16 * gib, gib)
     };
     let results = [
-        scenario("single", &options, 1, single),
-        scenario("mux16", &options, 16, per_stream),
+        scenario("single", &options, Driver::Testkit, 1, single),
+        scenario("mux16", &options, Driver::Testkit, 16, per_stream),
+        scenario("client-single", &options, Driver::Pooled, 1, single),
+        scenario("client-mux16", &options, Driver::Pooled, 16, per_stream),
     ];
+    small(&options);
     println!();
     println!("| scenario | Nexus GB/s | iperf3 GB/s | ratio (median) | Nexus CPU s/GB | iperf3 CPU s/GB |");
     println!("|---|---|---|---|---|---|");
@@ -118,10 +125,25 @@ impl Run {
     }
 }
 
-fn scenario(name: &'static str, options: &Options, streams: usize, bytes_each: u64) -> Summary {
+/// Which client reads the streams.
+#[derive(Clone, Copy)]
+enum Driver {
+    /// testkit's blocking protocol driver: the protocol and the server alone.
+    Testkit,
+    /// nexus-client: pool, IO thread, queue handles.
+    Pooled,
+}
+
+fn scenario(
+    name: &'static str,
+    options: &Options,
+    driver: Driver,
+    streams: usize,
+    bytes_each: u64,
+) -> Summary {
     let mut pairs = Vec::new();
     for i in 0..options.runs {
-        let nexus = run_nexus(&options.backend, streams, bytes_each);
+        let nexus = run_nexus(&options.backend, driver, streams, bytes_each);
         let iperf = run_iperf(nexus.seconds);
         println!(
             "{name} run {}: nexus {:.2} GB/s ({:.3} CPU s/GB), iperf3 {:.2} GB/s ({:.3} CPU s/GB)",
@@ -154,14 +176,30 @@ fn nexus_binary() -> PathBuf {
     me.with_file_name("nexus")
 }
 
-fn run_nexus(backend: &str, streams: usize, bytes_each: u64) -> Run {
-    let (guard, address) = spawn_nexus_serve(
+fn start_server(backend: &str) -> (ChildGuard, SocketAddr) {
+    spawn_nexus_serve(
         &nexus_binary(),
         &[
             ("BURST_NEXUS_SERVER_THREADS", "1"),
             ("BURST_NEXUS_IO_BACKEND", backend),
         ],
-    );
+    )
+}
+
+fn pooled_client(backend: &str) -> nexus_client::Client {
+    nexus_client::Client::new(ClientConfig {
+        threads: 1,
+        backend: backend.parse().unwrap_or_default(),
+        ..ClientConfig::default()
+    })
+    .expect("client")
+}
+
+fn run_nexus(backend: &str, driver: Driver, streams: usize, bytes_each: u64) -> Run {
+    if let Driver::Pooled = driver {
+        return run_pooled(backend, streams, bytes_each);
+    }
+    let (guard, address) = start_server(backend);
     let pid = guard.0.id();
     let mut client = Client::connect(address);
     let server_cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
@@ -190,6 +228,87 @@ fn run_nexus(backend: &str, streams: usize, bytes_each: u64) -> Run {
         seconds,
         cpu_seconds: cpu,
     }
+}
+
+/// The same transfer through nexus-client: one thread per stream reads its handle.
+fn run_pooled(backend: &str, streams: usize, bytes_each: u64) -> Run {
+    let (guard, address) = start_server(backend);
+    let pid = guard.0.id();
+    let client = pooled_client(backend);
+    let server_cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
+    let client_cpu0 = cpu_seconds("/proc/self/stat");
+    let start = Instant::now();
+    let readers: Vec<_> = (0..streams)
+        .map(|i| {
+            let mut handle = client.initiate(
+                address,
+                &format!("synthetic:{bytes_each}?seed={i}"),
+                StreamOptions::default(),
+            );
+            std::thread::spawn(move || {
+                let end = handle.for_each_chunk(|_| {});
+                match end.outcome {
+                    Outcome::Complete(c) => c.bytes,
+                    other => panic!("a bench stream failed: {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let bytes: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
+    let seconds = start.elapsed().as_secs_f64();
+    let server_cpu = cpu_seconds(&format!("/proc/{pid}/stat")) - server_cpu0;
+    let client_cpu = cpu_seconds("/proc/self/stat") - client_cpu0;
+    if std::env::var_os("NEXUS_BENCH_VERBOSE").is_some() {
+        eprintln!("  server {server_cpu:.2} CPU s, client {client_cpu:.2} CPU s, {seconds:.2} s");
+    }
+    Run {
+        bytes,
+        seconds,
+        cpu_seconds: server_cpu + client_cpu,
+    }
+}
+
+/// Time to first byte, one stream at a time, and 4 KiB streams per second with 64 in flight,
+/// on a warm pooled connection.
+fn small(options: &Options) {
+    let (_guard, address) = start_server(&options.backend);
+    let client = pooled_client(&options.backend);
+    let mut warm = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
+    warm.for_each_chunk(|_| {});
+    let samples = if options.quick { 2_000 } else { 20_000 };
+    let mut ttfb: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            let mut h = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
+            let first = h.recv();
+            let elapsed = start.elapsed();
+            assert!(matches!(first, Some(Item::Chunk(_))), "no data: {first:?}");
+            h.for_each_chunk(|_| {});
+            elapsed
+        })
+        .collect();
+    ttfb.sort();
+    let pct = |p: usize| ttfb[(ttfb.len() * p / 100).min(ttfb.len() - 1)].as_secs_f64() * 1e6;
+    let total = if options.quick { 20_000 } else { 100_000 };
+    let in_flight = 64;
+    let start = Instant::now();
+    let mut window = std::collections::VecDeque::with_capacity(in_flight);
+    for _ in 0..total {
+        if window.len() == in_flight {
+            let mut h: nexus_client::StreamHandle = window.pop_front().expect("in flight");
+            assert!(h.for_each_chunk(|_| {}).is_complete());
+        }
+        window.push_back(client.initiate(address, "synthetic:4KiB", StreamOptions::default()));
+    }
+    for mut h in window {
+        assert!(h.for_each_chunk(|_| {}).is_complete());
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "small: time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential streams); {rate:.0} streams/s of 4 KiB ({total}, {in_flight} in flight)",
+        pct(50),
+        pct(99)
+    );
 }
 
 /// user + system CPU seconds from a /proc/.../stat file.
@@ -237,7 +356,11 @@ fn run_iperf(seconds: f64) -> Run {
             .args(["-t", &duration.to_string()])
             .output()
             .expect("iperf3 client");
-        if out.status.success() {
+        // With -J, iperf3 3.12 can exit 0 with an "error" object when the server is not
+        // listening yet; only a report with results counts.
+        if out.status.success()
+            && !String::from_utf8_lossy(&out.stdout).contains("unable to connect")
+        {
             output = Some(out.stdout);
             break;
         }
