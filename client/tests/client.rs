@@ -15,8 +15,8 @@ use nexus_client::{
 };
 use nexus_server::{Backend, Server, ServerConfig};
 use nexus_testkit::{
-    both_backends, builtin_registry, start_with, synthetic_bytes, test_config, wait_until,
-    write_pattern_file, Proxy, TempDir, PATIENCE,
+    both_backends, builtin_registry, spray_counts, start_with, synthetic_bytes, test_config,
+    wait_until, write_pattern_file, Proxy, TempDir, PATIENCE,
 };
 
 fn client_config(backend: Backend) -> ClientConfig {
@@ -209,21 +209,7 @@ fn spray(backend: Backend) {
     let root = TempDir::new("client-spray");
     let server = server(backend, &root, CHUNK as usize);
     let client = client(backend);
-    let mut seed = [0u8; 8];
-    getrandom::fill(&mut seed).unwrap();
-    let mut x = u64::from_le_bytes(seed) | 1;
-    let counts: Vec<u64> = (0..10)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i == 0 {
-                0
-            } else {
-                x % 100
-            } // at least one empty stream
-        })
-        .collect();
+    let counts = spray_counts();
     let mut handles: Vec<StreamHandle> = counts
         .iter()
         .map(|n| {

@@ -207,21 +207,7 @@ both_backends!(pepper_small_streams_do_not_wait_for_a_big_one, pepper);
 fn spray(backend: Backend) {
     let s = setup(backend, 4 << 10);
     let mut client = Client::connect(s.server.local_addr());
-    let mut seed = [0u8; 8];
-    getrandom::fill(&mut seed).unwrap();
-    let mut x = u64::from_le_bytes(seed) | 1;
-    let counts: Vec<u64> = (0..10)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i == 0 {
-                0
-            } else {
-                x % 100
-            } // at least one empty stream
-        })
-        .collect();
+    let counts = nexus_testkit::spray_counts();
     let paradata: Vec<String> = counts
         .iter()
         .map(|n| format!("synthetic:{}?seed={n}", n * (4 << 10)))

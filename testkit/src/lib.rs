@@ -504,3 +504,23 @@ pub fn spawn_nexus_serve(binary: &Path, env: &[(&str, &str)]) -> (ChildGuard, So
         .expect("nexus serve never said where it listens");
     (guard, address.parse().expect("a socket address in the log"))
 }
+
+/// The chunk counts of the *spray* scenario: 10 streams of a random 0-99 chunks each (fresh
+/// randomness per run), the first one empty so the empty case is always covered.
+pub fn spray_counts() -> Vec<u64> {
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).unwrap();
+    let mut x = u64::from_le_bytes(seed) | 1;
+    (0..10)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i == 0 {
+                0
+            } else {
+                x % 100
+            }
+        })
+        .collect()
+}
