@@ -232,12 +232,7 @@ impl Client {
         if let Some(op) = &shared.operation {
             op.add(Arc::clone(&shared));
         }
-        let handle = StreamHandle::new(
-            self.clone(),
-            Arc::clone(&shared),
-            rx,
-            self.shared.config.protocol.initial_window,
-        );
+        let handle = StreamHandle::new(self.clone(), Arc::clone(&shared), rx);
         self.shared.start(NewStream {
             shared,
             tx,

@@ -8,12 +8,11 @@
 //! - the command loop applies what handles, operations and the pool ask (initiate, credit,
 //!   cancel, close).
 //!
-//! A stream's queue is bounded; when it is full the IO thread keeps the overflow beside it
-//! (never blocks) and moves it in as the handle reads, which the handle signals with its
-//! credit. The server cannot send more than the window, so the overflow is bounded by it.
+//! Items reach a stream's handle through `StreamShared::deliver`, which never blocks (see
+//! `stream.rs`); credit comes back as `Consume` commands, one per quarter window read.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -21,7 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::Sender;
 use nexus_io::{Backend, Connection};
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::{
@@ -78,12 +77,10 @@ impl NewStream {
     }
 }
 
-/// Records the end and queues its marker, for a stream with nothing queued aside.
+/// Records the end and queues its marker.
 fn finish(shared: &StreamShared, tx: &Sender<Item>, end: Ended) {
     record_end(shared, &end);
-    // The queue may be full only if chunks are in it; a stream failed here has none.
-    let _ = tx.try_send(Item::End(end));
-    shared.wake();
+    shared.deliver(tx, Item::End(end));
 }
 
 fn record_end(shared: &StreamShared, end: &Ended) {
@@ -166,14 +163,13 @@ pub(crate) struct Spawn {
     pub(crate) connect_timeout: Duration,
 }
 
+/// A stream on this connection, from its Initiate command to its end (then removed).
 struct Slot {
     shared: Arc<StreamShared>,
     tx: Sender<Item>,
-    overflow: VecDeque<Item>,
     id: Option<StreamId>,
     initiated: bool,
     retried: bool,
-    ended: bool,
 }
 
 struct Actor {
@@ -294,11 +290,9 @@ impl Actor {
                     Slot {
                         shared: stream.shared,
                         tx: stream.tx,
-                        overflow: VecDeque::new(),
                         id: None,
                         initiated: false,
                         retried: stream.retried,
-                        ended: false,
                     },
                 );
                 self.waiting.borrow_mut().push(key);
@@ -309,7 +303,6 @@ impl Actor {
                 if let Some(id) = id {
                     self.proto.borrow_mut().consume(id, bytes as usize);
                 }
-                self.drain_overflow(key);
             }
             Command::Cancel { key } => self.cancel(key),
             Command::CancelOperation(operation) => {
@@ -317,7 +310,7 @@ impl Actor {
                     .slots
                     .borrow()
                     .iter()
-                    .filter(|(_, s)| !s.ended && s.shared.request.operation == operation)
+                    .filter(|(_, s)| s.shared.request.operation == operation)
                     .map(|(k, _)| *k)
                     .collect();
                 let mut sent = Vec::new();
@@ -360,7 +353,6 @@ impl Actor {
     fn cancel(&self, key: u64) {
         let id = match self.slots.borrow().get(&key) {
             None => return,
-            Some(slot) if slot.ended => return,
             Some(slot) => slot.id,
         };
         match id {
@@ -378,10 +370,10 @@ impl Actor {
         }
     }
 
-    /// Chunks kept aside for a cancelled stream are not delivered.
+    /// Chunks waiting for a cancelled stream's reader are not delivered.
     fn purge_chunks(&self, key: u64) {
-        if let Some(slot) = self.slots.borrow_mut().get_mut(&key) {
-            slot.overflow.retain(|item| matches!(item, Item::End(_)));
+        if let Some(slot) = self.slots.borrow().get(&key) {
+            slot.shared.purge_spilled_chunks();
         }
     }
 
@@ -492,8 +484,12 @@ impl Actor {
             match result {
                 Ok(id) => {
                     self.ids.borrow_mut().insert(id, key);
+                    let window = self.proto.borrow().stream_window().unwrap_or(1);
                     if let Some(slot) = self.slots.borrow_mut().get_mut(&key) {
                         slot.id = Some(id);
+                        // The same batch as the protocol's CREDIT: one command per CREDIT.
+                        let batch = u64::from(window / 4).max(1);
+                        slot.shared.credit_batch.store(batch, Ordering::Relaxed);
                     }
                 }
                 Err(CallError::Draining) | Err(CallError::Closed) => {
@@ -572,85 +568,29 @@ impl Actor {
         } else {
             data
         };
-        push(slot, Item::Chunk(data));
+        slot.shared.deliver(&slot.tx, Item::Chunk(data));
     }
 
     /// The stream ended: its marker is queued after its data, the pool learns it is free.
     fn end(&self, key: u64, outcome: Outcome, bytes: u64) {
-        let mut slots = self.slots.borrow_mut();
-        let Some(slot) = slots.get_mut(&key) else {
+        let Some(slot) = self.slots.borrow_mut().remove(&key) else {
             return;
         };
-        if slot.ended {
-            return;
-        }
-        slot.ended = true;
         let end = Ended {
             outcome,
             bytes_received: bytes,
         };
-        record_end(&slot.shared, &end);
-        push(slot, Item::End(end));
-        if slot.overflow.is_empty() {
-            slots.remove(&key);
-        }
-        drop(slots);
+        finish(&slot.shared, &slot.tx, end);
         self.handle.stream_done();
     }
 
-    /// Moves items kept aside into the stream's queue as far as it has room.
-    fn drain_overflow(&self, key: u64) {
-        let mut slots = self.slots.borrow_mut();
-        let Some(slot) = slots.get_mut(&key) else {
-            return;
-        };
-        while let Some(item) = slot.overflow.pop_front() {
-            match slot.tx.try_send(item) {
-                Ok(()) => {}
-                Err(TrySendError::Full(item)) => {
-                    slot.overflow.push_front(item);
-                    break;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    slot.overflow.clear();
-                    break;
-                }
-            }
-        }
-        slot.shared.wake();
-        if slot.ended && slot.overflow.is_empty() {
-            slots.remove(&key);
-        }
-    }
-
-    /// The connection is over: every stream still here ends (normally the protocol already
-    /// ended them; this covers streams that never reached it).
+    /// The connection is over. The protocol ended every stream it knew; the streams still
+    /// here never reached it (sent to this connection as it died) and go elsewhere, once.
     fn end_remaining(self: &Rc<Self>) {
         let keys: Vec<u64> = self.slots.borrow().keys().copied().collect();
         for key in keys {
-            let not_sent = self
-                .slots
-                .borrow()
-                .get(&key)
-                .is_some_and(|s| s.id.is_none());
-            if not_sent {
-                self.retry_or_end(key, ErrorCode::CONNECTION_LOST, "the connection closed");
-            } else {
-                let bytes = self
-                    .slots
-                    .borrow()
-                    .get(&key)
-                    .map_or(0, |s| s.shared.bytes_received.load(Ordering::Relaxed));
-                self.end(
-                    key,
-                    error(ErrorCode::CONNECTION_LOST, "the connection closed"),
-                    bytes,
-                );
-            }
+            self.retry_or_end(key, ErrorCode::CONNECTION_LOST, "the connection closed");
         }
-        // Markers that could not be queued (the handle never read its full queue) are dropped
-        // with the slots; the handle sees its queue disconnect and reports the loss.
-        self.slots.borrow_mut().clear();
     }
 }
 
@@ -659,20 +599,6 @@ fn error(code: ErrorCode, message: &str) -> Outcome {
         code,
         message: message.to_string(),
     }
-}
-
-/// Queues an item behind whatever is kept aside; wakes an async reader.
-fn push(slot: &mut Slot, item: Item) {
-    if slot.overflow.is_empty() {
-        match slot.tx.try_send(item) {
-            Ok(()) => {}
-            Err(TrySendError::Full(item)) => slot.overflow.push_back(item),
-            Err(TrySendError::Disconnected(_)) => {}
-        }
-    } else {
-        slot.overflow.push_back(item);
-    }
-    slot.shared.wake();
 }
 
 async fn read_loop(actor: &Rc<Actor>) {

@@ -3,19 +3,26 @@
 //! blocking (`recv`) or as a `futures::Stream` from any async runtime.
 //!
 //! Flow control: data taken out of the queue is handed back to the connection as credit, in
-//! batches of a quarter window and whenever the queue runs dry, so a consumer that stops
-//! reading stops its stream only (the server has no window left for it) while the other
-//! streams on the connection go on.
+//! batches of a quarter of the granted window (one command per batch, not per chunk), so a
+//! consumer that stops reading stops its stream only (the server has no window left for it)
+//! while the other streams on the connection go on.
+//!
+//! The queue is bounded in items; the IO thread never blocks on it. When it is full, items
+//! wait in the stream's spill (behind the queue, in order), which the IO thread moves into the
+//! queue as room appears and the handle reads directly once the queue is empty. The window
+//! bounds the spill. Because the spill belongs to the stream, not to the connection, chunks
+//! and the end marker that arrived are delivered even after the connection is gone.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nexus_protocol::{ErrorCode, Outcome, StreamRequest};
 use parking_lot::Mutex;
 
@@ -94,7 +101,15 @@ pub(crate) struct StreamShared {
     pub(crate) items_sent: AtomicU64,
     pub(crate) items_expected: AtomicU64,
     pub(crate) ended: Mutex<Option<Ended>>,
-    pub(crate) waker: Mutex<Option<Waker>>,
+    /// Bytes read per CREDIT batch: a quarter of the window the server granted.
+    pub(crate) credit_batch: AtomicU64,
+    /// Items behind a full queue, oldest first; only the IO thread adds.
+    spill: Mutex<VecDeque<Item>>,
+    /// `spill.len()`, readable without the lock.
+    spilled: AtomicUsize,
+    /// An async reader's waker; `waker_set` spares blocking readers the lock per chunk.
+    waker: Mutex<Option<Waker>>,
+    waker_set: AtomicBool,
     pub(crate) operation: Option<Arc<OperationShared>>,
 }
 
@@ -116,7 +131,11 @@ impl StreamShared {
             items_sent: AtomicU64::new(0),
             items_expected: AtomicU64::new(0),
             ended: Mutex::new(None),
+            credit_batch: AtomicU64::new(1),
+            spill: Mutex::new(VecDeque::new()),
+            spilled: AtomicUsize::new(0),
             waker: Mutex::new(None),
+            waker_set: AtomicBool::new(false),
             operation,
         }
     }
@@ -139,9 +158,64 @@ impl StreamShared {
         self.ended.lock().is_some()
     }
 
-    pub(crate) fn wake(&self) {
-        if let Some(waker) = self.waker.lock().take() {
-            waker.wake();
+    /// IO thread: queues `item` behind everything queued before, without blocking.
+    pub(crate) fn deliver(&self, tx: &Sender<Item>, item: Item) {
+        if self.spilled.load(Ordering::Acquire) == 0 {
+            match tx.try_send(item) {
+                Ok(()) => return self.wake(),
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(item)) => self.spill.lock().push_back(item),
+            }
+        } else {
+            self.spill.lock().push_back(item);
+        }
+        // Move what fits: the reader may have emptied the queue meanwhile.
+        let mut spill = self.spill.lock();
+        let mut moved = false;
+        while let Some(item) = spill.pop_front() {
+            match tx.try_send(item) {
+                Ok(()) => moved = true,
+                Err(TrySendError::Full(item)) => {
+                    spill.push_front(item);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => spill.clear(),
+            }
+        }
+        self.spilled.store(spill.len(), Ordering::Release);
+        drop(spill);
+        if moved {
+            self.wake();
+        }
+    }
+
+    /// Reader: the next item when the queue is empty. Under the spill lock the queue is looked
+    /// at again, as the IO thread may have just moved older items into it.
+    fn take_spilled(&self, rx: &Receiver<Item>) -> Option<Item> {
+        if self.spilled.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut spill = self.spill.lock();
+        if let Ok(item) = rx.try_recv() {
+            return Some(item);
+        }
+        let item = spill.pop_front();
+        self.spilled.store(spill.len(), Ordering::Release);
+        item
+    }
+
+    /// Drops the chunks waiting in the spill of a cancelled stream (its end marker stays).
+    pub(crate) fn purge_spilled_chunks(&self) {
+        let mut spill = self.spill.lock();
+        spill.retain(|item| matches!(item, Item::End(_)));
+        self.spilled.store(spill.len(), Ordering::Release);
+    }
+
+    fn wake(&self) {
+        if self.waker_set.load(Ordering::SeqCst) {
+            if let Some(waker) = self.waker.lock().take() {
+                waker.wake();
+            }
         }
     }
 
@@ -166,27 +240,26 @@ pub struct StreamHandle {
     rx: Receiver<Item>,
     /// Bytes read and not yet handed back as credit.
     unconsumed: u64,
-    /// Something was read since credit was last handed back.
-    read_since_flush: bool,
-    credit_batch: u64,
     finished: bool,
 }
 
 impl StreamHandle {
-    pub(crate) fn new(
-        client: Client,
-        shared: Arc<StreamShared>,
-        rx: Receiver<Item>,
-        window: u32,
-    ) -> Self {
+    pub(crate) fn new(client: Client, shared: Arc<StreamShared>, rx: Receiver<Item>) -> Self {
         StreamHandle {
             _client: client,
             shared,
             rx,
             unconsumed: 0,
-            read_since_flush: false,
-            credit_batch: u64::from(window / 4).max(1),
             finished: false,
+        }
+    }
+
+    /// The next item without waiting: from the queue, else from the spill; `Err` says whether
+    /// the queue is still open.
+    fn next_ready(&self) -> Result<Item, TryRecvError> {
+        match self.rx.try_recv() {
+            Ok(item) => Ok(item),
+            Err(e) => self.shared.take_spilled(&self.rx).ok_or(e),
         }
     }
 
@@ -196,15 +269,15 @@ impl StreamHandle {
             if self.finished {
                 return None;
             }
-            let item = match self.rx.try_recv() {
+            let item = match self.next_ready() {
                 Ok(item) => item,
-                Err(TryRecvError::Empty) => {
-                    self.flush_credit();
-                    match self.rx.recv() {
-                        Ok(item) => item,
-                        Err(_) => self.lost(),
-                    }
-                }
+                Err(TryRecvError::Empty) => match self.rx.recv() {
+                    Ok(item) => item,
+                    Err(_) => match self.shared.take_spilled(&self.rx) {
+                        Some(item) => item,
+                        None => self.lost(),
+                    },
+                },
                 Err(TryRecvError::Disconnected) => self.lost(),
             };
             if let Some(item) = self.accept(item) {
@@ -221,16 +294,18 @@ impl StreamHandle {
             if self.finished {
                 return Ok(None);
             }
-            let item = match self.rx.try_recv() {
+            let item = match self.next_ready() {
                 Ok(item) => item,
-                Err(TryRecvError::Empty) => {
-                    self.flush_credit();
-                    match self.rx.recv_deadline(deadline) {
-                        Ok(item) => item,
-                        Err(RecvTimeoutError::Timeout) => return Err(()),
-                        Err(RecvTimeoutError::Disconnected) => self.lost(),
+                Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
+                    Ok(item) => item,
+                    Err(RecvTimeoutError::Timeout) => return Err(()),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        match self.shared.take_spilled(&self.rx) {
+                            Some(item) => item,
+                            None => self.lost(),
+                        }
                     }
-                }
+                },
                 Err(TryRecvError::Disconnected) => self.lost(),
             };
             if let Some(item) = self.accept(item) {
@@ -285,12 +360,15 @@ impl StreamHandle {
 
     /// Handles one item from the queue: counts credit, drops chunks after a cancel.
     fn accept(&mut self, item: Item) -> Option<Item> {
-        self.read_since_flush = true;
         match item {
             Item::Chunk(data) => {
                 self.unconsumed += data.len() as u64;
-                if self.unconsumed >= self.credit_batch {
-                    self.flush_credit();
+                if self.unconsumed >= self.shared.credit_batch.load(Ordering::Relaxed) {
+                    self.shared.send(Command::Consume {
+                        key: self.shared.key,
+                        bytes: self.unconsumed,
+                    });
+                    self.unconsumed = 0;
                 }
                 if self.shared.cancel_requested.load(Ordering::Acquire) {
                     return None;
@@ -313,17 +391,6 @@ impl StreamHandle {
             bytes,
         ))
     }
-
-    fn flush_credit(&mut self) {
-        if self.read_since_flush && !self.finished {
-            self.shared.send(Command::Consume {
-                key: self.shared.key,
-                bytes: self.unconsumed,
-            });
-        }
-        self.unconsumed = 0;
-        self.read_since_flush = false;
-    }
 }
 
 impl futures_core::Stream for StreamHandle {
@@ -335,15 +402,15 @@ impl futures_core::Stream for StreamHandle {
             if this.finished {
                 return Poll::Ready(None);
             }
-            let item = match this.rx.try_recv() {
+            let item = match this.next_ready() {
                 Ok(item) => item,
                 Err(TryRecvError::Disconnected) => this.lost(),
                 Err(TryRecvError::Empty) => {
-                    this.flush_credit();
                     *this.shared.waker.lock() = Some(cx.waker().clone());
-                    // The IO thread wakes after each push; look again in case it pushed
-                    // between the first look and the waker being stored.
-                    match this.rx.try_recv() {
+                    this.shared.waker_set.store(true, Ordering::SeqCst);
+                    // The IO thread wakes after each push it sees a waker for; look again in
+                    // case it pushed before the waker was stored.
+                    match this.next_ready() {
                         Ok(item) => item,
                         Err(TryRecvError::Disconnected) => this.lost(),
                         Err(TryRecvError::Empty) => return Poll::Pending,

@@ -687,3 +687,56 @@ fn operation_handles_are_independent_of_the_client_handle() {
     );
     complete(&read_all(&mut s).1);
 }
+
+fn small_server_window(backend: Backend) {
+    // The server grants far less than the client asks for: credit must follow the granted
+    // window, or a fast reader would wait for data the server may not send.
+    let root = TempDir::new("client-small-window");
+    let mut config = ServerConfig {
+        chunk_size: 16 << 10,
+        ..test_config(backend, root.path())
+    };
+    config.protocol.max_window = 64 << 10;
+    let server = start_with(config, builtin_registry(root.path()));
+    let client = client(backend);
+    assert!(client.config().protocol.initial_window > 64 << 10);
+    let mut s = client.initiate(
+        server.local_addr(),
+        "synthetic:32MiB?seed=9",
+        StreamOptions::default(),
+    );
+    let (data, end) = read_all(&mut s);
+    assert_eq!(complete(&end).bytes, 32 << 20);
+    assert!(data == synthetic_bytes(9, 32 << 20));
+}
+both_backends!(
+    credit_follows_the_window_the_server_granted,
+    small_server_window
+);
+
+fn delivered_after_close(backend: Backend) {
+    // A stream that completed while its reader was away keeps its data and its end marker
+    // when the connection closes before the reader comes back.
+    let root = TempDir::new("client-after-close");
+    let server = server(backend, &root, 64 << 10);
+    let client = Client::new(ClientConfig {
+        queue_size: 2,
+        ..client_config(backend)
+    })
+    .unwrap();
+    let mut s = client.initiate(
+        server.local_addr(),
+        "synthetic:1MiB?seed=4",
+        StreamOptions::default(),
+    );
+    wait_until("the stream completed unread", || s.ended().is_some());
+    client.close();
+    wait_until("the connection is gone", || client.pool_stats().open == 0);
+    let (data, end) = read_all(&mut s);
+    assert_eq!(complete(&end).bytes, 1 << 20);
+    assert!(data == synthetic_bytes(4, 1 << 20));
+}
+both_backends!(
+    data_of_a_finished_stream_survives_its_connection,
+    delivered_after_close
+);

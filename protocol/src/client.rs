@@ -343,6 +343,12 @@ impl ClientConnection {
         self.draining
     }
 
+    /// The per-stream window the server granted (ACCEPT), once known: the most data a stream
+    /// has in flight. CREDIT goes out per quarter of it.
+    pub fn stream_window(&self) -> Option<u32> {
+        self.accept.as_ref().map(|a| a.initial_window)
+    }
+
     /// Streams initiated and not yet finished with the server.
     pub fn active_streams(&self) -> usize {
         self.streams.len()
