@@ -54,9 +54,22 @@ fn decode_chunk(bencher: Bencher) {
         .bench_local_values(|mut buf| frame::decode(&mut buf, u32::MAX));
 }
 
-/// xxh3-64 over 1 MiB: what each side pays per byte for the whole-stream digest.
+/// xxh3-64 over 1 MiB with twox-hash (AVX2 picked at run time): what each side
+/// pays per byte for the whole-stream digest.
 #[divan::bench]
 fn digest_xxh3(bencher: Bencher) {
+    use std::hash::Hasher;
+    let data = vec![7u8; CHUNK];
+    bencher.counter(BytesCount::new(CHUNK)).bench(|| {
+        let mut h = twox_hash::XxHash3_64::with_seed(0);
+        h.write(divan::black_box(&data));
+        h.finish()
+    });
+}
+
+/// The same with xxhash-rust, held to SSE2 in a portable build: the baseline.
+#[divan::bench]
+fn digest_xxh3_sse2_reference(bencher: Bencher) {
     let data = vec![7u8; CHUNK];
     bencher.counter(BytesCount::new(CHUNK)).bench(|| {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
