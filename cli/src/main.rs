@@ -6,17 +6,21 @@
 // A command-line tool reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
-mod props;
+mod admin;
+mod logging;
 mod pull;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use nexus_server::{FileSource, Registry, Server, SyntheticSource};
+use nexus_client::ClientConfig;
+use nexus_server::{FileSource, Registry, Server, ServerConfig, ServerStats, SyntheticSource};
 
-use props::Values;
+use nexus_config::{BadValue, Sources, Values};
 
 #[derive(Parser)]
 #[command(
@@ -46,13 +50,20 @@ struct PropertyArgs {
     /// Set a property: -D burst.nexus.server.port=1280 (below flags, above the environment).
     #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = parse_define)]
     define: Vec<(String, String)>,
+    /// Read properties from FILE (`name=value` lines; below the environment, above defaults).
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct ConfigArgs {
-    /// Print the table of every property (name, default, meaning) as Markdown instead.
-    #[arg(long)]
+    /// Print the table of every property (name, variable, type, default, unit, meaning) as
+    /// Markdown instead.
+    #[arg(long, conflicts_with = "env_file")]
     markdown: bool,
+    /// Print an environment file listing every property at its default instead.
+    #[arg(long)]
+    env_file: bool,
     #[command(flatten)]
     properties: PropertyArgs,
 }
@@ -120,7 +131,6 @@ fn parse_define(text: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match cli.command {
         Command::Version => {
             println!(
@@ -133,46 +143,64 @@ fn main() -> ExitCode {
         }
         Command::Pull(args) => pull(args),
         Command::Config(args) if args.markdown => {
-            print!("{}", props::markdown_table());
+            print!("{}", nexus_config::markdown_table());
             ExitCode::SUCCESS
         }
-        Command::Config(args) => match resolve(&[], &args.properties.define) {
+        Command::Config(args) if args.env_file => {
+            print!("{}", nexus_config::env_file());
+            ExitCode::SUCCESS
+        }
+        Command::Config(args) => match resolve(Vec::new(), &args.properties) {
             Ok(values) => {
                 for (property, value, origin) in values.describe() {
                     let name = property.name;
                     println!(
                         "# {} ({origin}; {})",
                         property.description,
-                        props::env_name(name)
+                        nexus_config::env_name(name)
                     );
                     println!("{name}={value}");
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e),
+            Err(e) => fail(&e.to_string()),
         },
         Command::Serve(args) => serve(args),
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-fn resolve(
-    flags: &[(&'static str, String)],
-    defines: &[(String, String)],
-) -> Result<Values, String> {
+/// Resolves the properties from flags, `-D`, the environment and `--config`, then starts
+/// logging in the format they ask for and warns of unknown `BURST_NEXUS_*` variables.
+fn resolve(flags: Vec<(&'static str, String)>, args: &PropertyArgs) -> Result<Values, BadValue> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BadValue(format!("--config {}: {e}", path.display())))?;
+            Some((path.clone(), text))
+        }
+        None => None,
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let values = Values::resolve(&Sources {
+        flags,
+        defines: args.define.clone(),
+        env: Some(&env),
+        file,
+    })?;
+    logging::init(&values)?;
     for (var, closest) in Values::unknown_env(std::env::vars().map(|(k, _)| k)) {
         tracing::warn!("Unknown variable {var}; did you mean {closest}?");
     }
-    Values::resolve(flags, defines, &|name| std::env::var(name).ok()).map_err(|e| e.to_string())
+    Ok(values)
+}
+
+/// `burst.nexus.admin.address`, or `None` when it is empty (no admin endpoint).
+fn admin_address(values: &Values) -> Result<Option<SocketAddr>, BadValue> {
+    match values.raw("burst.nexus.admin.address") {
+        Some((text, _)) if text.trim().is_empty() => Ok(None),
+        Some(_) => values.parse::<SocketAddr>("burst.nexus.admin.address"),
+        None => Ok(None),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -200,29 +228,64 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.insecure {
         flags.push(("burst.nexus.server.insecure", "true".to_string()));
     }
-    let config = match resolve(&flags, &args.properties.define)
-        .and_then(|v| v.server_config().map_err(|e| e.to_string()))
-    {
-        Ok(config) => config,
-        Err(e) => return fail(&e),
+    let values = match resolve(flags, &args.properties) {
+        Ok(values) => values,
+        Err(e) => return fail(&e.to_string()),
     };
+    let (config, admin_address) =
+        match ServerConfig::from_values(&values).and_then(|c| Ok((c, admin_address(&values)?))) {
+            Ok(pair) => pair,
+            Err(e) => return fail(&e.to_string()),
+        };
     let mut registry = Registry::new();
     match FileSource::new(&config.root) {
         Ok(files) => registry.register(files),
         Err(e) => return fail(&format!("burst.nexus.server.root {:?}: {e}", config.root)),
     };
     registry.register(SyntheticSource);
+    // The admin endpoint comes up first, so /readyz says "starting" until the server listens.
+    let stats: Arc<OnceLock<Arc<ServerStats>>> = Arc::new(OnceLock::new());
+    let admin = match admin_address {
+        Some(address) => {
+            let published = Arc::clone(&stats);
+            let started = admin::install_recorder().and_then(|handle| {
+                admin::Admin::start(
+                    address,
+                    handle,
+                    Box::new(move || {
+                        if let Some(stats) = published.get() {
+                            admin::publish_server_stats(&stats.snapshot());
+                        }
+                    }),
+                )
+            });
+            match started {
+                Ok(admin) => Some(admin),
+                Err(e) => return fail(&e),
+            }
+        }
+        None => None,
+    };
     let drain = config.drain_timeout;
     let server = match Server::start(config, registry) {
         Ok(server) => server,
         Err(e) => return fail(&e.to_string()),
     };
+    let _ = stats.set(server.stats_handle());
+    metrics::gauge!(nexus_config::metric_names::IO_BACKEND, "backend" => server.backend().to_string())
+        .set(1.0);
+    if let Some(admin) = &admin {
+        admin.set_phase(admin::Phase::Ready);
+    }
     let signal = wait_for_signal();
     tracing::info!(
         signal,
         drain_ms = drain.as_millis() as u64,
         "Shutting down: draining."
     );
+    if let Some(admin) = &admin {
+        admin.set_phase(admin::Phase::Draining);
+    }
     server.shutdown(drain);
     tracing::info!("Stopped.");
     ExitCode::SUCCESS
@@ -233,11 +296,10 @@ fn pull(args: PullArgs) -> ExitCode {
     if let Some(v) = args.backend {
         flags.push(("burst.nexus.io.backend", v));
     }
-    let config = match resolve(&flags, &args.properties.define)
-        .and_then(|v| v.client_config().map_err(|e| e.to_string()))
+    let config = match resolve(flags, &args.properties).and_then(|v| ClientConfig::from_values(&v))
     {
         Ok(config) => config,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let client = match nexus_client::Client::new(config) {
         Ok(client) => client,

@@ -20,6 +20,7 @@ use crate::config::ClientConfig;
 use crate::conn::{self, Command, ConnHandle, NewStream, Spawn};
 use crate::operation::{Operation, OperationOptions, OperationShared};
 use crate::stream::{StreamHandle, StreamShared};
+use crate::telemetry;
 
 /// Why a client could not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,14 +177,23 @@ impl Client {
         Ok(Client { shared })
     }
 
-    /// One client per process with the default configuration, started on first use.
-    /// Panics only if no thread can be started at all.
+    /// One client per process, started on first use, configured from the process
+    /// environment (`BURST_NEXUS_CLIENT_*` and the other `burst.nexus.*` variables). A bad
+    /// variable is logged as an error and its default used: an embedding application should
+    /// not die of a typo in an operator's environment. Panics only if no thread can be started
+    /// at all.
     pub fn global() -> Client {
         static GLOBAL: OnceLock<Client> = OnceLock::new();
         GLOBAL
             .get_or_init(|| {
+                let config = nexus_config::Values::from_process_env()
+                    .and_then(|values| ClientConfig::from_values(&values))
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "Bad client property in the environment; using the defaults.");
+                        ClientConfig::default()
+                    });
                 #[allow(clippy::expect_used)]
-                Client::new(ClientConfig::default()).expect("cannot start the global client")
+                Client::new(config).expect("cannot start the global client")
             })
             .clone()
     }
@@ -228,6 +238,7 @@ impl Client {
             traceparent: options.traceparent,
         };
         let shared = Arc::new(StreamShared::new(key, endpoint, request, operation));
+        telemetry::stream_started();
         let (tx, rx) = crossbeam_channel::bounded(self.shared.config.queue_size);
         if let Some(op) = &shared.operation {
             op.add(Arc::clone(&shared));
@@ -275,6 +286,7 @@ impl Client {
         };
         for connection in connections {
             self.shared.closed.fetch_add(1, Ordering::Relaxed);
+            telemetry::evicted("closed");
             connection.send(Command::Close { idle: false });
         }
     }
@@ -292,7 +304,7 @@ impl Shared {
                 Ok(()) => return,
                 Err(back) => {
                     connection.active.fetch_sub(1, Ordering::AcqRel);
-                    self.remove(&connection, &self.evicted_dead);
+                    self.remove_dead(&connection);
                     stream = back;
                 }
             }
@@ -324,6 +336,7 @@ impl Shared {
                 Some(_) => {
                     pool.connections.pop(&key);
                     self.evicted_dead.fetch_add(1, Ordering::Relaxed);
+                    telemetry::evicted("dead");
                     free_stripe = free_stripe.or(Some(stripe));
                 }
                 None => free_stripe = free_stripe.or(Some(stripe)),
@@ -360,6 +373,7 @@ impl Shared {
             let Some(key) = victim else { return };
             if let Some(c) = pool.connections.pop(&key) {
                 self.evicted_capacity.fetch_add(1, Ordering::Relaxed);
+                telemetry::evicted("capacity");
                 c.send(Command::Close { idle: true });
             }
         }
@@ -372,6 +386,7 @@ impl Shared {
         let handle = Arc::new(ConnHandle::new(id, endpoint, tx));
         self.created.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::AcqRel);
+        telemetry::connection_opened();
         let spawn = Spawn {
             handle: Arc::clone(&handle),
             commands: rx,
@@ -388,6 +403,7 @@ impl Shared {
             // The IO thread is gone (its runtime failed): the receiver was dropped with the
             // job, so the handle reports closed and checkout moves on.
             self.open.fetch_sub(1, Ordering::AcqRel);
+            telemetry::connection_closed();
         }
         handle
     }
@@ -395,11 +411,12 @@ impl Shared {
     /// A connection's tasks ended.
     pub(crate) fn connection_ended(&self, connection: &Arc<ConnHandle>) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.remove(connection, &self.evicted_dead);
+        telemetry::connection_closed();
+        self.remove_dead(connection);
     }
 
-    /// Drops `connection` from the pool if it is still there, counting it in `counter`.
-    fn remove(&self, connection: &Arc<ConnHandle>, counter: &AtomicU64) {
+    /// Drops a dead `connection` from the pool if it is still there.
+    fn remove_dead(&self, connection: &Arc<ConnHandle>) {
         let mut pool = self.pool.lock();
         let key = pool
             .connections
@@ -408,7 +425,8 @@ impl Shared {
             .map(|(k, _)| *k);
         if let Some(key) = key {
             pool.connections.pop(&key);
-            counter.fetch_add(1, Ordering::Relaxed);
+            self.evicted_dead.fetch_add(1, Ordering::Relaxed);
+            telemetry::evicted("dead");
         }
     }
 
@@ -436,11 +454,13 @@ impl Shared {
             if let Some(c) = pool.connections.pop(&key) {
                 if is_stale {
                     self.evicted_stale.fetch_add(1, Ordering::Relaxed);
+                    telemetry::evicted("stale");
                     c.send(Command::Close { idle: true });
                     closed += 1;
                     tracing::debug!(endpoint = %c.endpoint, "Closed a stale pooled connection.");
                 } else {
                     self.evicted_dead.fetch_add(1, Ordering::Relaxed);
+                    telemetry::evicted("dead");
                 }
             }
         }

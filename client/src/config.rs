@@ -1,8 +1,9 @@
-//! What a client is configured with. The `nexus` binary fills it from `burst.nexus.client.*`
-//! properties; embedders build it directly.
+//! What a client is configured with: from `burst.nexus.*` properties ([`ClientConfig::from_values`]),
+//! or built directly by embedders.
 
 use std::time::Duration;
 
+use nexus_config::{BadValue, Values};
 use nexus_io::BackendChoice;
 use nexus_protocol::ClientSettings;
 
@@ -47,6 +48,108 @@ impl Default for ClientConfig {
             queue_size: 100,
             connect_timeout: Duration::from_secs(10),
             protocol: ClientSettings::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The configuration `values` describe: `burst.nexus.client.*`, `burst.nexus.io.backend`,
+    /// `burst.nexus.stream.timeout.ms` and the secret; the defaults for the rest.
+    pub fn from_values(values: &Values) -> Result<ClientConfig, BadValue> {
+        let mut c = ClientConfig::default();
+        if let Some(v) = values.positive::<usize>("burst.nexus.client.threads")? {
+            c.threads = v;
+        }
+        if let Some(v) = values.parse::<BackendChoice>("burst.nexus.io.backend")? {
+            c.backend = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.client.connections.per.endpoint")? {
+            c.connections_per_endpoint = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.client.pool.stale.ms")? {
+            c.pool_stale = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.client.cache.tender.ms")? {
+            c.tender_interval = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.client.pool.max.connections")? {
+            c.max_connections = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.client.queue.size")? {
+            c.queue_size = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.client.window")? {
+            c.protocol.initial_window = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.client.connect.timeout.ms")? {
+            c.connect_timeout = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
+            c.protocol.stream_timeout = v;
+        }
+        c.protocol.secret = values.secret()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_config::Sources;
+
+    fn values(pairs: &[(&str, &str)]) -> Values {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        Values::resolve(&Sources {
+            env: Some(&env),
+            ..Sources::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn client_properties_reach_the_client_config() {
+        let c = ClientConfig::from_values(&values(&[
+            ("BURST_NEXUS_CLIENT_THREADS", "3"),
+            ("BURST_NEXUS_CLIENT_CONNECTIONS_PER_ENDPOINT", "2"),
+            ("BURST_NEXUS_CLIENT_CACHE_TENDER_MS", "1000"),
+            ("NEXUS_CLIENT_POOL_STALE_MS", "1500"),
+            ("BURST_NEXUS_CLIENT_POOL_MAX_CONNECTIONS", "12"),
+            ("BURST_NEXUS_CLIENT_QUEUE_SIZE", "9"),
+            ("BURST_NEXUS_CLIENT_WINDOW", "65536"),
+            ("BURST_NEXUS_CLIENT_CONNECT_TIMEOUT_MS", "700"),
+            ("BURST_NEXUS_STREAM_TIMEOUT_MS", "5000"),
+            ("BURST_NEXUS_IO_BACKEND", "epoll"),
+            ("BURST_NEXUS_AUTH_SECRET", "s3"),
+        ]))
+        .unwrap();
+        assert_eq!((c.threads, c.connections_per_endpoint), (3, 2));
+        assert_eq!(c.tender_interval, Duration::from_secs(1));
+        assert_eq!(c.pool_stale, Duration::from_millis(1500));
+        assert_eq!((c.max_connections, c.queue_size), (12, 9));
+        assert_eq!(c.protocol.initial_window, 65536);
+        assert_eq!(c.connect_timeout, Duration::from_millis(700));
+        assert_eq!(c.protocol.stream_timeout, Duration::from_secs(5));
+        assert_eq!(c.backend, BackendChoice::Epoll);
+        assert_eq!(c.protocol.secret.as_deref(), Some(&b"s3"[..]));
+        let d = ClientConfig::from_values(&values(&[])).unwrap();
+        assert_eq!(d.pool_stale, Duration::from_secs(3600));
+        assert_eq!(d.tender_interval, Duration::from_secs(600));
+        for bad in ["0", "-1", "abc"] {
+            let v = values(&[("BURST_NEXUS_CLIENT_CACHE_TENDER_MS", bad)]);
+            let err = ClientConfig::from_values(&v).unwrap_err().to_string();
+            assert!(
+                err.contains("BURST_NEXUS_CLIENT_CACHE_TENDER_MS") && err.contains(bad),
+                "{err}"
+            );
         }
     }
 }

@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 
 use crate::client::Shared;
 use crate::stream::{Ended, Item, StreamShared};
+use crate::telemetry;
 
 const MAX_SEGMENTS: usize = 64;
 /// Receive buffer growth step. Chunks are slices of it (zero copy), so a chunk a slow consumer
@@ -84,6 +85,7 @@ fn finish(shared: &StreamShared, tx: &Sender<Item>, end: Ended) {
 }
 
 fn record_end(shared: &StreamShared, end: &Ended) {
+    telemetry::stream_ended(&end.outcome);
     *shared.ended.lock() = Some(end.clone());
     if let Some(op) = &shared.operation {
         op.stream_ended(shared, end);
@@ -184,6 +186,7 @@ struct Actor {
     wake_writer: Notify,
     wake_timer: Notify,
     closing_idle: Cell<bool>,
+    bytes_received: metrics::Counter,
 }
 
 /// Runs a connection to its end. Call on a client IO thread (inside its runtime).
@@ -236,6 +239,7 @@ pub(crate) async fn run(spawn: Spawn) {
         wake_writer: Notify::new(),
         wake_timer: Notify::new(),
         closing_idle: Cell::new(false),
+        bytes_received: telemetry::bytes_received(),
     });
     tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connected.");
     let writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
@@ -446,7 +450,7 @@ impl Actor {
                     self.handle.status.store(DEAD, Ordering::Release);
                     match error {
                         Some(e) => {
-                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, message = %e.message, "Connection closed.")
+                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %e.message, "Connection closed.")
                         }
                         None => {
                             tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
@@ -563,6 +567,7 @@ impl Actor {
         slot.shared
             .bytes_received
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_received.increment(data.len() as u64);
         let data = if data.len() < COPY_BELOW {
             Bytes::copy_from_slice(&data)
         } else {

@@ -20,6 +20,7 @@ mod conn;
 mod operation;
 mod resume;
 mod stream;
+mod telemetry;
 
 pub use client::{Client, ClientError, PoolStats, StreamOptions};
 pub use config::ClientConfig;

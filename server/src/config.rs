@@ -1,10 +1,11 @@
-//! The server's settings. Each field maps to one `burst.nexus.*` property; the `nexus` binary
-//! fills this struct from flags, the environment and defaults.
+//! The server's settings. Each field maps to one `burst.nexus.*` property
+//! ([`ServerConfig::from_values`]); embedders may also build it directly.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nexus_config::{BadValue, Values};
 use nexus_protocol::ServerSettings;
 
 use crate::io::BackendChoice;
@@ -37,6 +38,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Allow a non-loopback bind address without a secret (`burst.nexus.server.insecure`).
     pub insecure: bool,
+    /// Chunks a compressed stream may have in preparation at once, compressed on blocking
+    /// threads off the shard (`burst.nexus.stream.parcel.packer.concurrency`, default 2).
+    pub packer_concurrency: usize,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,
     /// Protocol limits and timers: max frame size, streams per connection, window, heartbeat,
@@ -57,8 +61,139 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
+            packer_concurrency: 2,
             ring_entries: 256,
             protocol: ServerSettings::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The configuration `values` describe.
+    pub fn from_values(values: &Values) -> Result<ServerConfig, BadValue> {
+        let mut c = ServerConfig::default();
+        if let Some(v) = values.parse::<IpAddr>("burst.nexus.server.bind")? {
+            c.bind = v;
+        }
+        if let Some(v) = values.parse::<u16>("burst.nexus.server.port")? {
+            c.port = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.server.threads")? {
+            c.threads = v;
+        }
+        if let Some(v) = values.parse::<PathBuf>("burst.nexus.server.root")? {
+            c.root = v;
+        }
+        if let Some(v) = values.parse::<BackendChoice>("burst.nexus.io.backend")? {
+            c.backend = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.pipe.size")? {
+            c.pipe_size = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.stream.chunk.size")? {
+            c.chunk_size = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
+            c.protocol.stream_timeout = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.stream.window.max")? {
+            c.protocol.max_window = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.stream.parcel.packer.concurrency")? {
+            c.packer_concurrency = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.server.max.connections")? {
+            c.max_connections = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.streams")? {
+            c.protocol.max_streams = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.frame.size")? {
+            c.protocol.max_frame_size = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.paradata")? {
+            c.protocol.max_paradata = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.server.heartbeat.ms")? {
+            c.protocol.heartbeat_interval = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.server.handshake.timeout.ms")? {
+            c.protocol.handshake_timeout = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.server.drain.timeout.ms")? {
+            c.drain_timeout = v;
+        }
+        if let Some(v) = values.parse::<bool>("burst.nexus.server.insecure")? {
+            c.insecure = v;
+        }
+        c.protocol.secret = values.secret()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_config::Sources;
+
+    fn values(pairs: &[(&str, &str)]) -> Values {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        Values::resolve(&Sources {
+            env: Some(&env),
+            ..Sources::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn server_properties_reach_the_server_config() {
+        let c = ServerConfig::from_values(&values(&[
+            ("BURST_NEXUS_SERVER_PORT", "2000"),
+            ("BURST_NEXUS_SERVER_BIND", "::1"),
+            ("BURST_NEXUS_SERVER_THREADS", "3"),
+            ("BURST_NEXUS_PIPE_SIZE", "7"),
+            ("BURST_NEXUS_STREAM_PARCEL_PACKER_CONCURRENCY", "4"),
+            ("BURST_NEXUS_STREAM_TIMEOUT_MS", "1234"),
+            ("BURST_NEXUS_SERVER_MAX_STREAMS", "5"),
+            ("BURST_NEXUS_SERVER_DRAIN_TIMEOUT_MS", "99"),
+            ("BURST_NEXUS_IO_BACKEND", "epoll"),
+        ]))
+        .unwrap();
+        assert_eq!((c.port, c.threads, c.pipe_size), (2000, 3, 7));
+        assert_eq!(c.bind, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.packer_concurrency, 4);
+        assert_eq!(c.protocol.stream_timeout, Duration::from_millis(1234));
+        assert_eq!(c.protocol.max_streams, 5);
+        assert_eq!(c.drain_timeout, Duration::from_millis(99));
+        assert_eq!(c.backend, BackendChoice::Epoll);
+        let d = ServerConfig::from_values(&values(&[])).unwrap();
+        assert_eq!((d.port, d.pipe_size, d.packer_concurrency), (1270, 100, 2));
+        assert_eq!(d.protocol.stream_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        for (var, value) in [
+            ("BURST_NEXUS_SERVER_PORT", "abc"),
+            ("BURST_NEXUS_SERVER_PORT", "-1"),
+            ("BURST_NEXUS_SERVER_PORT", "70000"),
+            ("BURST_NEXUS_STREAM_TIMEOUT_MS", "0"),
+            ("BURST_NEXUS_STREAM_PARCEL_PACKER_CONCURRENCY", "0"),
+            ("BURST_NEXUS_IO_BACKEND", "kqueue"),
+        ] {
+            let err = ServerConfig::from_values(&values(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var) && err.contains(value), "{err}");
         }
     }
 }

@@ -19,6 +19,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use bytes::Bytes;
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::{ErrorCode, ServerConnection, ServerEvent, StreamId};
@@ -181,20 +183,23 @@ impl ConnState {
                     self.halt_stream(stream);
                 }
                 ServerEvent::Closed(error) => {
-                    match &error {
-                        Some(e)
-                            if e.code == ErrorCode::PROTOCOL_ERROR
-                                || e.code == ErrorCode::FRAME_TOO_LARGE
-                                || e.code == ErrorCode::FLOW_CONTROL_VIOLATION
-                                || e.code == ErrorCode::AUTH_FAILED =>
-                        {
-                            stats::add(&self.shard.stats.protocol_errors, 1);
-                            tracing::warn!(peer = %self.peer, code = %e.code, message = %e.message, "Connection closed: protocol error.");
+                    let reason = error
+                        .as_ref()
+                        .and_then(|e| stats::protocol_error_reason(e.code));
+                    match (&error, reason) {
+                        (Some(e), Some(reason)) => {
+                            stats::add(&self.shard.stats.protocol_errors[reason], 1);
+                            // A hostile client must not flood the logs: a few lines per window.
+                            if let Some(suppressed) =
+                                self.shard.protocol_error_log.allow(Instant::now())
+                            {
+                                tracing::warn!(peer = %self.peer, code = %e.code, reason = %e.message, suppressed, "Connection closed: protocol error.");
+                            }
                         }
-                        Some(e) => {
-                            tracing::info!(peer = %self.peer, code = %e.code, message = %e.message, "Connection closed.");
+                        (Some(e), None) => {
+                            tracing::info!(peer = %self.peer, code = %e.code, reason = %e.message, "Connection closed.");
                         }
-                        None => {
+                        (None, _) => {
                             tracing::debug!(peer = %self.peer, "Connection closed by the client.")
                         }
                     }
@@ -218,6 +223,13 @@ impl ConnState {
 
     fn start_stream(self: &Rc<Self>, initiate: nexus_protocol::frame::Initiate) {
         let stream = initiate.stream;
+        // Every line about the stream carries its stream and operation ids.
+        let span = tracing::info_span!(
+            "stream",
+            stream = stream.0,
+            operation = initiate.operation.0
+        );
+        let _entered = span.enter();
         let opened =
             self.shard
                 .registry
@@ -226,7 +238,7 @@ impl ConnState {
             Ok(opened) => opened,
             Err(e) => {
                 stats::add(&self.shard.stats.streams_rejected, 1);
-                tracing::info!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, code = %e.code, message = %e.message, "Stream refused.");
+                tracing::info!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, code = %e.code, reason = %e.message, "Stream refused.");
                 let _ = self.proto.borrow_mut().reject(stream, e.code, &e.message);
                 return;
             }
@@ -249,7 +261,9 @@ impl ConnState {
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
         tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, "Stream started.");
-        tokio::task::spawn_local(run_stream(Rc::clone(self), slot, stream, opened.producer));
+        tokio::task::spawn_local(
+            run_stream(Rc::clone(self), slot, stream, opened.producer).instrument(span.clone()),
+        );
     }
 }
 
@@ -337,12 +351,13 @@ async fn run_stream(
     stream: StreamId,
     mut producer: Box<dyn Producer>,
 ) {
+    let started = Instant::now();
     let (end, bytes) = produce(&state, &slot, stream, producer.as_mut()).await;
     drop(producer); // the source's cleanup, exactly once
     let stats = &state.shard.stats;
     stats::add(&stats.producers_dropped, 1);
     stats::sub(&stats.streams_open, 1);
-    stats::add(&stats.bytes_sent, bytes);
+    state.shard.metrics.stream_ended(started.elapsed(), bytes);
     match end {
         End::Complete => stats::add(&stats.streams_complete, 1),
         End::Error => stats::add(&stats.streams_error, 1),
@@ -395,7 +410,7 @@ async fn produce(
                         };
                     }
                     Some(Err(e)) => {
-                        tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, message = %e.message, "Stream failed in its source.");
+                        tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
                         let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
                         return (End::Error, sent);
                     }
@@ -417,6 +432,9 @@ async fn produce(
             None
         };
         sent += data.len() as u64;
+        let traffic = state.shard.traffic();
+        stats::bump(&traffic.bytes, data.len() as u64);
+        stats::bump(&traffic.chunks, 1);
         let now = Instant::now();
         let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
         if let Err(e) = result {

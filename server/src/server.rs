@@ -85,7 +85,7 @@ impl Server {
             })?;
         let config = Arc::new(config);
         let registry = Arc::new(registry);
-        let stats = Arc::new(ServerStats::default());
+        let stats = Arc::new(ServerStats::new(listeners.len()));
         let (shutdown, _) = watch::channel(None);
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -126,6 +126,12 @@ impl Server {
     /// The live counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The live counters themselves, to read after the server is gone from scope (a metrics
+    /// endpoint, say).
+    pub fn stats_handle(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Graceful shutdown: stop accepting, send GOAWAY (new INITIATEs get `draining`), let

@@ -17,8 +17,9 @@ use crate::config::ServerConfig;
 use crate::engine::{self, ConnState};
 use crate::io::{self, Backend};
 use crate::source::Registry;
-use crate::stats::{self, ServerStats};
+use crate::stats::{self, ServerStats, ShardTraffic};
 use crate::synthetic;
+use crate::telemetry::{LogLimiter, ShardMetrics};
 
 /// Free buffers kept per shard; more are dropped.
 const POOL_MAX_FREE: usize = 64;
@@ -27,6 +28,7 @@ const TILES_MAX: usize = 4;
 
 /// What sources and the engine may use of their shard.
 pub struct ShardContext {
+    index: usize,
     backend: Backend,
     config: Arc<ServerConfig>,
     pub(crate) registry: Arc<Registry>,
@@ -37,6 +39,9 @@ pub struct ShardContext {
     pub(crate) connections: RefCell<Vec<Weak<ConnState>>>,
     /// Notified whenever a connection of this shard ends.
     pub(crate) connection_ended: Notify,
+    pub(crate) metrics: ShardMetrics,
+    /// Protocol-error log lines: 10 per 10 s per shard, then a count of those held back.
+    pub(crate) protocol_error_log: LogLimiter,
 }
 
 impl ShardContext {
@@ -96,6 +101,11 @@ impl ShardContext {
     pub(crate) fn config(&self) -> &ServerConfig {
         &self.config
     }
+
+    /// This shard's own traffic counters.
+    pub(crate) fn traffic(&self) -> &ShardTraffic {
+        &self.stats.shards[self.index]
+    }
 }
 
 /// Runs one shard until shutdown: accepts connections, and on shutdown drains them.
@@ -111,6 +121,7 @@ pub(crate) fn run(
     let ring_entries = config.ring_entries;
     io::block_on(backend, ring_entries, async move {
         let shard = Rc::new(ShardContext {
+            index,
             backend,
             config,
             registry,
@@ -120,6 +131,8 @@ pub(crate) fn run(
             draining: Cell::new(None),
             connections: RefCell::new(Vec::new()),
             connection_ended: Notify::new(),
+            metrics: ShardMetrics::new(),
+            protocol_error_log: LogLimiter::new(10, Duration::from_secs(10)),
         });
         let listener = io::Listener::from_std(backend, listener)?;
         let drain = loop {

@@ -1,7 +1,39 @@
-//! Server-wide counters, updated per connection and per stream (never per chunk), read by
-//! tests, `nexus serve`'s logs and (with the operations issue) the metrics endpoint.
+//! Server counters, read by tests and by the metrics endpoint. The shared ones change per
+//! connection and per stream; the per-chunk ones (bytes and chunks sent) live in one
+//! cache-line-aligned cell per shard that only its shard writes, so the data path never
+//! shares a cache line between cores.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use nexus_protocol::ErrorCode;
+
+/// The reasons a connection is closed for a protocol violation, as metric labels.
+pub const PROTOCOL_ERROR_REASONS: [&str; 4] = [
+    "protocol_error",
+    "frame_too_large",
+    "flow_control_violation",
+    "auth_failed",
+];
+
+/// The label of a connection-closing error code, if it is a protocol violation.
+pub(crate) fn protocol_error_reason(code: ErrorCode) -> Option<usize> {
+    [
+        ErrorCode::PROTOCOL_ERROR,
+        ErrorCode::FRAME_TOO_LARGE,
+        ErrorCode::FLOW_CONTROL_VIOLATION,
+        ErrorCode::AUTH_FAILED,
+    ]
+    .iter()
+    .position(|c| *c == code)
+}
+
+/// What one shard sent; written by that shard only.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct ShardTraffic {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) chunks: AtomicU64,
+}
 
 /// Live counters of a running server.
 #[derive(Debug, Default)]
@@ -17,8 +49,8 @@ pub struct ServerStats {
     pub(crate) streams_timeout: AtomicU64,
     pub(crate) streams_rejected: AtomicU64,
     pub(crate) producers_dropped: AtomicU64,
-    pub(crate) protocol_errors: AtomicU64,
-    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) protocol_errors: [AtomicU64; 4],
+    pub(crate) shards: Box<[ShardTraffic]>,
 }
 
 /// A copy of the counters at one moment.
@@ -48,13 +80,26 @@ pub struct StatsSnapshot {
     pub producers_dropped: u64,
     /// Connections closed because the peer broke the protocol.
     pub protocol_errors: u64,
-    /// Stream data bytes handed to the protocol (before compression).
+    /// The same by reason, in the order of [`PROTOCOL_ERROR_REASONS`].
+    pub protocol_errors_by_reason: [u64; 4],
+    /// Stream data bytes handed to the protocol (before compression), as they are sent.
     pub bytes_sent: u64,
+    /// Data chunks handed to the protocol.
+    pub chunks_sent: u64,
 }
 
 impl ServerStats {
+    /// Counters for a server of `shards` shards.
+    pub(crate) fn new(shards: usize) -> ServerStats {
+        ServerStats {
+            shards: (0..shards).map(|_| ShardTraffic::default()).collect(),
+            ..ServerStats::default()
+        }
+    }
+
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let by_reason = std::array::from_fn(|i| self.protocol_errors[i].load(Relaxed));
         StatsSnapshot {
             connections_open: self.connections_open.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
@@ -67,10 +112,18 @@ impl ServerStats {
             streams_timeout: self.streams_timeout.load(Relaxed),
             streams_rejected: self.streams_rejected.load(Relaxed),
             producers_dropped: self.producers_dropped.load(Relaxed),
-            protocol_errors: self.protocol_errors.load(Relaxed),
-            bytes_sent: self.bytes_sent.load(Relaxed),
+            protocol_errors: by_reason.iter().sum(),
+            protocol_errors_by_reason: by_reason,
+            bytes_sent: self.shards.iter().map(|s| s.bytes.load(Relaxed)).sum(),
+            chunks_sent: self.shards.iter().map(|s| s.chunks.load(Relaxed)).sum(),
         }
     }
+}
+
+/// Adds to a counter that only the calling shard writes: a plain load and store, no locked
+/// instruction on the data path.
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed) + n, Relaxed);
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {

@@ -476,10 +476,28 @@ impl Drop for ChildGuard {
 /// environment variables; returns it and the address it reports in its "Listening." log
 /// line. Its log goes on to this process's stderr, prefixed with `[nexus]`.
 pub fn spawn_nexus_serve(binary: &Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
+    let served = spawn_serve(binary, env);
+    (served.child, served.address)
+}
+
+/// A `nexus serve` process started by [`spawn_serve`].
+pub struct Served {
+    /// The process (killed on drop).
+    pub child: ChildGuard,
+    /// Where it serves the protocol.
+    pub address: SocketAddr,
+    /// Where its admin endpoint listens, if it has one.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Starts `nexus serve` on free ports (the protocol and the admin endpoint, unless `env`
+/// says otherwise) and waits until it listens.
+pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
     use std::io::BufRead;
     let mut child = std::process::Command::new(binary)
         .arg("serve")
         .env("BURST_NEXUS_SERVER_PORT", "0")
+        .env("BURST_NEXUS_ADMIN_ADDRESS", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
@@ -491,18 +509,71 @@ pub fn spawn_nexus_serve(binary: &Path, env: &[(&str, &str)]) -> (ChildGuard, So
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep reading for the child's whole life, so its log writes never hit a closed pipe.
     std::thread::spawn(move || {
+        let field = |line: &str, name: &str| {
+            line.split(name)
+                .nth(1)
+                .and_then(|rest| {
+                    rest.split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+                        .next()
+                })
+                .map(str::to_string)
+        };
         for line in std::io::BufReader::new(stderr).lines() {
             let line = line.unwrap_or_default();
             eprintln!("[nexus] {line}");
-            if let Some(rest) = line.split("address=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            if let Some(admin) = field(&line, "admin=") {
+                let _ = tx.send((true, admin));
+            } else if let Some(address) = field(&line, "address=") {
+                let _ = tx.send((false, address));
             }
         }
     });
-    let address = rx
-        .recv_timeout(PATIENCE)
-        .expect("nexus serve never said where it listens");
-    (guard, address.parse().expect("a socket address in the log"))
+    let mut admin = None;
+    let address = loop {
+        let (is_admin, text) = rx
+            .recv_timeout(PATIENCE)
+            .expect("nexus serve never said where it listens");
+        let parsed: SocketAddr = text.parse().expect("a socket address in the log");
+        if is_admin {
+            admin = Some(parsed);
+        } else {
+            break parsed;
+        }
+    };
+    Served {
+        child: guard,
+        address,
+        admin,
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status code and the body.
+pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut socket = TcpStream::connect(address)?;
+    socket.set_read_timeout(Some(PATIENCE))?;
+    write!(
+        socket,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    Ok((status, body))
+}
+
+/// A port free on 127.0.0.1 a moment ago, for a program that must be told one.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// The chunk counts of the *spray* scenario: 10 streams of a random 0-99 chunks each (fresh

@@ -1,0 +1,34 @@
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or as one
+//! JSON object per line (`burst.nexus.log.format=json`, for containers).
+
+use nexus_config::{BadValue, Values};
+
+/// Starts logging in the format `values` ask for.
+pub(crate) fn init(values: &Values) -> Result<(), BadValue> {
+    let format = values
+        .raw("burst.nexus.log.format")
+        .map_or("text", |(v, _)| v)
+        .trim();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (never in the binary) is not worth failing for.
+    let _ = match format {
+        "text" => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        "json" => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        other => {
+            return Err(BadValue(format!(
+                "burst.nexus.log.format (BURST_NEXUS_LOG_FORMAT): bad value {other:?}: expected text or json"
+            )))
+        }
+    };
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Every `burst.nexus.*` property: the single source of truth for name, type, default, unit
+//! and meaning. The environment variable is derived from the name ([`env_name`]).
+//!
+//! [`env_name`]: crate::env_name
+
+/// What kind of value a property takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// A whole number (the unit says of what).
+    Integer,
+    /// A duration in milliseconds.
+    Millis,
+    /// `true` or `false`.
+    Bool,
+    /// An IP address.
+    Address,
+    /// `host:port`, or empty to switch the thing off.
+    SocketAddress,
+    /// A file or directory path.
+    Path,
+    /// One of a fixed set of words (the description lists them).
+    Choice,
+    /// Free text.
+    Text,
+}
+
+impl Type {
+    /// The name printed in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Type::Integer => "integer",
+            Type::Millis => "duration (ms)",
+            Type::Bool => "bool",
+            Type::Address => "IP address",
+            Type::SocketAddress => "host:port",
+            Type::Path => "path",
+            Type::Choice => "choice",
+            Type::Text => "text",
+        }
+    }
+}
+
+/// One property.
+#[derive(Debug)]
+pub struct Property {
+    /// `burst.nexus.*`.
+    pub name: &'static str,
+    /// The kind of value.
+    pub ty: Type,
+    /// Default, as text; empty when there is none (the value is then computed or absent).
+    pub default: &'static str,
+    /// Unit of the value, empty when it has none.
+    pub unit: &'static str,
+    /// What it does.
+    pub description: &'static str,
+    /// Whether the value is secret (redacted when printed).
+    pub secret: bool,
+}
+
+const fn p(
+    name: &'static str,
+    ty: Type,
+    default: &'static str,
+    unit: &'static str,
+    description: &'static str,
+) -> Property {
+    Property {
+        name,
+        ty,
+        default,
+        unit,
+        description,
+        secret: false,
+    }
+}
+
+use Type::*;
+
+/// Every property, in the order `nexus config` prints them.
+pub const PROPERTIES: &[Property] = &[
+    p(
+        "burst.nexus.server.bind",
+        Address,
+        "127.0.0.1",
+        "",
+        "Address to listen on.",
+    ),
+    p(
+        "burst.nexus.server.port",
+        Integer,
+        "1270",
+        "port",
+        "TCP port to listen on.",
+    ),
+    p(
+        "burst.nexus.server.threads",
+        Integer,
+        "",
+        "threads",
+        "Shards (threads with their own runtime); default: the number of cores.",
+    ),
+    p(
+        "burst.nexus.server.root",
+        Path,
+        "",
+        "",
+        "Directory file: paths are relative to; default: the working directory.",
+    ),
+    p(
+        "burst.nexus.io.backend",
+        Choice,
+        "auto",
+        "",
+        "IO backend: auto (io_uring, else epoll with a warning), io_uring (or fail), epoll.",
+    ),
+    p(
+        "burst.nexus.pipe.size",
+        Integer,
+        "100",
+        "chunks",
+        "Depth of the queue adapter for producers on other threads.",
+    ),
+    p(
+        "burst.nexus.stream.chunk.size",
+        Integer,
+        "1048576",
+        "bytes",
+        "Bytes per chunk read from a source.",
+    ),
+    p(
+        "burst.nexus.stream.timeout.ms",
+        Millis,
+        "60000",
+        "ms",
+        "A stream whose peer makes no progress this long ends with `timeout`.",
+    ),
+    p(
+        "burst.nexus.stream.window.max",
+        Integer,
+        "16777216",
+        "bytes",
+        "Largest per-stream window granted to a client.",
+    ),
+    p(
+        "burst.nexus.stream.parcel.packer.concurrency",
+        Integer,
+        "2",
+        "chunks",
+        "Chunks a stream may have in preparation (being compressed) at once, off the IO thread.",
+    ),
+    p(
+        "burst.nexus.server.max.connections",
+        Integer,
+        "10000",
+        "connections",
+        "Most open connections; more get `resource_exhausted`.",
+    ),
+    p(
+        "burst.nexus.server.max.streams",
+        Integer,
+        "1024",
+        "streams",
+        "Most concurrent streams per connection.",
+    ),
+    p(
+        "burst.nexus.server.max.frame.size",
+        Integer,
+        "4194304",
+        "bytes",
+        "Largest frame payload accepted.",
+    ),
+    p(
+        "burst.nexus.server.max.paradata",
+        Integer,
+        "65536",
+        "bytes",
+        "Longest paradata accepted.",
+    ),
+    p(
+        "burst.nexus.server.heartbeat.ms",
+        Millis,
+        "5000",
+        "ms",
+        "Longest heartbeat interval.",
+    ),
+    p(
+        "burst.nexus.server.handshake.timeout.ms",
+        Millis,
+        "10000",
+        "ms",
+        "Time from connect until the handshake must be done.",
+    ),
+    p(
+        "burst.nexus.server.drain.timeout.ms",
+        Millis,
+        "30000",
+        "ms",
+        "On SIGTERM/SIGINT, how long running streams may go on.",
+    ),
+    p(
+        "burst.nexus.server.insecure",
+        Bool,
+        "false",
+        "",
+        "Allow a non-loopback bind address without a secret.",
+    ),
+    Property {
+        name: "burst.nexus.auth.secret",
+        ty: Text,
+        default: "",
+        unit: "",
+        description: "Shared secret clients must prove (PROTOCOL.md, authentication).",
+        secret: true,
+    },
+    p(
+        "burst.nexus.auth.secret.file",
+        Path,
+        "",
+        "",
+        "File holding the shared secret (trailing newline ignored).",
+    ),
+    p(
+        "burst.nexus.admin.address",
+        SocketAddress,
+        "127.0.0.1:1271",
+        "",
+        "Admin HTTP endpoint (/metrics, /healthz, /readyz) of `nexus serve`; empty: none.",
+    ),
+    p(
+        "burst.nexus.log.format",
+        Choice,
+        "text",
+        "",
+        "Log lines on stderr: text, or json (one object per line, for containers).",
+    ),
+    p(
+        "burst.nexus.client.threads",
+        Integer,
+        "",
+        "threads",
+        "Client IO threads (each with its own runtime); default: the number of cores.",
+    ),
+    p(
+        "burst.nexus.client.connections.per.endpoint",
+        Integer,
+        "1",
+        "connections",
+        "Connections per server that a client stripes its streams over.",
+    ),
+    p(
+        "burst.nexus.client.pool.stale.ms",
+        Millis,
+        "3600000",
+        "ms",
+        "An idle pooled connection unused this long is closed (alias nexus.client.pool.stale.ms).",
+    ),
+    p(
+        "burst.nexus.client.cache.tender.ms",
+        Millis,
+        "600000",
+        "ms",
+        "How often the pool's tender closes stale connections.",
+    ),
+    p(
+        "burst.nexus.client.pool.max.connections",
+        Integer,
+        "1024",
+        "connections",
+        "Most pooled connections; beyond it the least recently used idle one is closed.",
+    ),
+    p(
+        "burst.nexus.client.queue.size",
+        Integer,
+        "100",
+        "items",
+        "Items a stream's consumer queue holds (memory is bounded by the window either way).",
+    ),
+    p(
+        "burst.nexus.client.window",
+        Integer,
+        "4194304",
+        "bytes",
+        "Per-stream window a client asks for: the most data in flight per stream.",
+    ),
+    p(
+        "burst.nexus.client.connect.timeout.ms",
+        Millis,
+        "10000",
+        "ms",
+        "Time allowed for a client's TCP connect.",
+    ),
+];
+
+/// Other names accepted for a property (as `-D`, in a file and as environment variables), for
+/// operators of the original system. The canonical name wins when both are set.
+pub const ALIASES: &[(&str, &str)] = &[(
+    "nexus.client.pool.stale.ms",
+    "burst.nexus.client.pool.stale.ms",
+)];
