@@ -146,7 +146,7 @@ pub const PROPERTIES: &[Property] = &[
         Integer,
         "2",
         "chunks",
-        "Chunks a stream may have in preparation (being compressed) at once, off the IO thread.",
+        "Chunks a stream may have in preparation (being compressed) at once. Read and checked; not yet used: compression runs inline, one chunk at a time.",
     ),
     p(
         "burst.nexus.server.max.connections",

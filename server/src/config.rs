@@ -38,8 +38,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Allow a non-loopback bind address without a secret (`burst.nexus.server.insecure`).
     pub insecure: bool,
-    /// Chunks a compressed stream may have in preparation at once, compressed on blocking
-    /// threads off the shard (`burst.nexus.stream.parcel.packer.concurrency`, default 2).
+    /// Chunks a compressed stream may have in preparation at once
+    /// (`burst.nexus.stream.parcel.packer.concurrency`, default 2). Not yet used: the engine
+    /// compresses inline, one chunk at a time.
     pub packer_concurrency: usize,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,

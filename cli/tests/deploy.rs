@@ -1,0 +1,281 @@
+//! `deploy/` checked with the real tools: systemd-analyze on the unit, promtool on the rules
+//! and the scrape config, kubernetes-validate on the manifests, and the seccomp profile
+//! applied to a real `nexus serve` (with and without the io_uring syscalls: the `auto`
+//! backend's fallback). `scripts/test` installs the tools.
+#![allow(clippy::unwrap_used)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nexus_config::metric_names;
+use nexus_testkit::{ChildGuard, Client, TempDir, PATIENCE};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap()
+}
+
+fn run(program: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}); scripts/test installs it"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The default drain deadline, in seconds, from the property table.
+fn drain_seconds() -> u64 {
+    let p = nexus_config::PROPERTIES
+        .iter()
+        .find(|p| p.name == "burst.nexus.server.drain.timeout.ms")
+        .unwrap();
+    p.default.parse::<u64>().unwrap() / 1000
+}
+
+fn setting(text: &str, key: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in the file"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_systemd_unit_verifies_clean_and_outlasts_the_drain() {
+    let unit = read("deploy/systemd/nexus.service");
+    // systemd-analyze checks that ExecStart is executable: point it at the built binary.
+    let dir = TempDir::new("systemd");
+    let path = dir.path().join("nexus.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/nexus", env!("CARGO_BIN_EXE_nexus")),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run("systemd-analyze", &["verify", path.to_str().unwrap()]);
+    assert!(
+        ok && stderr.trim().is_empty(),
+        "systemd-analyze verify:\n{stdout}{stderr}"
+    );
+    let stop: u64 = setting(&unit, "TimeoutStopSec=").parse().unwrap();
+    assert!(
+        stop > drain_seconds(),
+        "TimeoutStopSec {stop} must exceed the drain deadline"
+    );
+    for key in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "LimitNOFILE=",
+        "LimitMEMLOCK=",
+        "EnvironmentFile=-/etc/nexus/nexus.env",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key}");
+    }
+    // Its syscall filter keeps io_uring.
+    let filter = setting(&unit, "SystemCallFilter=");
+    for call in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+        assert!(filter.contains(call), "SystemCallFilter lacks {call}");
+    }
+}
+
+#[test]
+fn prometheus_rules_and_config_pass_promtool_and_name_real_metrics() {
+    let (ok, out, err) = run(
+        "promtool",
+        &[
+            "check",
+            "rules",
+            repo("deploy/prometheus/nexus-rules.yml").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "promtool check rules:\n{out}{err}");
+    let (ok, out, err) = run(
+        "promtool",
+        &[
+            "check",
+            "config",
+            repo("deploy/prometheus/prometheus.yml").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "promtool check config:\n{out}{err}");
+    // Every metric the rules and the dashboard query is one Nexus exports.
+    let known: Vec<&str> = metric_names::TABLE.iter().map(|row| row.0).collect();
+    let dashboard = read("deploy/grafana/nexus-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    for (file, text) in [
+        ("nexus-rules.yml", read("deploy/prometheus/nexus-rules.yml")),
+        ("nexus-dashboard.json", dashboard),
+    ] {
+        let mut used = 0;
+        for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !token.starts_with("nexus_") {
+                continue;
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| token.strip_suffix(s))
+                .filter(|b| known.contains(b))
+                .unwrap_or(token);
+            assert!(
+                known.contains(&base),
+                "{file} uses {token}, which Nexus does not export"
+            );
+            used += 1;
+        }
+        assert!(used > 0, "{file} queries no Nexus metric");
+    }
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    let validator = std::env::var("NEXUS_KUBERNETES_VALIDATE")
+        .unwrap_or_else(|_| "kubernetes-validate".to_string());
+    let manifest = repo("deploy/kubernetes/nexus.yaml");
+    let (ok, out, err) = run(&validator, &["--strict", manifest.to_str().unwrap()]);
+    assert!(ok, "kubernetes-validate:\n{out}{err}");
+    for kind in ["daemonset/nexus", "service/nexus"] {
+        assert!(
+            out.contains(&format!("passed for resource {kind}")),
+            "{out}{err}"
+        );
+    }
+    // The validator has no schema for the Prometheus Operator's ServiceMonitor; check that
+    // it scrapes the Service's admin port, and that the pod outlasts the drain.
+    let text = read("deploy/kubernetes/nexus.yaml");
+    let monitor = &text[text.find("kind: ServiceMonitor").unwrap()..];
+    assert!(monitor.contains("- port: admin") && monitor.contains("path: /metrics"));
+    let grace: u64 = setting(&text, "terminationGracePeriodSeconds:")
+        .parse()
+        .unwrap();
+    assert!(grace > drain_seconds());
+    for probe in ["path: /readyz", "path: /healthz"] {
+        assert!(text.contains(probe), "no probe on {probe}");
+    }
+}
+
+/// A profile of deploy/container with the io_uring syscalls removed: what Docker's default
+/// profile does to Nexus.
+fn profile_without_io_uring(dir: &Path) -> PathBuf {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&read("deploy/container/seccomp-io-uring.json")).unwrap();
+    for rule in json["syscalls"].as_array_mut().unwrap() {
+        let names = rule["names"].as_array_mut().unwrap();
+        names.retain(|n| !n.as_str().unwrap().starts_with("io_uring"));
+    }
+    let path = dir.join("no-io-uring.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+/// Runs `nexus serve` under `profile` with `backend`; returns the child, the log lines up to
+/// and including "Listening." (or all of them if it exits first), and its address.
+fn serve_confined(
+    profile: &Path,
+    backend: &str,
+    root: &Path,
+) -> (ChildGuard, Vec<String>, Option<std::net::SocketAddr>) {
+    let mut child = Command::new("/usr/bin/python3")
+        .arg(repo("cli/tests/seccomp_exec.py"))
+        .arg(profile)
+        .arg(env!("CARGO_BIN_EXE_nexus"))
+        .arg("serve")
+        .env("BURST_NEXUS_SERVER_PORT", "0")
+        .env("BURST_NEXUS_ADMIN_ADDRESS", "")
+        .env("BURST_NEXUS_IO_BACKEND", backend)
+        .env("BURST_NEXUS_SERVER_ROOT", root)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let guard = ChildGuard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            eprintln!("[nexus] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(PATIENCE) {
+        let listening = line.contains("Listening.");
+        lines.push(line);
+        if listening {
+            let address = lines
+                .last()
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            return (guard, lines, address);
+        }
+    }
+    (guard, lines, None)
+}
+
+fn pull_through(address: std::net::SocketAddr, dir: &Path) {
+    let data = nexus_testkit::write_pattern_file(&dir.join("f.bin"), 3 << 20, 5);
+    let mut client = Client::connect(address);
+    let pulled = client.pull("file:f.bin");
+    assert_eq!(pulled.completion().bytes, data.len() as u64);
+    assert_eq!(pulled.completion().digest, nexus_testkit::digest(&data));
+    assert_eq!(client.pull("synthetic:8MiB").completion().bytes, 8 << 20);
+}
+
+#[test]
+fn the_seccomp_profile_lets_nexus_serve_on_io_uring() {
+    let dir = TempDir::new("seccomp-uring");
+    if nexus_server::probe_io_uring().is_err() {
+        panic!("io_uring is unavailable on this machine itself; the profile cannot be tested");
+    }
+    let profile = repo("deploy/container/seccomp-io-uring.json");
+    let (_child, lines, address) = serve_confined(&profile, "io_uring", dir.path());
+    let address = address.unwrap_or_else(|| panic!("nexus serve did not start:\n{lines:#?}"));
+    assert!(
+        lines.last().unwrap().contains("backend=io_uring"),
+        "{lines:#?}"
+    );
+    pull_through(address, dir.path());
+}
+
+#[test]
+fn without_io_uring_syscalls_auto_falls_back_to_epoll_with_one_warning() {
+    let dir = TempDir::new("seccomp-epoll");
+    let profile = profile_without_io_uring(dir.path());
+    let (_child, lines, address) = serve_confined(&profile, "auto", dir.path());
+    let address = address.unwrap_or_else(|| panic!("nexus serve did not start:\n{lines:#?}"));
+    assert!(
+        lines.last().unwrap().contains("backend=epoll"),
+        "{lines:#?}"
+    );
+    let warnings: Vec<_> = lines.iter().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{lines:#?}");
+    assert!(
+        warnings[0].contains("io_uring is unavailable"),
+        "{lines:#?}"
+    );
+    pull_through(address, dir.path());
+    // A forced io_uring under the same profile refuses to start, and says why.
+    let (mut child, lines, address) = serve_confined(&profile, "io_uring", dir.path());
+    assert!(address.is_none(), "{lines:#?}");
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    assert!(lines.iter().any(|l| l.contains("io_uring")), "{lines:#?}");
+}
