@@ -190,14 +190,18 @@ impl Values {
         })
     }
 
+    /// The values of an environment (`lookup` by variable name) and the defaults.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Values, BadValue> {
+        Values::resolve(&Sources {
+            env: Some(&lookup),
+            ..Sources::default()
+        })
+    }
+
     /// The values of the process environment and the defaults: what a library embedded in
     /// an application reads (the client's global instance, say).
     pub fn from_process_env() -> Result<Values, BadValue> {
-        let env = |name: &str| std::env::var(name).ok();
-        Values::resolve(&Sources {
-            env: Some(&env),
-            ..Sources::default()
-        })
+        Values::from_env(|name| std::env::var(name).ok())
     }
 
     /// Each property with its value (redacted if secret) and origin, for `nexus config`.

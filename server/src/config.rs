@@ -135,22 +135,13 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_config::Sources;
 
     fn values(pairs: &[(&str, &str)]) -> Values {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let env = move |name: &str| {
+        Values::from_env(|name| {
             pairs
                 .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        Values::resolve(&Sources {
-            env: Some(&env),
-            ..Sources::default()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
         })
         .unwrap()
     }
