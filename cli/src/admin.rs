@@ -235,11 +235,12 @@ pub(crate) fn publish_server_stats(s: &nexus_server::StatsSnapshot) {
     }
     counter!(names::SERVER_CONNECTIONS_ACCEPTED).absolute(s.connections_total);
     counter!(names::SERVER_CONNECTIONS_REFUSED).absolute(s.connections_refused);
-    for (reason, value) in nexus_server::PROTOCOL_ERROR_REASONS
+    for (code, value) in nexus_server::PROTOCOL_ERROR_CODES
         .iter()
         .zip(s.protocol_errors_by_reason)
     {
-        counter!(names::PROTOCOL_ERRORS, "reason" => *reason).absolute(value);
+        let reason = code.name().unwrap_or("unknown");
+        counter!(names::PROTOCOL_ERRORS, "reason" => reason).absolute(value);
     }
 }
 

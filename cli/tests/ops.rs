@@ -27,11 +27,7 @@ fn tool(name: &str) -> &str {
 
 /// The value of an unlabelled sample (or the first sample whose line starts with `series`).
 fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    nexus_testkit::prometheus_sample(scrape, series)
         .unwrap_or_else(|| panic!("no sample {series} in the scrape:\n{scrape}"))
 }
 

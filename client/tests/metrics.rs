@@ -6,15 +6,7 @@
 use metrics_exporter_prometheus::PrometheusBuilder;
 use nexus_client::{Client, ClientConfig, Item, StreamOptions};
 use nexus_server::Backend;
-use nexus_testkit::{start_server, wait_until, TempDir};
-
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use nexus_testkit::{prometheus_sample as sample, start_server, wait_until, TempDir};
 
 #[test]
 fn client_metrics_reach_the_recorder() {

@@ -7,24 +7,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use nexus_protocol::ErrorCode;
 
-/// The reasons a connection is closed for a protocol violation, as metric labels.
-pub const PROTOCOL_ERROR_REASONS: [&str; 4] = [
-    "protocol_error",
-    "frame_too_large",
-    "flow_control_violation",
-    "auth_failed",
+/// The error codes that close a connection for a protocol violation; their names
+/// (`ErrorCode::name`) are the `reason` labels of the protocol-error counter.
+pub const PROTOCOL_ERROR_CODES: [ErrorCode; 4] = [
+    ErrorCode::PROTOCOL_ERROR,
+    ErrorCode::FRAME_TOO_LARGE,
+    ErrorCode::FLOW_CONTROL_VIOLATION,
+    ErrorCode::AUTH_FAILED,
 ];
 
-/// The label of a connection-closing error code, if it is a protocol violation.
+/// The index of a connection-closing error code, if it is a protocol violation.
 pub(crate) fn protocol_error_reason(code: ErrorCode) -> Option<usize> {
-    [
-        ErrorCode::PROTOCOL_ERROR,
-        ErrorCode::FRAME_TOO_LARGE,
-        ErrorCode::FLOW_CONTROL_VIOLATION,
-        ErrorCode::AUTH_FAILED,
-    ]
-    .iter()
-    .position(|c| *c == code)
+    PROTOCOL_ERROR_CODES.iter().position(|c| *c == code)
 }
 
 /// What one shard sent; written by that shard only.
@@ -80,7 +74,7 @@ pub struct StatsSnapshot {
     pub producers_dropped: u64,
     /// Connections closed because the peer broke the protocol.
     pub protocol_errors: u64,
-    /// The same by reason, in the order of [`PROTOCOL_ERROR_REASONS`].
+    /// The same by reason, in the order of [`PROTOCOL_ERROR_CODES`].
     pub protocol_errors_by_reason: [u64; 4],
     /// Stream data bytes handed to the protocol (before compression), as they are sent.
     pub bytes_sent: u64,

@@ -568,6 +568,16 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
     Ok((status, body))
 }
 
+/// The value of the sample `series` (a metric name with its labels, as printed) in a
+/// Prometheus text scrape.
+pub fn prometheus_sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A port free on 127.0.0.1 a moment ago, for a program that must be told one.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
