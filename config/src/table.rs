@@ -146,7 +146,7 @@ pub const PROPERTIES: &[Property] = &[
         Integer,
         "2",
         "chunks",
-        "Chunks a stream may have in preparation (being compressed) at once. Read and checked; not yet used: compression runs inline, one chunk at a time.",
+        "Chunks a zstd stream may have in preparation at once: compressed on worker threads (one per shard) ahead of sending, in order, inside the stream's window.",
     ),
     p(
         "burst.nexus.server.max.connections",

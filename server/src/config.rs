@@ -39,8 +39,8 @@ pub struct ServerConfig {
     /// Allow a non-loopback bind address without a secret (`burst.nexus.server.insecure`).
     pub insecure: bool,
     /// Chunks a compressed stream may have in preparation at once
-    /// (`burst.nexus.stream.parcel.packer.concurrency`, default 2). Not yet used: the engine
-    /// compresses inline, one chunk at a time.
+    /// (`burst.nexus.stream.parcel.packer.concurrency`, default 2): compressed on the packer's
+    /// worker threads, sent in order.
     pub packer_concurrency: usize,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,

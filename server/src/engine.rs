@@ -9,14 +9,17 @@
 //!   stream timeouts);
 //! - each stream's task asks its producer for a chunk only when the client's window has room,
 //!   so a stream holds at most its window (queued) plus one chunk (being split), whatever the
-//!   client does. The protocol's send queue is served round-robin across streams.
+//!   client does. The protocol's send queue is served round-robin across streams. A zstd
+//!   stream prepares up to the packer concurrency of chunks ahead, compressed on the packer's
+//!   worker threads (`packer.rs`), and sends them in order.
 //!
 //! Protocol decisions stay in `nexus-protocol`; this file only moves bytes and events.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
@@ -24,7 +27,7 @@ use tracing::Instrument;
 use bytes::Bytes;
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::{ErrorCode, ServerConnection, ServerEvent, StreamId};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::io;
 use crate::shard::ShardContext;
@@ -373,68 +376,121 @@ async fn run_stream(
     state.after_change();
 }
 
+/// A chunk taken from the producer and counted against the window, not yet queued.
+struct Prepared {
+    data: Bytes,
+    /// The compressed form, on its way from the packer; `None` for an uncompressed stream.
+    packed: Option<oneshot::Receiver<Option<Bytes>>>,
+}
+
 /// Feeds one stream from its producer until it ends; returns how and the bytes sent.
+///
+/// Chunks are prepared ahead, up to the packer concurrency for a compressed stream (one
+/// otherwise), and sent in order. Every prepared chunk is already inside the client's window,
+/// so the stream holds at most its window plus one chunk being split, whatever the client does.
 async fn produce(
     state: &Rc<ConnState>,
     slot: &StreamSlot,
     stream: StreamId,
     producer: &mut dyn Producer,
 ) -> (End, u64) {
+    let compressed = state.proto.borrow().is_compressed(stream);
+    let ahead = if compressed {
+        state.shard.config().packer_concurrency.max(1)
+    } else {
+        1
+    };
+    let mut queue: VecDeque<Prepared> = VecDeque::with_capacity(ahead);
+    // Window bytes taken by the chunks in `queue`.
+    let mut reserved = 0usize;
+    let mut peak = 0usize;
     let mut pending: Option<Bytes> = None;
+    let mut exhausted = false;
     let mut sent = 0u64;
     let mut last_progress = Instant::now();
-    let compressed = state.proto.borrow().is_compressed(stream);
     loop {
         if slot.stopped.get() {
             return (End::Stopped, sent);
         }
-        let capacity = state.proto.borrow().send_capacity(stream);
-        if capacity == 0 {
+        // Prepare chunks while there is window and room in the queue.
+        while !exhausted && queue.len() < ahead {
+            let capacity = state
+                .proto
+                .borrow()
+                .send_capacity(stream)
+                .saturating_sub(reserved);
+            if capacity == 0 {
+                break;
+            }
+            let mut data = match pending.take() {
+                Some(data) => data,
+                None => {
+                    let next = tokio::select! {
+                        next = producer.next(capacity) => next,
+                        _ = slot.stop.notified() => return (End::Stopped, sent),
+                    };
+                    match next {
+                        None => {
+                            exhausted = true;
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
+                            let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
+                            return (End::Error, sent);
+                        }
+                        Some(Ok(data)) if data.is_empty() => continue,
+                        Some(Ok(data)) => data,
+                    }
+                }
+            };
+            // The window is only ever grown by CREDIT while we wait, so `capacity` still holds.
+            if data.len() > capacity {
+                pending = Some(data.split_off(capacity));
+            }
+            reserved += data.len();
+            let packed = compressed.then(|| state.shard.packer.submit(data.clone()));
+            queue.push_back(Prepared { data, packed });
+        }
+        if queue.len() > peak {
+            peak = queue.len();
+            state
+                .shard
+                .stats
+                .packer_peak
+                .fetch_max(peak as u64, Ordering::Relaxed);
+        }
+        let Some(Prepared { data, packed }) = queue.pop_front() else {
+            if exhausted {
+                let items = producer.items();
+                let done = state.proto.borrow_mut().complete(stream, items);
+                return match done {
+                    Ok(()) => (End::Complete, sent),
+                    Err(_) => (End::Stopped, sent),
+                };
+            }
             slot.credit.notified().await;
             continue;
-        }
-        let mut data = match pending.take() {
-            Some(data) => data,
-            None => {
-                let next = tokio::select! {
-                    next = producer.next(capacity) => next,
-                    _ = slot.stop.notified() => return (End::Stopped, sent),
-                };
-                match next {
-                    None => {
-                        let items = producer.items();
-                        let done = state.proto.borrow_mut().complete(stream, items);
-                        return match done {
-                            Ok(()) => (End::Complete, sent),
-                            Err(_) => (End::Stopped, sent),
-                        };
-                    }
-                    Some(Err(e)) => {
-                        tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
-                        let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
-                        return (End::Error, sent);
-                    }
-                    Some(Ok(data)) if data.is_empty() => continue,
-                    Some(Ok(data)) => data,
-                }
-            }
+        };
+        let zstd = match packed {
+            None => None,
+            // A pool that is gone (the server is stopping) fails the receiver: send raw.
+            Some(packed) => tokio::select! {
+                packed = packed => packed.unwrap_or(None),
+                _ = slot.stop.notified() => return (End::Stopped, sent),
+            },
         };
         if slot.stopped.get() {
             return (End::Stopped, sent);
         }
-        // The window is only ever grown by CREDIT while we wait, so `capacity` still holds.
-        if data.len() > capacity {
-            pending = Some(data.split_off(capacity));
-        }
-        let zstd = if compressed {
-            nexus_protocol::compress::compress_chunk(&data, 1)
-        } else {
-            None
-        };
+        reserved -= data.len();
         sent += data.len() as u64;
         let traffic = state.shard.traffic();
         stats::bump(&traffic.bytes, data.len() as u64);
         stats::bump(&traffic.chunks, 1);
+        if zstd.is_some() {
+            stats::bump(&traffic.chunks_compressed, 1);
+        }
         let now = Instant::now();
         let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
         if let Err(e) = result {

@@ -14,6 +14,7 @@
 mod builtin;
 mod config;
 mod engine;
+mod packer;
 pub mod paradata;
 mod pipe;
 pub mod root;

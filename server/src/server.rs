@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::ServerConfig;
 use crate::io::{self, Backend};
+use crate::packer::Packer;
 use crate::shard;
 use crate::source::Registry;
 use crate::stats::{ServerStats, StatsSnapshot};
@@ -86,17 +87,21 @@ impl Server {
         let config = Arc::new(config);
         let registry = Arc::new(registry);
         let stats = Arc::new(ServerStats::new(listeners.len()));
+        let packer = Arc::new(Packer::start(listeners.len()).map_err(StartError::Thread)?);
         let (shutdown, _) = watch::channel(None);
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
-            let (config, registry, stats) = (config.clone(), registry.clone(), stats.clone());
+            let shared = shard::Shared {
+                config: config.clone(),
+                registry: registry.clone(),
+                stats: stats.clone(),
+                packer: packer.clone(),
+            };
             let receiver = shutdown.subscribe();
             let thread = std::thread::Builder::new()
                 .name(format!("nexus-shard-{index}"))
                 .spawn(move || {
-                    if let Err(e) =
-                        shard::run(index, backend, listener, config, registry, stats, receiver)
-                    {
+                    if let Err(e) = shard::run(index, backend, listener, shared, receiver) {
                         tracing::error!(shard = index, error = %e, "Shard failed.");
                     }
                 })

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::ServerConfig;
 use crate::engine::{self, ConnState};
 use crate::io::{self, Backend};
+use crate::packer::Packer;
 use crate::source::Registry;
 use crate::stats::{self, ServerStats, ShardTraffic};
 use crate::synthetic;
@@ -33,6 +34,8 @@ pub struct ShardContext {
     config: Arc<ServerConfig>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) stats: Arc<ServerStats>,
+    /// Compression workers, shared by the server's shards.
+    pub(crate) packer: Arc<Packer>,
     pool: RefCell<Vec<BytesMut>>,
     tiles: RefCell<HashMap<u64, Bytes>>,
     pub(crate) draining: Cell<Option<Instant>>,
@@ -108,16 +111,29 @@ impl ShardContext {
     }
 }
 
+/// What every shard of a server shares; touched per connection or per stream, never per
+/// uncompressed chunk.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) stats: Arc<ServerStats>,
+    pub(crate) packer: Arc<Packer>,
+}
+
 /// Runs one shard until shutdown: accepts connections, and on shutdown drains them.
 pub(crate) fn run(
     index: usize,
     backend: Backend,
     listener: std::net::TcpListener,
-    config: Arc<ServerConfig>,
-    registry: Arc<Registry>,
-    stats: Arc<ServerStats>,
+    shared: Shared,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) -> std::io::Result<()> {
+    let Shared {
+        config,
+        registry,
+        stats,
+        packer,
+    } = shared;
     let ring_entries = config.ring_entries;
     io::block_on(backend, ring_entries, async move {
         let shard = Rc::new(ShardContext {
@@ -126,6 +142,7 @@ pub(crate) fn run(
             config,
             registry,
             stats,
+            packer,
             pool: RefCell::new(Vec::new()),
             tiles: RefCell::new(HashMap::new()),
             draining: Cell::new(None),

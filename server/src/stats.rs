@@ -27,6 +27,7 @@ pub(crate) fn protocol_error_reason(code: ErrorCode) -> Option<usize> {
 pub(crate) struct ShardTraffic {
     pub(crate) bytes: AtomicU64,
     pub(crate) chunks: AtomicU64,
+    pub(crate) chunks_compressed: AtomicU64,
 }
 
 /// Live counters of a running server.
@@ -44,6 +45,7 @@ pub struct ServerStats {
     pub(crate) streams_rejected: AtomicU64,
     pub(crate) producers_dropped: AtomicU64,
     pub(crate) protocol_errors: [AtomicU64; 4],
+    pub(crate) packer_peak: AtomicU64,
     pub(crate) shards: Box<[ShardTraffic]>,
 }
 
@@ -80,6 +82,11 @@ pub struct StatsSnapshot {
     pub bytes_sent: u64,
     /// Data chunks handed to the protocol.
     pub chunks_sent: u64,
+    /// Of those, the chunks sent zstd-compressed.
+    pub chunks_compressed: u64,
+    /// The most chunks one stream has had in preparation (being compressed, or compressed and
+    /// waiting for their turn) at once: at most `burst.nexus.stream.parcel.packer.concurrency`.
+    pub packer_peak: u64,
 }
 
 impl ServerStats {
@@ -110,6 +117,12 @@ impl ServerStats {
             protocol_errors_by_reason: by_reason,
             bytes_sent: self.shards.iter().map(|s| s.bytes.load(Relaxed)).sum(),
             chunks_sent: self.shards.iter().map(|s| s.chunks.load(Relaxed)).sum(),
+            chunks_compressed: self
+                .shards
+                .iter()
+                .map(|s| s.chunks_compressed.load(Relaxed))
+                .sum(),
+            packer_peak: self.packer_peak.load(Relaxed),
         }
     }
 }

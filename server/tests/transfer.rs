@@ -113,3 +113,60 @@ fn many_connections(backend: nexus_server::Backend) {
     });
 }
 both_backends!(two_hundred_connections, many_connections);
+
+/// Text that zstd shrinks, different in every chunk so that a chunk sent out of order or
+/// twice changes the bytes.
+fn compressible(len: usize) -> Vec<u8> {
+    let mut text = Vec::with_capacity(len + 64);
+    let mut line = 0u64;
+    while text.len() < len {
+        text.extend_from_slice(
+            format!("{line:012} nexus moves bytes, line after line\n").as_bytes(),
+        );
+        line += 1;
+    }
+    text.truncate(len);
+    text
+}
+
+/// A zstd stream is compressed ahead on the packer's workers, at most
+/// `packer_concurrency` chunks at once, and arrives byte-exact and in order.
+fn compressed_with_packer(backend: nexus_server::Backend, concurrency: usize) {
+    let dir = TempDir::new("zstd");
+    let data = compressible(16 << 20);
+    std::fs::write(dir.path().join("text.log"), &data).unwrap();
+    let mut config = nexus_testkit::test_config(backend, dir.path());
+    // A 4 MiB window holds 16 of these chunks: the queue, not the window, is the limit.
+    config.chunk_size = 256 << 10;
+    config.packer_concurrency = concurrency;
+    let server = nexus_testkit::start_with(config, nexus_testkit::builtin_registry(dir.path()));
+    let mut client = Client::connect(server.local_addr());
+
+    let stream = client.initiate_request(nexus_protocol::StreamRequest {
+        paradata: "file:text.log".into(),
+        accept_zstd: true,
+        ..Default::default()
+    });
+    let pulled = client.finish(&[stream]).remove(&stream).unwrap();
+    assert_eq!(pulled.completion().digest, digest(&data));
+    assert!(pulled.data == data, "decompressed bytes differ");
+    let stats = server.stats();
+    assert_eq!(stats.chunks_sent, 64);
+    assert_eq!(stats.chunks_compressed, 64, "every text chunk compresses");
+    assert_eq!(stats.packer_peak, concurrency as u64);
+
+    // Without zstd the same file goes raw, one chunk prepared at a time.
+    let raw = client.pull("file:text.log");
+    assert!(raw.data == data);
+    assert_eq!(server.stats().chunks_compressed, 64);
+}
+
+fn packer_one(backend: nexus_server::Backend) {
+    compressed_with_packer(backend, 1);
+}
+both_backends!(zstd_stream_packer_concurrency_one, packer_one);
+
+fn packer_three(backend: nexus_server::Backend) {
+    compressed_with_packer(backend, 3);
+}
+both_backends!(zstd_stream_packer_concurrency_three, packer_three);
