@@ -14,6 +14,7 @@
 mod builtin;
 mod config;
 mod engine;
+pub mod fuzz;
 mod packer;
 pub mod paradata;
 mod pipe;
