@@ -511,6 +511,34 @@ impl ClientConnection {
         });
     }
 
+    /// After GOAWAY: streams above the server's `last_stream` crossed it and will never run
+    /// here. They end now with `draining` (a cancelled one as `Cancelled`), so the application
+    /// can retry them elsewhere without waiting; a late answer for them is dropped.
+    fn end_unanswered(&mut self, last_stream: StreamId) {
+        let mut ids: Vec<StreamId> = self
+            .streams
+            .keys()
+            .copied()
+            .filter(|id| *id > last_stream)
+            .collect();
+        ids.sort();
+        for id in ids {
+            let outcome = if self.streams[&id].state == StreamState::Cancelling {
+                Outcome::Cancelled
+            } else {
+                Outcome::Error {
+                    code: ErrorCode::DRAINING,
+                    message: format!(
+                        "the server is draining and did not take stream {id}; retry on another \
+                         connection"
+                    ),
+                }
+            };
+            self.report(id, outcome);
+            self.streams.remove(&id);
+        }
+    }
+
     /// Tells the application how the stream ended, once; the entry stays until the server's
     /// terminal frame if one is still due.
     fn report(&mut self, stream: StreamId, outcome: Outcome) {
@@ -702,9 +730,14 @@ impl ClientConnection {
         let Some(s) = self.streams.get_mut(&id) else {
             return match frame {
                 Frame::Heartbeat { .. } => Ok(()),
-                Frame::GoAway { message, .. } => {
+                Frame::GoAway {
+                    message,
+                    last_stream,
+                    ..
+                } => {
                     self.draining = true;
                     self.events.push_back(ClientEvent::GoAway { message });
+                    self.end_unanswered(last_stream);
                     Ok(())
                 }
                 // Frames for a stream that ended (in flight when it ended) are dropped.

@@ -478,9 +478,16 @@ impl ServerConnection {
         Ok(())
     }
 
-    /// Starts draining: queues GOAWAY; every later INITIATE gets ERROR `draining`.
+    /// Starts draining: queues GOAWAY; every later INITIATE gets ERROR `draining`. The
+    /// connection closes cleanly (`Closed(None)`: flush, then FIN) as soon as no stream runs,
+    /// at once if none does. A connection still in its handshake is closed with ERROR
+    /// `draining` instead: nothing runs on it yet.
     pub fn go_away(&mut self, drain: Duration, message: &str) {
         if self.draining || self.phase == Phase::Closed {
+            return;
+        }
+        if self.phase != Phase::Established {
+            self.fail_connection(WireError::new(ErrorCode::DRAINING, message));
             return;
         }
         self.draining = true;
@@ -491,6 +498,15 @@ impl ServerConnection {
             drain_ms,
             message,
         });
+        self.close_if_drained();
+    }
+
+    /// A draining connection with no stream left is done: it closes cleanly.
+    fn close_if_drained(&mut self) {
+        if self.draining && self.phase == Phase::Established && self.streams.is_empty() {
+            self.phase = Phase::Closed;
+            self.events.push_back(ServerEvent::Closed(None));
+        }
     }
 
     /// Closes the connection with a connection-level ERROR (at a drain deadline, say).
@@ -511,6 +527,7 @@ impl ServerConnection {
     fn end_stream(&mut self, stream: StreamId, last: &Frame) {
         self.streams.remove(&stream);
         self.outbox.stream_frame(stream, last);
+        self.close_if_drained();
     }
 
     fn fail_connection(&mut self, err: WireError) {

@@ -931,6 +931,111 @@ fn goaway_refuses_new_streams_and_lets_running_ones_finish() {
     assert!(matches!(p.end_of(s).0, Outcome::Complete(_)));
 }
 
+#[test]
+fn a_draining_connection_closes_cleanly_when_its_last_stream_ends() {
+    let mut p = Pair::default_pair();
+    let s = p.initiate("x");
+    p.server.accept(s, u64::MAX, false).unwrap();
+    p.server.go_away(Duration::from_secs(30), "shutting down");
+    p.pump();
+    assert!(!p.server.is_closed(), "a stream still runs");
+    assert_eq!(p.server_closed_with(), None);
+    p.server.send_chunk(s, data(10, 0), None, p.now).unwrap();
+    p.server.complete(s, ItemCounts::default()).unwrap();
+    // The close comes with the last stream's end, and its COMPLETE is still sent.
+    assert!(p.server.is_closed());
+    p.pump();
+    assert!(matches!(p.end_of(s).0, Outcome::Complete(_)));
+    assert_eq!(p.server_closed_with(), Some(None));
+    assert!(p.server.is_transmit_empty());
+    // The server's FIN: the client closes without failing anything.
+    p.client.handle_eof();
+    p.pump();
+    assert_eq!(p.client_closed_with(), Some(None));
+    assert_eq!(
+        p.client_events
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::StreamEnd { .. }))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_draining_connection_with_no_stream_closes_at_once_after_goaway() {
+    let mut p = Pair::default_pair();
+    p.server.go_away(Duration::from_secs(30), "shutting down");
+    assert!(p.server.is_closed());
+    p.pump();
+    assert_eq!(p.server_closed_with(), Some(None));
+    assert!(
+        p.client.is_draining(),
+        "GOAWAY was flushed before the close"
+    );
+}
+
+#[test]
+fn a_connection_in_its_handshake_is_closed_with_draining() {
+    // Awaiting AUTH (BIND seen, ACCEPT sent), and awaiting BIND.
+    let (mut server, now) = bound_server(ServerSettings {
+        secret: secret("s3cret"),
+        ..Default::default()
+    });
+    assert!(!server.is_established());
+    let mut fresh = ServerConnection::new(ServerSettings::default(), [3; 32], now);
+    for conn in [&mut server, &mut fresh] {
+        conn.go_away(Duration::from_secs(30), "shutting down");
+        assert!(conn.is_closed());
+        assert_eq!(closed_error_event(conn).code, ErrorCode::DRAINING);
+    }
+    let frames = server_frames(&mut server);
+    assert!(!frames.iter().any(|f| matches!(f, Frame::GoAway { .. })));
+    assert!(matches!(
+        frames.last(),
+        Some(Frame::Error {
+            code: ErrorCode::DRAINING,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn streams_that_crossed_the_goaway_end_with_draining_on_the_client() {
+    let mut p = Pair::default_pair();
+    let running = p.initiate("running");
+    p.server.accept(running, u64::MAX, false).unwrap();
+    p.pump();
+    // Two INITIATEs leave the client; the server's GOAWAY is already on its way.
+    let crossed = p.client.initiate(StreamRequest::default(), p.now).unwrap();
+    let cancelled = p.client.initiate(StreamRequest::default(), p.now).unwrap();
+    p.client.cancel(cancelled, "changed my mind").unwrap();
+    p.server.go_away(Duration::from_secs(30), "shutting down");
+    while let Some(segment) = p.server.poll_transmit() {
+        p.client.handle_input(&segment, p.now);
+    }
+    while let Some(e) = p.client.poll_event() {
+        p.client_events.push(e);
+    }
+    let (outcome, _) = p.end_of(crossed);
+    assert!(
+        matches!(&outcome, Outcome::Error { code: ErrorCode::DRAINING, message } if message.contains("retry")),
+        "{outcome:?}"
+    );
+    assert_eq!(p.end_of(cancelled).0, Outcome::Cancelled);
+    assert_eq!(
+        p.client.active_streams(),
+        1,
+        "only the running stream is left"
+    );
+    // The INITIATEs reach the server, which refuses them; the client drops the late answers.
+    p.pump();
+    assert_eq!(p.client_closed_with(), None);
+    p.server.complete(running, ItemCounts::default()).unwrap();
+    p.pump();
+    assert!(matches!(p.end_of(running).0, Outcome::Complete(_)));
+    assert_eq!(p.server_closed_with(), Some(None));
+}
+
 fn secret(s: &str) -> Option<Vec<u8>> {
     Some(s.as_bytes().to_vec())
 }

@@ -53,8 +53,6 @@ pub(crate) struct ConnState {
     wake_writer: Notify,
     wake_timer: Notify,
     finished: Cell<bool>,
-    /// Draining and idle: the writer ends the connection (FIN) once everything is sent.
-    clean_close: Cell<bool>,
 }
 
 struct StreamSlot {
@@ -100,7 +98,6 @@ pub(crate) fn start(
         wake_writer: Notify::new(),
         wake_timer: Notify::new(),
         finished: Cell::new(false),
-        clean_close: Cell::new(false),
     });
     if refuse {
         state.close(
@@ -138,7 +135,8 @@ impl ConnState {
         self.finished.get()
     }
 
-    /// Starts draining: GOAWAY now; the connection closes when its last stream ends.
+    /// Starts draining: GOAWAY now; the protocol closes the connection cleanly when its last
+    /// stream ends (a connection still in its handshake gets ERROR `draining`).
     pub(crate) fn go_away(self: &Rc<Self>, drain: Duration) {
         self.proto
             .borrow_mut()
@@ -203,16 +201,12 @@ impl ConnState {
                             tracing::info!(peer = %self.peer, code = %e.code, reason = %e.message, "Connection closed.");
                         }
                         (None, _) => {
-                            tracing::debug!(peer = %self.peer, "Connection closed by the client.")
+                            tracing::debug!(peer = %self.peer, "Connection closed cleanly.")
                         }
                     }
                     self.halt_all_streams();
                 }
             }
-        }
-        // A draining connection with nothing left to serve closes cleanly once flushed.
-        if self.shard.draining.get().is_some() && self.proto.borrow().active_streams() == 0 {
-            self.clean_close.set(true);
         }
         self.wake_writer.notify_one();
         self.wake_timer.notify_one();
@@ -311,7 +305,7 @@ async fn write_loop(state: Rc<ConnState>) {
             }
         }
         if segments.is_empty() {
-            if state.proto.borrow().is_closed() || state.clean_close.get() {
+            if state.proto.borrow().is_closed() {
                 // Everything, including a final ERROR, is out: FIN, and the reader returns.
                 state.io.shutdown();
                 return;

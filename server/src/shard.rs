@@ -2,7 +2,7 @@
 //! connections over shards). Everything a connection touches lives here, behind `Rc` and
 //! `RefCell`: no locks and no shared atomics on the data path.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
@@ -38,7 +38,6 @@ pub struct ShardContext {
     pub(crate) packer: Arc<Packer>,
     pool: RefCell<Vec<BytesMut>>,
     tiles: RefCell<HashMap<u64, Bytes>>,
-    pub(crate) draining: Cell<Option<Instant>>,
     pub(crate) connections: RefCell<Vec<Weak<ConnState>>>,
     /// Notified whenever a connection of this shard ends.
     pub(crate) connection_ended: Notify,
@@ -145,7 +144,6 @@ pub(crate) fn run(
             packer,
             pool: RefCell::new(Vec::new()),
             tiles: RefCell::new(HashMap::new()),
-            draining: Cell::new(None),
             connections: RefCell::new(Vec::new()),
             connection_ended: Notify::new(),
             metrics: ShardMetrics::new(),
@@ -194,7 +192,6 @@ fn accept(shard: &Rc<ShardContext>, connection: io::Connection, peer: std::net::
 
 async fn drain_connections(shard: &Rc<ShardContext>, drain: Duration) {
     let deadline = Instant::now() + drain;
-    shard.draining.set(Some(deadline));
     for state in live(shard) {
         state.go_away(drain);
     }
