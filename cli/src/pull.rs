@@ -104,7 +104,10 @@ pub(crate) fn run(client: Client, job: Job) -> ExitCode {
     if code != 0 {
         for r in &reports {
             if let Some(path) = &r.entry.output {
-                if !r.end.is_complete() || code == EXIT_INTERRUPTED {
+                // Only a regular file is removed: `-o /dev/null` (or a link to it) must survive
+                // a failed pull, even as root.
+                let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+                if regular && (!r.end.is_complete() || code == EXIT_INTERRUPTED) {
                     let _ = std::fs::remove_file(path);
                 }
             }

@@ -78,6 +78,19 @@ fn failures_exit_non_zero_with_the_servers_error() {
     );
     assert!(!out_path.exists(), "no partial output is left");
 
+    // An output that is no regular file is left alone: here a link to /dev/null stands in
+    // for /dev/null itself, which a failed pull run as root would otherwise delete.
+    let null_link = dir.path().join("null");
+    std::os::unix::fs::symlink("/dev/null", &null_link).unwrap();
+    let out = pull(&[
+        &address.to_string(),
+        "file:missing.bin",
+        "-o",
+        null_link.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(null_link.symlink_metadata().is_ok(), "the link was removed");
+
     let out = pull(&[&address.to_string(), "nope:1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("unknown_source"), "{}", stderr(&out));
