@@ -223,6 +223,7 @@ pub(crate) fn publish_server_stats(s: &nexus_server::StatsSnapshot) {
     gauge!(names::SERVER_CONNECTIONS).set(s.connections_open as f64);
     counter!(names::PRESS_ITEMS).absolute(s.chunks_sent);
     counter!(names::PRESS_BYTES).absolute(s.bytes_sent);
+    counter!(names::SERVER_CHUNKS_COMPRESSED).absolute(s.chunks_compressed);
     counter!(names::PRESS_REJECTS).absolute(s.streams_rejected);
     counter!(names::SERVER_STREAMS_STARTED).absolute(s.streams_total);
     for (outcome, value) in [

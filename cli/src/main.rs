@@ -116,6 +116,10 @@ struct PullArgs {
     /// Times a file: stream is resumed after a lost connection or a timeout.
     #[arg(long, default_value_t = 3)]
     retries: u32,
+    /// Ask the server for zstd-compressed chunks (it compresses a chunk when that makes it
+    /// smaller); worth it for compressible data over a slow network.
+    #[arg(long)]
+    zstd: bool,
     /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
     #[arg(long)]
     backend: Option<String>,
@@ -316,6 +320,7 @@ fn pull(args: PullArgs) -> ExitCode {
             parallel: args.parallel,
             split: args.split,
             retries: args.retries,
+            zstd: args.zstd,
         },
     )
 }

@@ -40,6 +40,8 @@ pub(crate) struct Job {
     pub(crate) parallel: usize,
     pub(crate) split: Option<usize>,
     pub(crate) retries: u32,
+    /// Ask for zstd-compressed chunks.
+    pub(crate) zstd: bool,
 }
 
 /// One stream of the job: where from, what, where to.
@@ -64,6 +66,7 @@ struct Report {
 /// Shared by the workers: the operation, counters for the progress bar, Ctrl-C.
 struct Run {
     op: Operation,
+    options: StreamOptions,
     retries: u32,
     written: AtomicU64,
     expected: AtomicU64,
@@ -83,6 +86,10 @@ pub(crate) fn run(client: Client, job: Job) -> ExitCode {
             cancel_on_error: false,
             id: None,
         }),
+        options: StreamOptions {
+            accept_zstd: job.zstd,
+            ..StreamOptions::default()
+        },
         retries: job.retries,
         written: AtomicU64::new(0),
         expected: AtomicU64::new(0),
@@ -273,7 +280,7 @@ fn pull(
     loop {
         let mut handle = run
             .op
-            .initiate(entry.endpoint, &paradata, StreamOptions::default());
+            .initiate(entry.endpoint, &paradata, run.options.clone());
         let mut output_error = None;
         let end = loop {
             match handle.recv() {
@@ -339,7 +346,7 @@ fn split(run: &Arc<Run>, entry: &Entry, n: usize) -> Vec<Report> {
     // Learn the size from the first stripe's INITIATED.
     let mut probe = run
         .op
-        .initiate(entry.endpoint, &entry.paradata, StreamOptions::default());
+        .initiate(entry.endpoint, &entry.paradata, run.options.clone());
     let first = probe.recv();
     let Some(total) = probe.progress().expected_bytes else {
         let end = match first {

@@ -337,3 +337,33 @@ fn a_server_killed_mid_stream_is_an_error_with_the_byte_count() {
     );
     assert_eq!(end.bytes_received, received);
 }
+
+#[test]
+fn zstd_pulls_compressible_data_byte_exact_and_compressed() {
+    let dir = TempDir::new("pull-zstd");
+    let text: Vec<u8> = (0..400_000u32)
+        .flat_map(|i| format!("{i:08} a line of a log that compresses well\n").into_bytes())
+        .take(8 << 20)
+        .collect();
+    std::fs::write(dir.path().join("app.log"), &text).unwrap();
+    let root = dir.path().to_str().unwrap();
+    let served = nexus_testkit::spawn_serve(Path::new(NEXUS), &[("BURST_NEXUS_SERVER_ROOT", root)]);
+    let compressed = || {
+        let (_, scrape) = nexus_testkit::http_get(served.admin.unwrap(), "/metrics").unwrap();
+        nexus_testkit::prometheus_sample(&scrape, "nexus_server_chunks_compressed_total")
+            .unwrap_or(0.0)
+    };
+    let address = served.address.to_string();
+    let out_path = dir.path().join("out.log");
+    let out_arg = out_path.to_str().unwrap();
+
+    let out = pull(&[&address, "file:app.log", "-o", out_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(compressed(), 0.0, "not asked for, not compressed");
+
+    let out = pull(&[&address, "file:app.log", "-o", out_arg, "--zstd"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(std::fs::read(&out_path).unwrap() == text);
+    // 8 MiB in 1 MiB chunks, every one of them text.
+    assert_eq!(compressed(), 8.0);
+}

@@ -16,6 +16,8 @@ pub const PRESS_ITEMS: &str = "nexus_press_items_total";
 /// Stream data bytes the server sent, before compression (original meter:
 /// `nexus.press.bytes.rate.meter`).
 pub const PRESS_BYTES: &str = "nexus_press_bytes_total";
+/// Chunks the server sent zstd-compressed (a subset of `nexus_press_items_total`).
+pub const SERVER_CHUNKS_COMPRESSED: &str = "nexus_server_chunks_compressed_total";
 /// Stream requests refused before they started (original meter:
 /// `nexus.press.reject.rate.meter`).
 pub const PRESS_REJECTS: &str = "nexus_press_rejects_total";
@@ -105,6 +107,13 @@ pub const TABLE: &[(&str, &str, &str, &str, &str)] = &[
         "",
         "nexus.press.bytes.rate.meter",
         "Stream bytes sent (before compression).",
+    ),
+    (
+        SERVER_CHUNKS_COMPRESSED,
+        "counter",
+        "",
+        "",
+        "Chunks sent zstd-compressed (streams that asked for zstd, chunks that shrank).",
     ),
     (
         PRESS_REJECTS,
