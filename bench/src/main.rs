@@ -1,278 +1,700 @@
-//! `nexus-bench`: Nexus and iperf3 side by side over loopback, interleaved (A B A B ...) so
-//! that drift on a shared machine hits both alike; prints each run and the median ratio.
+//! `nexus-bench`: Nexus against what users would otherwise use, side by side over loopback,
+//! interleaved (A B A B ...) so that drift on a shared machine hits both alike.
 //!
-//! Scenarios so far: `single` (one `synthetic:` stream vs `iperf3 -P 1 -l 1M`) and `mux16`
-//! (16 streams on one connection vs `iperf3 -P 1`), each read by the blocking protocol driver
-//! of `nexus-testkit` (the protocol and server alone) and by `nexus-client` (`client-single`,
-//! `client-mux16`: pool, IO thread, queue handles); and `small`: time to first byte and 4 KiB
-//! streams per second on a warm pooled connection (no baseline; targets: p50 under 100 us,
-//! at least 50k streams/s). The server is the real `nexus serve` process (found next to this
-//! binary), the client runs in this process. CPU is user+sys of both ends, from /proc for
-//! Nexus and from iperf3's own report (getrusage) for iperf3.
+//! Every transfer runs between real processes: `nexus serve` (one shard) and `nexus pull` to
+//! /dev/null, found next to this binary; the baselines are iperf3, nginx + curl and Arrow
+//! Flight (pyarrow), installed on first use. CPU is user+sys of both ends from the kernel's
+//! own accounting (`wait4`, `/proc`), peak RSS likewise. Scenarios and their baselines:
 //!
-//! Usage: `cargo build --release -p nexus-cli -p nexus-bench &&
-//! target/release/nexus-bench [--quick] [--runs N] [--backend io_uring|epoll]`.
+//! | scenario | Nexus | baseline |
+//! |---|---|---|
+//! | `single` | one `synthetic:` stream | `iperf3 -P 1 -l 1M`, same duration |
+//! | `file` | one `file:` from page cache | nginx (sendfile) + curl; `iperf3 -Z` |
+//! | `mux16` | 16 streams, one connection | `iperf3 -P 1` |
+//! | `parallel` | 4 streams on 4 connections | `iperf3 -P 4` |
+//! | `flight` | one `synthetic:` stream | Arrow Flight `do_get` |
+//! | `matrix` | C x P x S clients x streams x servers | - (aggregate, digests verified) |
+//! | `zstd` | compressible file with `--zstd` | the same without |
+//! | `backends` | `single`, `mux16` on io_uring | the same on epoll |
+//! | `soak` | one long stream, RSS sampled every second | - (must stay flat) |
+//! | `small` | 4 KiB streams on a warm pooled connection | - (time to first byte) |
+//!
+//! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
+//! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--json-out FILE]
+//! [--chart FILE.svg]`; `nexus-bench chart IN.ndjson OUT.svg` redraws a chart;
+//! `nexus-bench pull ADDRESS PARADATA...` pulls in-process (for profiling a server).
 
 // A benchmark reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
+mod baselines;
+mod procs;
+mod report;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nexus_client::{ClientConfig, Item, StreamOptions};
-use nexus_protocol::{Outcome, StreamId};
-use nexus_testkit::{spawn_nexus_serve, ChildGuard, Client};
+use nexus_protocol::StreamId;
+use serde_json::json;
+
+use baselines::Measured;
+use procs::{nexus_pull, nexus_server, Daemon, Finished, Usage};
+use report::{Record, Side};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// A scenario: its records, one per baseline.
+type Scenario = fn(&Options) -> Vec<Record>;
 
 struct Options {
     quick: bool,
     runs: usize,
     backend: String,
+    only: Option<Vec<String>>,
+    json_out: Option<PathBuf>,
+    chart: Option<PathBuf>,
+    /// Scratch files (data files, manifests, nginx prefix).
+    scratch: PathBuf,
+}
+
+impl Options {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == scenario))
+    }
+
+    /// `full` bytes, or `quick` bytes with `--quick`.
+    fn size(&self, full: u64, quick: u64) -> u64 {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+fn usage_exit(message: &str) -> ! {
+    eprintln!("{message}");
+    eprintln!(
+        "usage: nexus-bench [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] \
+         [--json-out FILE] [--chart FILE.svg]\n       nexus-bench chart IN.ndjson OUT.svg\n       \
+         nexus-bench pull ADDRESS PARADATA..."
+    );
+    std::process::exit(2)
 }
 
 fn main() {
+    let target = baselines::target_dir();
     let mut options = Options {
         quick: false,
         runs: 3,
         backend: "io_uring".into(),
+        only: None,
+        json_out: None,
+        chart: None,
+        scratch: target.join("bench-data"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            // For profiling a server started by hand: pull streams and print the rate.
-            "pull" => {
-                let address: SocketAddr =
-                    args.next().and_then(|a| a.parse().ok()).unwrap_or_else(|| {
-                        eprintln!("usage: nexus-bench pull ADDRESS PARADATA...");
-                        std::process::exit(2)
-                    });
-                let mut client = Client::connect(address);
-                let start = Instant::now();
-                let ids: Vec<StreamId> = args.by_ref().map(|p| client.initiate(&p)).collect();
-                let bytes: u64 = client
-                    .finish_keeping(&ids, false)
-                    .values()
-                    .map(|p| p.completion().bytes)
-                    .sum();
-                let seconds = start.elapsed().as_secs_f64();
-                println!(
-                    "{bytes} bytes in {seconds:.2} s: {:.2} GB/s",
-                    bytes as f64 / seconds / 1e9
-                );
-                return;
+            "pull" => return pull_in_process(args.collect()),
+            "chart" => {
+                let (Some(input), Some(output)) = (args.next(), args.next()) else {
+                    usage_exit("chart needs IN.ndjson OUT.svg");
+                };
+                return redraw(Path::new(&input), Path::new(&output));
             }
             "--quick" => options.quick = true,
-            "--runs" => options.runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(3),
-            "--backend" => options.backend = args.next().unwrap_or_default(),
-            other => {
-                eprintln!("unknown argument {other}; usage: nexus-bench [--quick] [--runs N] [--backend B]");
-                std::process::exit(2);
+            "--runs" => {
+                options.runs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage_exit("--runs takes a positive number"))
             }
+            "--backend" => options.backend = args.next().unwrap_or_default(),
+            "--only" => {
+                options.only = Some(
+                    args.next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
+            "--json-out" => options.json_out = args.next().map(PathBuf::from),
+            "--chart" => options.chart = args.next().map(PathBuf::from),
+            other => usage_exit(&format!("unknown argument {other}")),
         }
     }
-    if Command::new("iperf3").arg("--version").output().is_err() {
-        eprintln!("iperf3 is not installed (apt-get install iperf3); no baseline to compare with");
-        std::process::exit(2);
+    if !procs::nexus_binary().exists() {
+        usage_exit(&format!(
+            "{:?} not found: cargo build --release -p nexus-cli -p nexus-bench",
+            procs::nexus_binary()
+        ));
     }
-    let gib: u64 = 1 << 30;
-    let (single, per_stream) = if options.quick {
-        (2 * gib, gib / 8)
-    } else {
-        (16 * gib, gib)
-    };
-    let results = [
-        scenario("single", &options, Driver::Testkit, 1, single),
-        scenario("mux16", &options, Driver::Testkit, 16, per_stream),
-        scenario("client-single", &options, Driver::Pooled, 1, single),
-        scenario("client-mux16", &options, Driver::Pooled, 16, per_stream),
+    std::fs::create_dir_all(&options.scratch).expect("scratch directory");
+    let started = Instant::now();
+    let mut records = Vec::new();
+    let scenarios: [(&str, Scenario); 10] = [
+        ("single", single),
+        ("file", file),
+        ("mux16", mux16),
+        ("parallel", parallel),
+        ("flight", flight),
+        ("matrix", matrix),
+        ("zstd", zstd),
+        ("backends", backends),
+        ("soak", soak),
+        ("small", small),
     ];
-    small(&options);
-    println!();
-    println!("| scenario | Nexus GB/s | iperf3 GB/s | ratio (median) | Nexus CPU s/GB | iperf3 CPU s/GB |");
-    println!("|---|---|---|---|---|---|");
-    for r in &results {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
-            r.name, r.nexus_gbps, r.iperf_gbps, r.ratio, r.nexus_cpu, r.iperf_cpu
-        );
-    }
-}
-
-struct Summary {
-    name: &'static str,
-    nexus_gbps: f64,
-    iperf_gbps: f64,
-    ratio: f64,
-    nexus_cpu: f64,
-    iperf_cpu: f64,
-}
-
-/// One measured transfer.
-struct Run {
-    bytes: u64,
-    seconds: f64,
-    cpu_seconds: f64,
-}
-
-impl Run {
-    fn gbps(&self) -> f64 {
-        self.bytes as f64 / self.seconds / 1e9
-    }
-
-    fn cpu_per_gb(&self) -> f64 {
-        self.cpu_seconds / (self.bytes as f64 / 1e9)
-    }
-}
-
-/// Which client reads the streams.
-#[derive(Clone, Copy)]
-enum Driver {
-    /// testkit's blocking protocol driver: the protocol and the server alone.
-    Testkit,
-    /// nexus-client: pool, IO thread, queue handles.
-    Pooled,
-}
-
-fn scenario(
-    name: &'static str,
-    options: &Options,
-    driver: Driver,
-    streams: usize,
-    bytes_each: u64,
-) -> Summary {
-    let mut pairs = Vec::new();
-    for i in 0..options.runs {
-        let nexus = run_nexus(&options.backend, driver, streams, bytes_each);
-        let iperf = run_iperf(nexus.seconds);
-        println!(
-            "{name} run {}: nexus {:.2} GB/s ({:.3} CPU s/GB), iperf3 {:.2} GB/s ({:.3} CPU s/GB)",
-            i + 1,
-            nexus.gbps(),
-            nexus.cpu_per_gb(),
-            iperf.gbps(),
-            iperf.cpu_per_gb()
-        );
-        pairs.push((nexus, iperf));
-    }
-    // Runs where iperf3 reported nothing (printed above) are left out of the medians.
-    pairs.retain(|p| p.1.bytes > 0);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    Summary {
-        name,
-        nexus_gbps: median(pairs.iter().map(|p| p.0.gbps()).collect()),
-        iperf_gbps: median(pairs.iter().map(|p| p.1.gbps()).collect()),
-        ratio: median(pairs.iter().map(|p| p.0.gbps() / p.1.gbps()).collect()),
-        nexus_cpu: median(pairs.iter().map(|p| p.0.cpu_per_gb()).collect()),
-        iperf_cpu: median(pairs.iter().map(|p| p.1.cpu_per_gb()).collect()),
-    }
-}
-
-fn nexus_binary() -> PathBuf {
-    let me = std::env::current_exe().expect("own path");
-    me.with_file_name("nexus")
-}
-
-fn start_server(backend: &str) -> (ChildGuard, SocketAddr) {
-    spawn_nexus_serve(
-        &nexus_binary(),
-        &[
-            ("BURST_NEXUS_SERVER_THREADS", "1"),
-            ("BURST_NEXUS_IO_BACKEND", backend),
-        ],
-    )
-}
-
-fn pooled_client(backend: &str) -> nexus_client::Client {
-    nexus_client::Client::new(ClientConfig {
-        threads: 1,
-        backend: backend.parse().unwrap_or_default(),
-        ..ClientConfig::default()
-    })
-    .expect("client")
-}
-
-fn run_nexus(backend: &str, driver: Driver, streams: usize, bytes_each: u64) -> Run {
-    if let Driver::Pooled = driver {
-        return run_pooled(backend, streams, bytes_each);
-    }
-    let (guard, address) = start_server(backend);
-    let pid = guard.0.id();
-    let mut client = Client::connect(address);
-    let server_cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
-    let client_cpu0 = cpu_seconds("/proc/self/stat");
-    let start = Instant::now();
-    let ids: Vec<StreamId> = (0..streams)
-        .map(|i| client.initiate(&format!("synthetic:{bytes_each}?seed={i}")))
-        .collect();
-    let results = client.finish_keeping(&ids, false);
-    let seconds = start.elapsed().as_secs_f64();
-    let server_cpu = cpu_seconds(&format!("/proc/{pid}/stat")) - server_cpu0;
-    let client_cpu = cpu_seconds("/proc/self/stat") - client_cpu0;
-    let cpu = server_cpu + client_cpu;
-    if std::env::var_os("NEXUS_BENCH_VERBOSE").is_some() {
-        eprintln!("  server {server_cpu:.2} CPU s, client {client_cpu:.2} CPU s, {seconds:.2} s");
-    }
-    let mut bytes = 0;
-    for pulled in results.values() {
-        match &pulled.outcome {
-            Outcome::Complete(c) => bytes += c.bytes,
-            other => panic!("a bench stream failed: {other:?}"),
+    for (name, run) in scenarios {
+        if options.wants(name) {
+            eprintln!("== {name}");
+            records.extend(run(&options));
         }
     }
-    Run {
-        bytes,
-        seconds,
-        cpu_seconds: cpu,
+    println!();
+    print!("{}", report::table(&records));
+    println!(
+        "\n{} scenario records in {:.0} s{}",
+        records.len(),
+        started.elapsed().as_secs_f64(),
+        if options.quick { " (--quick)" } else { "" }
+    );
+    let lines: Vec<serde_json::Value> = records.iter().map(Record::to_json).collect();
+    if let Some(path) = &options.json_out {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).expect("write --json-out");
+        println!("NDJSON: {path:?}");
+    }
+    if let Some(path) = &options.chart {
+        std::fs::write(path, report::chart(&lines)).expect("write --chart");
+        println!("chart: {path:?}");
     }
 }
 
-/// The same transfer through nexus-client: one thread per stream reads its handle.
-fn run_pooled(backend: &str, streams: usize, bytes_each: u64) -> Run {
-    let (guard, address) = start_server(backend);
-    let pid = guard.0.id();
-    let client = pooled_client(backend);
-    let server_cpu0 = cpu_seconds(&format!("/proc/{pid}/stat"));
-    let client_cpu0 = cpu_seconds("/proc/self/stat");
-    let start = Instant::now();
-    let readers: Vec<_> = (0..streams)
-        .map(|i| {
-            let mut handle = client.initiate(
-                address,
-                &format!("synthetic:{bytes_each}?seed={i}"),
-                StreamOptions::default(),
-            );
-            std::thread::spawn(move || {
-                let end = handle.for_each_chunk(|_| {});
-                match end.outcome {
-                    Outcome::Complete(c) => c.bytes,
-                    other => panic!("a bench stream failed: {other:?}"),
-                }
-            })
-        })
+fn redraw(input: &Path, output: &Path) {
+    let text = std::fs::read_to_string(input).expect("read NDJSON");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
-    let bytes: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
-    let seconds = start.elapsed().as_secs_f64();
-    let server_cpu = cpu_seconds(&format!("/proc/{pid}/stat")) - server_cpu0;
-    let client_cpu = cpu_seconds("/proc/self/stat") - client_cpu0;
-    if std::env::var_os("NEXUS_BENCH_VERBOSE").is_some() {
-        eprintln!("  server {server_cpu:.2} CPU s, client {client_cpu:.2} CPU s, {seconds:.2} s");
+    std::fs::write(output, report::chart(&lines)).expect("write chart");
+}
+
+/// The Nexus side of one run: a fresh server, `nexus pull` of `paradata`.
+fn nexus_run(
+    options: &Options,
+    backend: &str,
+    root: &Path,
+    paradata: &[String],
+    extra: &[&str],
+) -> Side {
+    let (server, address) = nexus_server(backend, root);
+    let pulled = nexus_pull(address, paradata, backend, extra, &options.scratch);
+    let side = Side {
+        bytes: 0,
+        seconds: pulled.seconds,
+        server: server.usage(),
+        client: pulled.usage,
+    };
+    drop(server);
+    side
+}
+
+fn side_of(m: Measured) -> Side {
+    Side {
+        bytes: m.bytes,
+        seconds: m.seconds,
+        server: m.server,
+        client: m.client,
     }
-    Run {
+}
+
+fn synthetic(streams: usize, each: u64) -> Vec<String> {
+    (0..streams)
+        .map(|i| format!("synthetic:{each}?seed={i}"))
+        .collect()
+}
+
+fn log_pair(name: &str, run: usize, nexus: &Side, base: Option<&Side>) {
+    let base = base.map_or(String::from("no baseline result"), |b| {
+        format!(
+            "baseline {:.2} GB/s ({:.3} CPU s/GB)",
+            b.gbps(),
+            b.cpu_s_per_gb()
+        )
+    });
+    eprintln!(
+        "{name} run {run}: nexus {:.2} GB/s ({:.3} CPU s/GB, RSS {:.0}/{:.0} MiB), {base}",
+        nexus.gbps(),
+        nexus.cpu_s_per_gb(),
+        nexus.server.peak_rss_mib,
+        nexus.client.peak_rss_mib,
+    );
+}
+
+/// Nexus pulls of `paradata` interleaved with iperf3 for the same duration.
+fn against_iperf(
+    options: &Options,
+    name: &str,
+    paradata: &[String],
+    bytes: u64,
+    parallel: usize,
+) -> Vec<Record> {
+    if !baselines::ensure_apt("iperf3", "iperf3") {
+        return vec![Record::skipped(
+            name,
+            Some("iperf3"),
+            "iperf3 could not be installed".into(),
+        )];
+    }
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let mut nexus = nexus_run(options, &options.backend, &options.scratch, paradata, &[]);
+        nexus.bytes = bytes;
+        let base = baselines::iperf3(nexus.seconds, parallel, false).map(side_of);
+        log_pair(name, run, &nexus, base.as_ref());
+        pairs.push((nexus, base));
+    }
+    vec![Record {
+        scenario: name.into(),
+        baseline: Some(format!("iperf3 -P {parallel} -l 1M")),
+        pairs,
+        extra: json!({"streams": paradata.len(), "backend": options.backend}),
+        note: None,
+    }]
+}
+
+fn single(options: &Options) -> Vec<Record> {
+    let bytes = options.size(16 * GIB, 2 * GIB);
+    against_iperf(options, "single", &synthetic(1, bytes), bytes, 1)
+}
+
+fn mux16(options: &Options) -> Vec<Record> {
+    let each = options.size(GIB, 128 * MIB);
+    against_iperf(options, "mux16", &synthetic(16, each), 16 * each, 1)
+}
+
+/// P streams on P connections: P `nexus pull` processes at once, against `iperf3 -P P`.
+fn parallel(options: &Options) -> Vec<Record> {
+    const P: usize = 4;
+    if !baselines::ensure_apt("iperf3", "iperf3") {
+        return vec![Record::skipped(
+            "parallel",
+            Some("iperf3"),
+            "iperf3 could not be installed".into(),
+        )];
+    }
+    let each = options.size(4 * GIB, 512 * MIB);
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let (server, address) = nexus_server(&options.backend, &options.scratch);
+        let start = Instant::now();
+        let clients: Vec<_> = (0..P)
+            .map(|i| {
+                let paradata = vec![format!("synthetic:{each}?seed={i}")];
+                let (backend, scratch) = (options.backend.clone(), options.scratch.clone());
+                std::thread::spawn(move || nexus_pull(address, &paradata, &backend, &[], &scratch))
+            })
+            .collect();
+        let finished: Vec<Finished> = clients
+            .into_iter()
+            .map(|c| c.join().expect("pull"))
+            .collect();
+        let nexus = Side {
+            bytes: each * P as u64,
+            seconds: start.elapsed().as_secs_f64(),
+            server: server.usage(),
+            client: sum_usage(finished.iter().map(|f| f.usage)),
+        };
+        drop(server);
+        let base = baselines::iperf3(nexus.seconds, P, false).map(side_of);
+        log_pair("parallel", run, &nexus, base.as_ref());
+        pairs.push((nexus, base));
+    }
+    vec![Record {
+        scenario: "parallel".into(),
+        baseline: Some(format!("iperf3 -P {P} -l 1M")),
+        pairs,
+        extra: json!({"connections": P, "backend": options.backend}),
+        note: Some(format!(
+            "{P} nexus pull processes, one connection each; RSS is the largest client"
+        )),
+    }]
+}
+
+/// CPU summed, peak RSS the largest: several processes on one side.
+fn sum_usage(usages: impl Iterator<Item = Usage>) -> Usage {
+    usages.fold(Usage::default(), |acc, u| Usage {
+        cpu_s: acc.cpu_s + u.cpu_s,
+        peak_rss_mib: acc.peak_rss_mib.max(u.peak_rss_mib),
+    })
+}
+
+/// A file of `len` bytes under the scratch directory, made once (kept between runs), and
+/// read once so that it is in the page cache.
+fn data_file(options: &Options, name: &str, len: u64, fill: impl Fn(u64, &mut [u8])) -> PathBuf {
+    let path = options.scratch.join(name);
+    if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(len) {
+        eprintln!("writing {len} bytes to {path:?}");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).expect("data file"));
+        let mut block = vec![0u8; 4 << 20];
+        let mut offset = 0;
+        while offset < len {
+            let n = (len - offset).min(block.len() as u64) as usize;
+            fill(offset, &mut block[..n]);
+            std::io::Write::write_all(&mut file, &block[..n]).expect("write data file");
+            offset += n as u64;
+        }
+    }
+    let _ = Command::new("cat")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .status();
+    path
+}
+
+fn file(options: &Options) -> Vec<Record> {
+    let len = options.size(8 * GIB, GIB);
+    data_file(options, "file.bin", len, |offset, out| {
+        nexus_server::synthetic::fill(7, offset, out)
+    });
+    let paradata = vec!["file:file.bin".to_string()];
+    let have_iperf = baselines::ensure_apt("iperf3", "iperf3");
+    let have_nginx =
+        baselines::ensure_apt("nginx", "nginx") && baselines::ensure_apt("curl", "curl");
+    let (mut vs_nginx, mut vs_iperf) = (Vec::new(), Vec::new());
+    for run in 1..=options.runs {
+        let mut nexus = nexus_run(options, &options.backend, &options.scratch, &paradata, &[]);
+        nexus.bytes = len;
+        let nginx = if have_nginx {
+            baselines::nginx_curl(&options.scratch, "file.bin", &options.scratch).map(side_of)
+        } else {
+            None
+        };
+        let zerocopy = if have_iperf {
+            baselines::iperf3(nexus.seconds, 1, true).map(side_of)
+        } else {
+            None
+        };
+        log_pair("file vs nginx+curl", run, &nexus, nginx.as_ref());
+        log_pair("file vs iperf3 -Z", run, &nexus, zerocopy.as_ref());
+        vs_nginx.push((nexus, nginx));
+        vs_iperf.push((nexus, zerocopy));
+    }
+    let extra = json!({"file_bytes": len, "page_cache": true, "backend": options.backend});
+    vec![
+        Record {
+            scenario: "file".into(),
+            baseline: Some("nginx+curl".into()),
+            pairs: vs_nginx,
+            extra: extra.clone(),
+            note: (!have_nginx).then(|| "nginx or curl could not be installed".into()),
+        },
+        Record {
+            scenario: "file".into(),
+            baseline: Some("iperf3 -Z -P 1 -l 1M".into()),
+            pairs: vs_iperf,
+            extra,
+            note: (!have_iperf).then(|| "iperf3 could not be installed".into()),
+        },
+    ]
+}
+
+fn flight(options: &Options) -> Vec<Record> {
+    let Some(python) = baselines::ensure_pyarrow(&baselines::target_dir()) else {
+        return vec![Record::skipped(
+            "flight",
+            Some("Arrow Flight"),
+            "pyarrow could not be installed into target/bench-venv".into(),
+        )];
+    };
+    // Whole 16 MiB batches on the Flight side; the same bytes for Nexus.
+    let bytes = options.size(8 * GIB, 2 * GIB);
+    let script = baselines::flight_script();
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let mut nexus = nexus_run(
+            options,
+            &options.backend,
+            &options.scratch,
+            &synthetic(1, bytes),
+            &[],
+        );
+        nexus.bytes = bytes;
+        let base = baselines::flight(&python, &script, bytes).map(side_of);
+        log_pair("flight", run, &nexus, base.as_ref());
+        pairs.push((nexus, base));
+    }
+    vec![Record {
+        scenario: "flight".into(),
+        baseline: Some("Arrow Flight do_get (pyarrow)".into()),
+        pairs,
+        extra: json!({"batch": "16 values of 1 MiB, one binary column"}),
+        note: Some("Flight's CPU includes Python's start-up and pyarrow's import".into()),
+    }]
+}
+
+/// C clients (processes) each pull P streams from each of S servers, all at once.
+fn matrix(options: &Options) -> Vec<Record> {
+    let (c, p, s) = if options.quick {
+        (8, 4, 2)
+    } else {
+        (64, 16, 4)
+    };
+    let each = options.size(8 * MIB, 4 * MIB);
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let servers: Vec<(Daemon, SocketAddr)> = (0..s)
+            .map(|_| nexus_server(&options.backend, &options.scratch))
+            .collect();
+        let start = Instant::now();
+        let clients: Vec<_> = (0..c)
+            .map(|client| {
+                let addresses: Vec<SocketAddr> = servers.iter().map(|(_, a)| *a).collect();
+                let (backend, scratch) = (options.backend.clone(), options.scratch.clone());
+                std::thread::spawn(move || {
+                    // One manifest line per stream: P streams to every server.
+                    let lines: String = addresses
+                        .iter()
+                        .flat_map(|a| {
+                            (0..p).map(move |i| {
+                                format!("{a} synthetic:{each}?seed={} /dev/null\n", client * p + i)
+                            })
+                        })
+                        .collect();
+                    let manifest = scratch.join(format!("matrix-{client}"));
+                    std::fs::write(&manifest, lines).expect("manifest");
+                    let mut command = Command::new(procs::nexus_binary());
+                    command
+                        .args(["pull", "--backend", &backend, "--manifest"])
+                        .arg(&manifest)
+                        .args(["--parallel", &(p * addresses.len()).to_string()])
+                        .env("BURST_NEXUS_CLIENT_THREADS", "1");
+                    let finished = procs::run_measured(&mut command).expect("nexus pull");
+                    assert!(finished.ok, "a matrix client failed: {}", finished.stderr);
+                    finished
+                })
+            })
+            .collect();
+        let finished: Vec<Finished> = clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .collect();
+        let seconds = start.elapsed().as_secs_f64();
+        let side = Side {
+            bytes: (c * p * s) as u64 * each,
+            seconds,
+            server: sum_usage(servers.iter().map(|(d, _)| d.usage())),
+            client: sum_usage(finished.iter().map(|f| f.usage)),
+        };
+        log_pair("matrix", run, &side, None);
+        pairs.push((side, None));
+    }
+    vec![Record {
+        scenario: "matrix".into(),
+        baseline: None,
+        pairs,
+        extra: json!({"clients": c, "streams_per_server": p, "servers": s, "stream_bytes": each}),
+        note: Some(format!(
+            "{c} x {p} x {s}: {} streams, every digest verified (nexus pull exits 0 only then)",
+            c * p * s
+        )),
+    }]
+}
+
+/// Log-like text: compresses about 5x with zstd level 1, different in every line.
+fn text_fill(offset: u64, out: &mut [u8]) {
+    const LINE: usize = 64;
+    let mut line = [0u8; LINE];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let at = offset + i as u64;
+        let pos = (at % LINE as u64) as usize;
+        if pos == 0 || i == 0 {
+            let n = at / LINE as u64;
+            let text = format!(
+                "{:<63}\n",
+                format!(
+                    "{n:012} INFO request served path=/data/{:04} status=200",
+                    n % 977
+                )
+            );
+            line.copy_from_slice(&text.as_bytes()[..LINE]);
+        }
+        *byte = line[pos];
+    }
+}
+
+fn zstd(options: &Options) -> Vec<Record> {
+    let len = options.size(2 * GIB, 256 * MIB);
+    data_file(options, "text.log", len, text_fill);
+    let paradata = vec!["file:text.log".to_string()];
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let mut packed = nexus_run(
+            options,
+            &options.backend,
+            &options.scratch,
+            &paradata,
+            &["--zstd"],
+        );
+        packed.bytes = len;
+        let mut raw = nexus_run(options, &options.backend, &options.scratch, &paradata, &[]);
+        raw.bytes = len;
+        log_pair("zstd", run, &packed, Some(&raw));
+        pairs.push((packed, Some(raw)));
+    }
+    vec![Record {
+        scenario: "zstd".into(),
+        baseline: Some("Nexus without zstd".into()),
+        pairs,
+        extra: json!({"file_bytes": len, "level": 1}),
+        note: Some("loopback is faster than zstd: compression pays only on slower links".into()),
+    }]
+}
+
+fn backends(options: &Options) -> Vec<Record> {
+    let single = options.size(4 * GIB, GIB);
+    let each = options.size(256 * MIB, 64 * MIB);
+    let mut records = Vec::new();
+    for (name, paradata, bytes) in [
+        ("backends-single", synthetic(1, single), single),
+        ("backends-mux16", synthetic(16, each), 16 * each),
+    ] {
+        let mut pairs = Vec::new();
+        for run in 1..=options.runs {
+            let mut uring = nexus_run(options, "io_uring", &options.scratch, &paradata, &[]);
+            uring.bytes = bytes;
+            let mut epoll = nexus_run(options, "epoll", &options.scratch, &paradata, &[]);
+            epoll.bytes = bytes;
+            log_pair(name, run, &uring, Some(&epoll));
+            pairs.push((uring, Some(epoll)));
+        }
+        records.push(Record {
+            scenario: name.into(),
+            baseline: Some("Nexus on epoll".into()),
+            pairs,
+            extra: json!({"nexus_backend": "io_uring", "streams": paradata.len()}),
+            note: None,
+        });
+    }
+    records
+}
+
+/// One long stream while RSS of both ends is sampled every second.
+fn soak(options: &Options) -> Vec<Record> {
+    let bytes = options.size(50_000_000_000, 4 * GIB);
+    let (server, address) = nexus_server(&options.backend, &options.scratch);
+    let server_pid = server.pid();
+    let samples: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (samples, done) = (Arc::clone(&samples), Arc::clone(&done));
+        std::thread::spawn(move || {
+            // The client is this process's youngest `nexus` child; find it by its parent.
+            let me = std::process::id();
+            while !done.load(Ordering::Acquire) {
+                let client = children_of(me)
+                    .into_iter()
+                    .filter(|pid| *pid != server_pid)
+                    .max();
+                if let Some(client) = client {
+                    let rss = |pid| procs::status_kib(pid, "VmRSS:") / 1024.0;
+                    let (s, c) = (rss(server_pid), rss(client));
+                    if c > 0.0 {
+                        samples.lock().expect("samples").push((s, c));
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let pulled = nexus_pull(
+        address,
+        &synthetic(1, bytes),
+        &options.backend,
+        &[],
+        &options.scratch,
+    );
+    done.store(true, Ordering::Release);
+    let _ = sampler.join();
+    let side = Side {
         bytes,
-        seconds,
-        cpu_seconds: server_cpu + client_cpu,
-    }
+        seconds: pulled.seconds,
+        server: server.usage(),
+        client: pulled.usage,
+    };
+    let samples = samples.lock().expect("samples").clone();
+    // Growth after the first quarter (warm-up: pools fill, the tile is made).
+    let settled = &samples[samples.len() / 4..];
+    let range = |pick: fn(&(f64, f64)) -> f64| {
+        let v: Vec<f64> = settled.iter().map(pick).collect();
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (min, max)
+    };
+    let (server_rss, client_rss) = (range(|s| s.0), range(|s| s.1));
+    log_pair("soak", 1, &side, None);
+    let note = format!(
+        "{} samples; after warm-up RSS server {:.0}-{:.0} MiB, client {:.0}-{:.0} MiB",
+        samples.len(),
+        server_rss.0,
+        server_rss.1,
+        client_rss.0,
+        client_rss.1
+    );
+    eprintln!("soak: {note}");
+    vec![Record {
+        scenario: "soak".into(),
+        baseline: None,
+        pairs: vec![(side, None)],
+        extra: json!({
+            "rss_samples_mib": samples.iter().map(|s| [s.0.round(), s.1.round()]).collect::<Vec<_>>(),
+            "settled_server_rss_mib": [server_rss.0, server_rss.1],
+            "settled_client_rss_mib": [client_rss.0, client_rss.1],
+        }),
+        note: Some(note),
+    }]
+}
+
+/// Child pids of `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string();
+                    after.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 /// Time to first byte, one stream at a time, and 4 KiB streams per second with 64 in flight,
-/// on a warm pooled connection.
-fn small(options: &Options) {
-    let (_guard, address) = start_server(&options.backend);
-    let client = pooled_client(&options.backend);
+/// on a warm pooled connection of `nexus-client` in this process.
+fn small(options: &Options) -> Vec<Record> {
+    let (_server, address) = nexus_server(&options.backend, &options.scratch);
+    let client = nexus_client::Client::new(ClientConfig {
+        threads: 1,
+        backend: options.backend.parse().unwrap_or_default(),
+        ..ClientConfig::default()
+    })
+    .expect("client");
     let mut warm = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
     warm.for_each_chunk(|_| {});
     let samples = if options.quick { 2_000 } else { 20_000 };
@@ -304,91 +726,37 @@ fn small(options: &Options) {
         assert!(h.for_each_chunk(|_| {}).is_complete());
     }
     let rate = total as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "small: time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential streams); {rate:.0} streams/s of 4 KiB ({total}, {in_flight} in flight)",
+    let note = format!(
+        "time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential); {rate:.0} streams/s ({total}, {in_flight} in flight)",
         pct(50),
         pct(99)
     );
+    eprintln!("small: {note}");
+    vec![Record {
+        scenario: "small".into(),
+        baseline: None,
+        pairs: Vec::new(),
+        extra: json!({"ttfb_p50_us": pct(50), "ttfb_p99_us": pct(99), "streams_per_s": rate}),
+        note: Some(note),
+    }]
 }
 
-/// user + system CPU seconds from a /proc/.../stat file.
-fn cpu_seconds(path: &str) -> f64 {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+/// Pulls streams from a server started by hand, in this process, and prints the rate.
+fn pull_in_process(args: Vec<String>) {
+    let Some(address) = args.first().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        usage_exit("pull needs ADDRESS PARADATA...");
     };
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn run_iperf(seconds: f64) -> Run {
-    // A fresh port per run: a previous one-off server may still be closing its socket.
-    static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(15201);
-    let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    let _guard = ChildGuard(server);
-    let duration = seconds.clamp(2.0, 60.0).round() as u64;
-    let mut output = None;
-    for _ in 0..50 {
-        let out = Command::new("iperf3")
-            .args([
-                "-c",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-P",
-                "1",
-                "-l",
-                "1M",
-                "-J",
-            ])
-            .args(["-t", &duration.to_string()])
-            .output()
-            .expect("iperf3 client");
-        // With -J, iperf3 3.12 can exit 0 with an "error" object when the server is not
-        // listening yet; only a report with results counts.
-        if out.status.success()
-            && !String::from_utf8_lossy(&out.stdout).contains("unable to connect")
-        {
-            output = Some(out.stdout);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100)); // the server is still starting
-    }
-    let json = String::from_utf8(output.expect("iperf3 never connected")).unwrap_or_default();
-    if !json.contains("\"sum_received\"") {
-        eprintln!(
-            "iperf3 gave no result: {}",
-            json.chars().take(400).collect::<String>()
-        );
-    }
-    let number = |key: &str, after: &str| -> f64 {
-        let section = json.rfind(after).map_or("", |i| &json[i..]);
-        section
-            .split(&format!("\"{key}\":"))
-            .nth(1)
-            .and_then(|v| v.split([',', '\n', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    let bytes = number("bytes", "\"sum_received\"") as u64;
-    let seconds = number("seconds", "\"sum_received\"");
-    let host = number("host_total", "\"cpu_utilization_percent\"");
-    let remote = number("remote_total", "\"cpu_utilization_percent\"");
-    Run {
-        bytes,
-        seconds,
-        cpu_seconds: (host + remote) / 100.0 * seconds,
-    }
+    let mut client = nexus_testkit::Client::connect(address);
+    let start = Instant::now();
+    let ids: Vec<StreamId> = args[1..].iter().map(|p| client.initiate(p)).collect();
+    let bytes: u64 = client
+        .finish_keeping(&ids, false)
+        .values()
+        .map(|p| p.completion().bytes)
+        .sum();
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{bytes} bytes in {seconds:.2} s: {:.2} GB/s",
+        bytes as f64 / seconds / 1e9
+    );
 }
