@@ -21,10 +21,12 @@ ROWS = 16
 
 class Server(flight.FlightServerBase):
     def __init__(self, port, total):
-        super().__init__(f"grpc://127.0.0.1:{port}")
+        # Everything do_get uses is set before the base class starts listening: a client
+        # that connects at once must not find the server half-built.
         value = os.urandom(VALUE)
         self.batch = pa.record_batch([pa.array([value] * ROWS, type=pa.binary())], names=["data"])
         self.batches = -(-total // (VALUE * ROWS))
+        super().__init__(f"grpc://127.0.0.1:{port}")
 
     def do_get(self, context, ticket):
         batch, count = self.batch, self.batches
