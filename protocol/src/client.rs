@@ -181,6 +181,8 @@ pub struct ClientConnection {
     outbox: Outbox,
     clock: Clock,
     events: VecDeque<ClientEvent>,
+    /// Kept across compressed chunks: no zstd context per chunk.
+    unpacker: compress::ChunkDecompressor,
 }
 
 impl ClientConnection {
@@ -212,6 +214,7 @@ impl ClientConnection {
             outbox,
             clock,
             events: VecDeque::new(),
+            unpacker: compress::ChunkDecompressor::default(),
         }
     }
 
@@ -860,9 +863,10 @@ impl ClientConnection {
         let data = match (failure, chunk.raw_len) {
             (Some(why), _) => Err(why),
             (None, None) => Ok(chunk.data),
-            (None, Some(raw)) => {
-                compress::decompress_chunk(&chunk.data, raw).map_err(|e| e.message)
-            }
+            (None, Some(raw)) => self
+                .unpacker
+                .decompress(&chunk.data, raw)
+                .map_err(|e| e.message),
         };
         match data {
             Ok(data) => {

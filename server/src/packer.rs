@@ -9,6 +9,7 @@
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
+use nexus_protocol::compress::ChunkCompressor;
 use tokio::sync::oneshot;
 
 /// zstd level for chunks: level 1 compresses at several hundred MB/s per core.
@@ -36,9 +37,11 @@ impl Packer {
                 std::thread::Builder::new()
                     .name(format!("nexus-packer-{index}"))
                     .spawn(move || {
+                        // One zstd context per worker, kept across chunks.
+                        let mut compressor = ChunkCompressor::new(LEVEL);
                         for job in queue {
                             let Job { raw, done } = job;
-                            let packed = nexus_protocol::compress::compress_chunk(&raw, LEVEL);
+                            let packed = compressor.compress(&raw);
                             // The raw chunk goes back to its stream; drop our reference first
                             // so the shard can recycle the buffer once it is sent.
                             drop(raw);
