@@ -513,31 +513,9 @@ fn matrix(options: &Options) -> Vec<Record> {
     }]
 }
 
-/// Log-like text: compresses about 5x with zstd level 1, different in every line.
-fn text_fill(offset: u64, out: &mut [u8]) {
-    const LINE: usize = 64;
-    let mut line = [0u8; LINE];
-    for (i, byte) in out.iter_mut().enumerate() {
-        let at = offset + i as u64;
-        let pos = (at % LINE as u64) as usize;
-        if pos == 0 || i == 0 {
-            let n = at / LINE as u64;
-            let text = format!(
-                "{:<63}\n",
-                format!(
-                    "{n:012} INFO request served path=/data/{:04} status=200",
-                    n % 977
-                )
-            );
-            line.copy_from_slice(&text.as_bytes()[..LINE]);
-        }
-        *byte = line[pos];
-    }
-}
-
 fn zstd(options: &Options) -> Vec<Record> {
     let len = options.size(2 * GIB, 256 * MIB);
-    data_file(options, "text.log", len, text_fill);
+    data_file(options, "text.log", len, nexus_testkit::log_text);
     let paradata = vec!["file:text.log".to_string()];
     let mut pairs = Vec::new();
     for run in 1..=options.runs {

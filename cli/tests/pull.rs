@@ -341,10 +341,7 @@ fn a_server_killed_mid_stream_is_an_error_with_the_byte_count() {
 #[test]
 fn zstd_pulls_compressible_data_byte_exact_and_compressed() {
     let dir = TempDir::new("pull-zstd");
-    let text: Vec<u8> = (0..400_000u32)
-        .flat_map(|i| format!("{i:08} a line of a log that compresses well\n").into_bytes())
-        .take(8 << 20)
-        .collect();
+    let text = nexus_testkit::log_text_bytes(8 << 20);
     std::fs::write(dir.path().join("app.log"), &text).unwrap();
     let root = dir.path().to_str().unwrap();
     let served = nexus_testkit::spawn_serve(Path::new(NEXUS), &[("BURST_NEXUS_SERVER_ROOT", root)]);

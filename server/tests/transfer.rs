@@ -114,26 +114,11 @@ fn many_connections(backend: nexus_server::Backend) {
 }
 both_backends!(two_hundred_connections, many_connections);
 
-/// Text that zstd shrinks, different in every chunk so that a chunk sent out of order or
-/// twice changes the bytes.
-fn compressible(len: usize) -> Vec<u8> {
-    let mut text = Vec::with_capacity(len + 64);
-    let mut line = 0u64;
-    while text.len() < len {
-        text.extend_from_slice(
-            format!("{line:012} nexus moves bytes, line after line\n").as_bytes(),
-        );
-        line += 1;
-    }
-    text.truncate(len);
-    text
-}
-
 /// A zstd stream is compressed ahead on the packer's workers, at most
 /// `packer_concurrency` chunks at once, and arrives byte-exact and in order.
 fn compressed_with_packer(backend: nexus_server::Backend, concurrency: usize) {
     let dir = TempDir::new("zstd");
-    let data = compressible(16 << 20);
+    let data = nexus_testkit::log_text_bytes(16 << 20);
     std::fs::write(dir.path().join("text.log"), &data).unwrap();
     let mut config = nexus_testkit::test_config(backend, dir.path());
     // A 4 MiB window holds 16 of these chunks: the queue, not the window, is the limit.

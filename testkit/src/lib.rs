@@ -131,6 +131,37 @@ pub fn write_pattern_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// Bytes `offset..offset + out.len()` of an endless log-like text: 64-byte lines numbered by
+/// position, so every line differs (a chunk sent twice or out of order changes the bytes)
+/// and zstd level 1 shrinks it several times. For compression tests and the zstd bench.
+pub fn log_text(offset: u64, out: &mut [u8]) {
+    const LINE: u64 = 64;
+    let mut at = offset;
+    let mut written = 0;
+    while written < out.len() {
+        let n = at / LINE;
+        let line = format!(
+            "{:<63}\n",
+            format!(
+                "{n:012} INFO request served path=/data/{:04} status=200",
+                n % 977
+            )
+        );
+        let from = (at % LINE) as usize;
+        let take = (line.len() - from).min(out.len() - written);
+        out[written..written + take].copy_from_slice(&line.as_bytes()[from..from + take]);
+        written += take;
+        at += take as u64;
+    }
+}
+
+/// The first `len` bytes of [`log_text`].
+pub fn log_text_bytes(len: usize) -> Vec<u8> {
+    let mut text = vec![0u8; len];
+    log_text(0, &mut text);
+    text
+}
+
 /// The first `len` bytes of the `synthetic:` stream with this seed, as the server sends them.
 pub fn synthetic_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
@@ -604,4 +635,21 @@ pub fn spray_counts() -> Vec<u64> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_text_at_any_offset_is_the_same_text() {
+        let whole = super::log_text_bytes(10_000);
+        assert_eq!(
+            &whole[..64],
+            b"000000000000 INFO request served path=/data/0000 status=200    \n"
+        );
+        for (offset, len) in [(1usize, 63usize), (63, 2), (100, 5000), (9_999, 1)] {
+            let mut piece = vec![0u8; len];
+            super::log_text(offset as u64, &mut piece);
+            assert_eq!(piece, whole[offset..offset + len], "at {offset}");
+        }
+    }
 }
