@@ -198,6 +198,16 @@ impl Values {
         })
     }
 
+    /// The values of these `(variable, value)` pairs and the defaults: an environment given
+    /// in code (a test, an application that keeps its own).
+    pub fn from_env_vars(vars: &[(&str, &str)]) -> Result<Values, BadValue> {
+        Values::from_env(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
     /// The values of the process environment and the defaults: what a library embedded in
     /// an application reads (the client's global instance, say).
     pub fn from_process_env() -> Result<Values, BadValue> {
