@@ -8,18 +8,14 @@ use std::time::Duration;
 
 use nexus_testkit::ChildGuard;
 
-use crate::procs::{self, available, free_port, run_measured, Daemon, Usage};
+use nexus_testkit::free_port;
+use serde_json::Value;
+
+use crate::procs::{self, available, run_measured, Daemon, Usage};
+use crate::report::Side;
 
 /// pyarrow release the Flight baseline runs on.
 const PYARROW: &str = "pyarrow==26.0.1";
-
-/// One measured baseline transfer.
-pub(crate) struct Measured {
-    pub(crate) bytes: u64,
-    pub(crate) seconds: f64,
-    pub(crate) server: Usage,
-    pub(crate) client: Usage,
-}
 
 /// Installs Debian packages whose program is missing; returns whether `program` runs after.
 pub(crate) fn ensure_apt(program: &str, package: &str) -> bool {
@@ -89,7 +85,7 @@ pub(crate) fn ensure_pyarrow(target: &Path) -> Option<PathBuf> {
 /// `iperf3 -c` for `seconds` with `parallel` connections (and `-Z`, sendfile, when
 /// `zerocopy`), against a one-off `iperf3 -s -1`. CPU from iperf3's own report
 /// (getrusage of each end), peak RSS from `wait4`.
-pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Measured> {
+pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Side> {
     let port = free_port().to_string();
     let server = Command::new("iperf3")
         .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
@@ -121,8 +117,16 @@ pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Me
         let out = run_measured(&mut command).ok()?;
         // With -J, iperf3 3.12 can exit 0 with an "error" object when the server is not
         // listening yet; only a report with results counts.
-        if !out.stdout.contains("\"sum_received\"") {
-            if out.stdout.contains("unable to connect") {
+        let report: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+        let end = &report["end"];
+        let (Some(bytes), Some(seconds)) = (
+            end["sum_received"]["bytes"].as_u64(),
+            end["sum_received"]["seconds"].as_f64(),
+        ) else {
+            if report["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unable to connect"))
+            {
                 std::thread::sleep(Duration::from_millis(100)); // still starting
                 continue;
             }
@@ -131,23 +135,12 @@ pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Me
                 out.stdout.chars().take(400).collect::<String>()
             );
             return None;
-        }
-        let json = &out.stdout;
-        let number = |key: &str, after: &str| -> f64 {
-            let section = json.rfind(after).map_or("", |i| &json[i..]);
-            section
-                .split(&format!("\"{key}\":"))
-                .nth(1)
-                .and_then(|v| v.split([',', '\n', '}']).next())
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0)
         };
-        let bytes = number("bytes", "\"sum_received\"") as u64;
-        let seconds = number("seconds", "\"sum_received\"");
-        let host = number("host_total", "\"cpu_utilization_percent\"") / 100.0 * seconds;
-        let remote = number("remote_total", "\"cpu_utilization_percent\"") / 100.0 * seconds;
+        let cpu = |key: &str| end["cpu_utilization_percent"][key].as_f64().unwrap_or(0.0);
+        let host = cpu("host_total") / 100.0 * seconds;
+        let remote = cpu("remote_total") / 100.0 * seconds;
         let server_usage = server.usage();
-        return Some(Measured {
+        return Some(Side {
             bytes,
             seconds,
             server: Usage {
@@ -166,7 +159,7 @@ pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Me
 
 /// nginx serving `root` with sendfile (one process, `master_process off`), and
 /// `curl -o /dev/null` of `file`. Returns None when either is missing.
-pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Measured> {
+pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Side> {
     let port = free_port();
     let prefix = scratch.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).ok()?;
@@ -231,7 +224,7 @@ pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Meas
         eprintln!("curl failed: {}", out.stderr);
         return None;
     }
-    Some(Measured {
+    Some(Side {
         bytes: out.stdout.trim().parse().unwrap_or(0),
         seconds: out.seconds,
         server: server.usage(),
@@ -240,7 +233,7 @@ pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Meas
 }
 
 /// Arrow Flight `do_get` of about `bytes` (whole 16 MiB batches) with pyarrow.
-pub(crate) fn flight(python: &Path, script: &Path, bytes: u64) -> Option<Measured> {
+pub(crate) fn flight(python: &Path, script: &Path, bytes: u64) -> Option<Side> {
     let port = free_port().to_string();
     let server = Command::new(python)
         .arg(script)
@@ -256,18 +249,11 @@ pub(crate) fn flight(python: &Path, script: &Path, bytes: u64) -> Option<Measure
         eprintln!("flight client failed: {}", out.stderr);
         return None;
     }
-    let field = |key: &str| -> f64 {
-        out.stdout
-            .split(&format!("\"{key}\": "))
-            .nth(1)
-            .and_then(|v| v.split([',', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
-    Some(Measured {
-        bytes: field("bytes") as u64,
-        // The client's own clock around do_get, as for Nexus (process start-up excluded).
-        seconds: field("seconds"),
+    let report: Value = serde_json::from_str(out.stdout.trim()).ok()?;
+    Some(Side {
+        bytes: report["bytes"].as_u64()?,
+        // The client's own clock around do_get (Python's start-up excluded).
+        seconds: report["seconds"].as_f64()?,
         server: server.usage(),
         client: out.usage,
     })

@@ -42,7 +42,6 @@ use nexus_client::{ClientConfig, Item, StreamOptions};
 use nexus_protocol::StreamId;
 use serde_json::json;
 
-use baselines::Measured;
 use procs::{nexus_pull, nexus_server, Daemon, Finished, Usage};
 use report::{Record, Side};
 
@@ -191,32 +190,22 @@ fn redraw(input: &Path, output: &Path) {
     std::fs::write(output, report::chart(&lines)).expect("write chart");
 }
 
-/// The Nexus side of one run: a fresh server, `nexus pull` of `paradata`.
+/// The Nexus side of one run of `bytes`: a fresh server on `backend` serving the scratch
+/// directory, and `nexus pull` of `paradata`.
 fn nexus_run(
     options: &Options,
     backend: &str,
-    root: &Path,
     paradata: &[String],
+    bytes: u64,
     extra: &[&str],
 ) -> Side {
-    let (server, address) = nexus_server(backend, root);
+    let (server, address) = nexus_server(backend, &options.scratch);
     let pulled = nexus_pull(address, paradata, backend, extra, &options.scratch);
-    let side = Side {
-        bytes: 0,
+    Side {
+        bytes,
         seconds: pulled.seconds,
         server: server.usage(),
         client: pulled.usage,
-    };
-    drop(server);
-    side
-}
-
-fn side_of(m: Measured) -> Side {
-    Side {
-        bytes: m.bytes,
-        seconds: m.seconds,
-        server: m.server,
-        client: m.client,
     }
 }
 
@@ -260,9 +249,8 @@ fn against_iperf(
     }
     let mut pairs = Vec::new();
     for run in 1..=options.runs {
-        let mut nexus = nexus_run(options, &options.backend, &options.scratch, paradata, &[]);
-        nexus.bytes = bytes;
-        let base = baselines::iperf3(nexus.seconds, parallel, false).map(side_of);
+        let nexus = nexus_run(options, &options.backend, paradata, bytes, &[]);
+        let base = baselines::iperf3(nexus.seconds, parallel, false);
         log_pair(name, run, &nexus, base.as_ref());
         pairs.push((nexus, base));
     }
@@ -318,7 +306,7 @@ fn parallel(options: &Options) -> Vec<Record> {
             client: sum_usage(finished.iter().map(|f| f.usage)),
         };
         drop(server);
-        let base = baselines::iperf3(nexus.seconds, P, false).map(side_of);
+        let base = baselines::iperf3(nexus.seconds, P, false);
         log_pair("parallel", run, &nexus, base.as_ref());
         pairs.push((nexus, base));
     }
@@ -375,15 +363,14 @@ fn file(options: &Options) -> Vec<Record> {
         baselines::ensure_apt("nginx", "nginx") && baselines::ensure_apt("curl", "curl");
     let (mut vs_nginx, mut vs_iperf) = (Vec::new(), Vec::new());
     for run in 1..=options.runs {
-        let mut nexus = nexus_run(options, &options.backend, &options.scratch, &paradata, &[]);
-        nexus.bytes = len;
+        let nexus = nexus_run(options, &options.backend, &paradata, len, &[]);
         let nginx = if have_nginx {
-            baselines::nginx_curl(&options.scratch, "file.bin", &options.scratch).map(side_of)
+            baselines::nginx_curl(&options.scratch, "file.bin", &options.scratch)
         } else {
             None
         };
         let zerocopy = if have_iperf {
-            baselines::iperf3(nexus.seconds, 1, true).map(side_of)
+            baselines::iperf3(nexus.seconds, 1, true)
         } else {
             None
         };
@@ -424,15 +411,8 @@ fn flight(options: &Options) -> Vec<Record> {
     let script = baselines::flight_script();
     let mut pairs = Vec::new();
     for run in 1..=options.runs {
-        let mut nexus = nexus_run(
-            options,
-            &options.backend,
-            &options.scratch,
-            &synthetic(1, bytes),
-            &[],
-        );
-        nexus.bytes = bytes;
-        let base = baselines::flight(&python, &script, bytes).map(side_of);
+        let nexus = nexus_run(options, &options.backend, &synthetic(1, bytes), bytes, &[]);
+        let base = baselines::flight(&python, &script, bytes);
         log_pair("flight", run, &nexus, base.as_ref());
         pairs.push((nexus, base));
     }
@@ -464,26 +444,18 @@ fn matrix(options: &Options) -> Vec<Record> {
                 let addresses: Vec<SocketAddr> = servers.iter().map(|(_, a)| *a).collect();
                 let (backend, scratch) = (options.backend.clone(), options.scratch.clone());
                 std::thread::spawn(move || {
-                    // One manifest line per stream: P streams to every server.
-                    let lines: String = addresses
+                    // P streams to every server, all in one operation.
+                    let paradata: Vec<(SocketAddr, String)> = addresses
                         .iter()
                         .flat_map(|a| {
                             (0..p).map(move |i| {
-                                format!("{a} synthetic:{each}?seed={} /dev/null\n", client * p + i)
+                                (*a, format!("synthetic:{each}?seed={}", client * p + i))
                             })
                         })
                         .collect();
-                    let manifest = scratch.join(format!("matrix-{client}"));
-                    std::fs::write(&manifest, lines).expect("manifest");
-                    let mut command = Command::new(procs::nexus_binary());
-                    command
-                        .args(["pull", "--backend", &backend, "--manifest"])
-                        .arg(&manifest)
-                        .args(["--parallel", &(p * addresses.len()).to_string()])
-                        .env("BURST_NEXUS_CLIENT_THREADS", "1");
-                    let finished = procs::run_measured(&mut command).expect("nexus pull");
-                    assert!(finished.ok, "a matrix client failed: {}", finished.stderr);
-                    finished
+                    let streams: Vec<(SocketAddr, &str)> =
+                        paradata.iter().map(|(a, p)| (*a, p.as_str())).collect();
+                    procs::nexus_pull_streams(&streams, &backend, &[], &scratch, |_| {})
                 })
             })
             .collect();
@@ -519,16 +491,8 @@ fn zstd(options: &Options) -> Vec<Record> {
     let paradata = vec!["file:text.log".to_string()];
     let mut pairs = Vec::new();
     for run in 1..=options.runs {
-        let mut packed = nexus_run(
-            options,
-            &options.backend,
-            &options.scratch,
-            &paradata,
-            &["--zstd"],
-        );
-        packed.bytes = len;
-        let mut raw = nexus_run(options, &options.backend, &options.scratch, &paradata, &[]);
-        raw.bytes = len;
+        let packed = nexus_run(options, &options.backend, &paradata, len, &["--zstd"]);
+        let raw = nexus_run(options, &options.backend, &paradata, len, &[]);
         log_pair("zstd", run, &packed, Some(&raw));
         pairs.push((packed, Some(raw)));
     }
@@ -551,10 +515,8 @@ fn backends(options: &Options) -> Vec<Record> {
     ] {
         let mut pairs = Vec::new();
         for run in 1..=options.runs {
-            let mut uring = nexus_run(options, "io_uring", &options.scratch, &paradata, &[]);
-            uring.bytes = bytes;
-            let mut epoll = nexus_run(options, "epoll", &options.scratch, &paradata, &[]);
-            epoll.bytes = bytes;
+            let uring = nexus_run(options, "io_uring", &paradata, bytes, &[]);
+            let epoll = nexus_run(options, "epoll", &paradata, bytes, &[]);
             log_pair(name, run, &uring, Some(&epoll));
             pairs.push((uring, Some(epoll)));
         }
@@ -571,41 +533,38 @@ fn backends(options: &Options) -> Vec<Record> {
 
 /// One long stream while RSS of both ends is sampled every second.
 fn soak(options: &Options) -> Vec<Record> {
-    let bytes = options.size(50_000_000_000, 4 * GIB);
+    let bytes = options.size(50_000_000_000, 8 * GIB);
     let (server, address) = nexus_server(&options.backend, &options.scratch);
     let server_pid = server.pid();
     let samples: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (samples, done) = (Arc::clone(&samples), Arc::clone(&done));
-        std::thread::spawn(move || {
-            // The client is this process's youngest `nexus` child; find it by its parent.
-            let me = std::process::id();
-            while !done.load(Ordering::Acquire) {
-                let client = children_of(me)
-                    .into_iter()
-                    .filter(|pid| *pid != server_pid)
-                    .max();
-                if let Some(client) = client {
-                    let rss = |pid| procs::status_kib(pid, "VmRSS:") / 1024.0;
-                    let (s, c) = (rss(server_pid), rss(client));
-                    if c > 0.0 {
-                        samples.lock().expect("samples").push((s, c));
-                    }
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
-    };
-    let pulled = nexus_pull(
-        address,
-        &synthetic(1, bytes),
+    let mut sampler = None;
+    let paradata = format!("synthetic:{bytes}");
+    let pulled = procs::nexus_pull_streams(
+        &[(address, &paradata)],
         &options.backend,
         &[],
         &options.scratch,
+        |client| {
+            let (samples, done) = (Arc::clone(&samples), Arc::clone(&done));
+            sampler = Some(std::thread::spawn(move || {
+                let rss = |pid| procs::status_kib(pid, "VmRSS:") / 1024.0;
+                // A sample a second, from the first second on (not the process's start-up).
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let (s, c) = (rss(server_pid), rss(client));
+                    if done.load(Ordering::Acquire) || c == 0.0 {
+                        break;
+                    }
+                    samples.lock().expect("samples").push((s, c));
+                }
+            }));
+        },
     );
     done.store(true, Ordering::Release);
-    let _ = sampler.join();
+    if let Some(sampler) = sampler {
+        let _ = sampler.join();
+    }
     let side = Side {
         bytes,
         seconds: pulled.seconds,
@@ -643,24 +602,6 @@ fn soak(options: &Options) -> Vec<Record> {
         }),
         note: Some(note),
     }]
-}
-
-/// Child pids of `parent`, from /proc.
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let after = s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string();
-                    after.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect()
 }
 
 /// Time to first byte, one stream at a time, and 4 KiB streams per second with 64 in flight,

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use nexus_testkit::ChildGuard;
@@ -30,12 +31,21 @@ pub(crate) struct Finished {
 
 /// Runs `command` to its end and reads its own CPU time and peak RSS from `wait4`.
 pub(crate) fn run_measured(command: &mut Command) -> std::io::Result<Finished> {
+    run_watched(command, |_| {})
+}
+
+/// As [`run_measured`], calling `started` with the child's pid once it runs (to sample it).
+pub(crate) fn run_watched(
+    command: &mut Command,
+    started: impl FnOnce(u32),
+) -> std::io::Result<Finished> {
     let start = Instant::now();
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    started(child.id());
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -166,9 +176,7 @@ pub(crate) fn nexus_server(backend: &str, root: &Path) -> (Daemon, SocketAddr) {
     (Daemon::new(guard), address)
 }
 
-/// `nexus pull` of these streams from `address` to /dev/null: one stream with `-o`, several
-/// as a manifest pulled all at once. Exit 0 means every stream completed with its digest
-/// verified.
+/// `nexus pull` of `paradata` from `address` to /dev/null; see [`nexus_pull_streams`].
 pub(crate) fn nexus_pull(
     address: SocketAddr,
     paradata: &[String],
@@ -176,27 +184,43 @@ pub(crate) fn nexus_pull(
     extra: &[&str],
     scratch: &Path,
 ) -> Finished {
+    let streams: Vec<(SocketAddr, &str)> = paradata.iter().map(|p| (address, p.as_str())).collect();
+    nexus_pull_streams(&streams, backend, extra, scratch, |_| {})
+}
+
+/// One `nexus pull` process for these streams, to /dev/null: one stream with `-o`, several
+/// as a manifest pulled all at once (one operation). Exit 0 means every stream completed
+/// with its digest verified; anything else fails the bench. `started` gets the pid.
+pub(crate) fn nexus_pull_streams(
+    streams: &[(SocketAddr, &str)],
+    backend: &str,
+    extra: &[&str],
+    scratch: &Path,
+    started: impl FnOnce(u32),
+) -> Finished {
+    static MANIFESTS: AtomicU64 = AtomicU64::new(0);
     let mut command = Command::new(nexus_binary());
     command
         .arg("pull")
         .args(["--backend", backend])
         .args(extra)
         .env("BURST_NEXUS_CLIENT_THREADS", "1");
-    if let [one] = paradata {
-        command.args([&address.to_string(), one, "-o", "/dev/null"]);
+    if let [(address, one)] = streams {
+        command.args([&address.to_string(), *one, "-o", "/dev/null"]);
     } else {
-        let manifest = scratch.join(format!("manifest-{}", std::process::id()));
-        let lines: String = paradata
+        let number = MANIFESTS.fetch_add(1, Ordering::Relaxed);
+        let manifest = scratch.join(format!("manifest-{}-{number}", std::process::id()));
+        let lines: String = streams
             .iter()
-            .map(|p| format!("{address} {p} /dev/null\n"))
+            .map(|(address, p)| format!("{address} {p} /dev/null\n"))
             .collect();
         std::fs::write(&manifest, lines).expect("manifest");
         command
             .arg("--manifest")
             .arg(&manifest)
-            .args(["--parallel", &paradata.len().to_string()]);
+            .args(["--parallel", &streams.len().to_string()]);
     }
-    let finished = run_measured(&mut command).expect("nexus pull");
+    let finished = run_watched(&mut command, started).expect("nexus pull");
     assert!(
         finished.ok,
         "nexus pull failed: {}",
@@ -213,9 +237,4 @@ pub(crate) fn available(program: &str, version_arg: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok()
-}
-
-/// A free TCP port on 127.0.0.1.
-pub(crate) fn free_port() -> u16 {
-    nexus_testkit::free_port()
 }
