@@ -35,11 +35,10 @@ fn run(program: &str, args: &[&str]) -> (bool, String, String) {
 
 /// The default drain deadline, in seconds, from the property table.
 fn drain_seconds() -> u64 {
-    let p = nexus_config::PROPERTIES
-        .iter()
-        .find(|p| p.name == "burst.nexus.server.drain.timeout.ms")
-        .unwrap();
-    p.default.parse::<u64>().unwrap() / 1000
+    default_of("burst.nexus.server.drain.timeout.ms")
+        .parse::<u64>()
+        .unwrap()
+        / 1000
 }
 
 fn setting(text: &str, key: &str) -> String {
