@@ -32,16 +32,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
 
 use crate::client::Shared;
+use crate::recv::{self, RecvBlocks};
 use crate::stream::{Ended, Item, StreamShared};
 use crate::telemetry;
 
 const MAX_SEGMENTS: usize = 64;
-/// Receive buffer growth step. Chunks are slices of it (zero copy), so a chunk a slow consumer
-/// holds keeps its whole block alive: see `COPY_BELOW`.
-const READ_RESERVE: usize = 1 << 20;
-/// Chunks smaller than this are copied out of the receive buffer, so that memory held by
-/// unread chunks stays within a small factor of their size (the window), not a block each.
-const COPY_BELOW: usize = READ_RESERVE / 2;
 
 /// What other threads ask of a connection.
 #[derive(Debug)]
@@ -568,7 +563,7 @@ impl Actor {
             .bytes_received
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.bytes_received.increment(data.len() as u64);
-        let data = if data.len() < COPY_BELOW {
+        let data = if data.len() < recv::COPY_BELOW {
             Bytes::copy_from_slice(&data)
         } else {
             data
@@ -607,12 +602,15 @@ fn error(code: ErrorCode, message: &str) -> Outcome {
 }
 
 async fn read_loop(actor: &Rc<Actor>) {
+    let mut blocks = RecvBlocks::default();
     loop {
-        let mut buf = std::mem::take(actor.proto.borrow_mut().input_buffer());
-        if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-            buf.reserve(READ_RESERVE);
-        }
-        let (result, buf) = actor.io.read(buf).await;
+        let (mut buf, pending) = {
+            let mut proto = actor.proto.borrow_mut();
+            let pending = proto.pending_frame_len();
+            (std::mem::take(proto.input_buffer()), pending)
+        };
+        let max = blocks.prepare(&mut buf, pending);
+        let (result, buf) = actor.io.read_up_to(buf, max).await;
         {
             let mut proto = actor.proto.borrow_mut();
             *proto.input_buffer() = buf;

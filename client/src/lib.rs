@@ -18,6 +18,7 @@ mod client;
 mod config;
 mod conn;
 mod operation;
+mod recv;
 mod resume;
 mod stream;
 mod telemetry;

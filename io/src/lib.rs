@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::str::FromStr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Which IO backend to use, as configured (`burst.nexus.io.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,24 +179,32 @@ impl Connection {
 
     /// Reads into the spare capacity of `buf` (after its current contents) and returns it.
     /// `Ok(0)` is end of stream.
-    pub async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    pub async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        self.read_up_to(buf, usize::MAX).await
+    }
+
+    /// As [`read`](Self::read), taking at most `max` bytes (at least 1), so a caller can stop
+    /// a read at a frame boundary.
+    pub async fn read_up_to(&self, mut buf: BytesMut, max: usize) -> (io::Result<usize>, BytesMut) {
+        if buf.len() == buf.capacity() {
+            buf.reserve(64 << 10);
+        }
+        let max = max.max(1);
         match self {
             Connection::Uring(s) => {
                 // tokio-uring reads at the start of a plain buffer, over what it holds; a
                 // slice of the spare capacity appends (its set_init grows the length).
                 use tokio_uring::buf::BoundedBuf;
-                if buf.len() == buf.capacity() {
-                    buf.reserve(64 << 10);
-                }
                 let (len, capacity) = (buf.len(), buf.capacity());
-                let (result, slice) = s.read(buf.slice(len..capacity)).await;
+                let end = len + (capacity - len).min(max);
+                let (result, slice) = s.read(buf.slice(len..end)).await;
                 (result, slice.into_inner())
             }
             Connection::Epoll(s) => loop {
                 if let Err(e) = s.readable().await {
                     return (Err(e), buf);
                 }
-                match s.try_read_buf(&mut buf) {
+                match s.try_read_buf(&mut (&mut buf).limit(max)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     result => return (result, buf),
                 }
@@ -359,6 +367,19 @@ mod tests {
             let (n, buf) = connection.read(full).await;
             assert_eq!(n.unwrap(), 1);
             assert_eq!(buf.last(), Some(&b'!'));
+            // A bounded read leaves the rest in the socket for the next one.
+            peer.write_all(b"0123456789").unwrap();
+            let mut buf = BytesMut::with_capacity(64);
+            let mut total = 0;
+            while total < 4 {
+                let (n, next) = connection.read_up_to(buf, 4 - total).await;
+                total += n.unwrap();
+                buf = next;
+            }
+            assert_eq!(&buf[..], b"0123");
+            let (n, buf) = connection.read_up_to(buf, 64).await;
+            assert_eq!(n.unwrap(), 6);
+            assert_eq!(&buf[..], b"0123456789");
         })
         .unwrap();
     }

@@ -223,6 +223,12 @@ impl ClientConnection {
         &mut self.inbox.buf
     }
 
+    /// The length (header included) of the frame whose start the receive buffer holds, once
+    /// its header is complete: a reader can make room for all of it before reading on.
+    pub fn pending_frame_len(&self) -> Option<usize> {
+        self.inbox.pending_frame_len()
+    }
+
     /// Bytes received from the peer.
     pub fn handle_input(&mut self, data: &[u8], now: Instant) {
         self.inbox.buf.extend_from_slice(data);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::error::WireError;
-use crate::frame::{self, Frame, HANDSHAKE_MAX_PAYLOAD, PREFACE};
+use crate::frame::{self, Frame, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, PREFACE};
 use crate::types::{ErrorCode, StreamId};
 
 /// Largest flow-control window a stream may reach, in bytes (2^31 - 1). CREDIT that would
@@ -147,6 +147,17 @@ impl Inbox {
             let _ = self.buf.split_to(1);
         }
         frame::decode(&mut self.buf, self.max_payload)
+    }
+
+    /// The whole length (header included) of the frame at the front of the buffer, once its
+    /// header is in and its length within the limit: how much a reader should make room for.
+    pub(crate) fn pending_frame_len(&self) -> Option<usize> {
+        if self.preface_matched < PREFACE.len() {
+            return None;
+        }
+        let header = self.buf.get(..HEADER_LEN)?;
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        (len <= self.max_payload).then_some(HEADER_LEN + len as usize)
     }
 
     pub(crate) fn is_mid_frame(&self) -> bool {

@@ -796,6 +796,40 @@ fn truncated_frame_then_eof_is_reported() {
     );
 }
 
+#[test]
+fn pending_frame_len_tells_a_reader_how_big_the_next_frame_is() {
+    let mut p = Pair::default_pair();
+    let s = p.initiate("synthetic:5000");
+    p.server.accept(s, 5000, false).unwrap();
+    p.pump();
+    assert_eq!(p.client.pending_frame_len(), None);
+    p.server.send_chunk(s, data(5000, 7), None, p.now).unwrap();
+    let mut wire = BytesMut::new();
+    while let Some(seg) = p.server.poll_transmit() {
+        wire.extend_from_slice(&seg);
+    }
+    let total =
+        frame::HEADER_LEN + u32::from_be_bytes([wire[0], wire[1], wire[2], wire[3]]) as usize;
+    assert!(total > 5000 && total <= wire.len());
+    // Not yet a whole header: unknown.
+    p.client.handle_input(&wire[..frame::HEADER_LEN - 1], p.now);
+    assert_eq!(p.client.pending_frame_len(), None);
+    // The header is in: the whole frame's length, while its payload is still missing.
+    p.client
+        .handle_input(&wire[frame::HEADER_LEN - 1..total - 1], p.now);
+    assert_eq!(p.client.pending_frame_len(), Some(total));
+    p.client.handle_input(&wire[total - 1..total], p.now);
+    assert_eq!(p.client.pending_frame_len(), None);
+    p.pump();
+    assert_eq!(p.received(s), data(5000, 7).to_vec());
+    // A header beyond the frame limit gives no length to make room for; the decoder refuses it.
+    let mut huge = BytesMut::new();
+    huge.put_u32(u32::MAX);
+    huge.put_bytes(0, frame::HEADER_LEN - 4);
+    p.client.input_buffer().extend_from_slice(&huge);
+    assert_eq!(p.client.pending_frame_len(), None);
+}
+
 fn client_closed_error(client: &mut ClientConnection) -> nexus_protocol::WireError {
     std::iter::from_fn(|| client.poll_event())
         .find_map(|e| match e {
