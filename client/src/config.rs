@@ -81,6 +81,9 @@ impl ClientConfig {
         if let Some(v) = values.positive::<u32>("burst.nexus.client.window")? {
             c.protocol.initial_window = v;
         }
+        if let Some(v) = values.positive::<u32>("burst.nexus.client.window.max")? {
+            c.protocol.max_window = v;
+        }
         if let Some(v) = values.millis("burst.nexus.client.connect.timeout.ms")? {
             c.connect_timeout = v;
         }
@@ -110,6 +113,7 @@ mod tests {
             ("BURST_NEXUS_CLIENT_POOL_MAX_CONNECTIONS", "12"),
             ("BURST_NEXUS_CLIENT_QUEUE_SIZE", "9"),
             ("BURST_NEXUS_CLIENT_WINDOW", "65536"),
+            ("BURST_NEXUS_CLIENT_WINDOW_MAX", "131072"),
             ("BURST_NEXUS_CLIENT_CONNECT_TIMEOUT_MS", "700"),
             ("BURST_NEXUS_STREAM_TIMEOUT_MS", "5000"),
             ("BURST_NEXUS_IO_BACKEND", "epoll"),
@@ -120,7 +124,10 @@ mod tests {
         assert_eq!(c.tender_interval, Duration::from_secs(1));
         assert_eq!(c.pool_stale, Duration::from_millis(1500));
         assert_eq!((c.max_connections, c.queue_size), (12, 9));
-        assert_eq!(c.protocol.initial_window, 65536);
+        assert_eq!(
+            (c.protocol.initial_window, c.protocol.max_window),
+            (65536, 131072)
+        );
         assert_eq!(c.connect_timeout, Duration::from_millis(700));
         assert_eq!(c.protocol.stream_timeout, Duration::from_secs(5));
         assert_eq!(c.backend, BackendChoice::Epoll);

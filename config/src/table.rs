@@ -283,6 +283,13 @@ pub const PROPERTIES: &[Property] = &[
         "Per-stream window a client asks for: the most data in flight per stream.",
     ),
     p(
+        "burst.nexus.client.window.max",
+        Integer,
+        "16777216",
+        "bytes",
+        "Largest a stream's window grows to (doubling) while its reader keeps up, capped by the server's `burst.nexus.stream.window.max`; a lagging reader keeps the initial window.",
+    ),
+    p(
         "burst.nexus.client.connect.timeout.ms",
         Millis,
         "10000",

@@ -19,7 +19,7 @@ fn main() {
 fn encode_chunk_header(bencher: Bencher) {
     bencher
         .counter(BytesCount::new(CHUNK))
-        .bench(|| frame::chunk_header(divan::black_box(StreamId(1)), 7, None, CHUNK));
+        .bench(|| frame::chunk_header(divan::black_box(StreamId(1)), 7, None, false, CHUNK));
 }
 
 /// A copying encode of the whole frame, for comparison.
@@ -29,6 +29,7 @@ fn encode_chunk_copying(bencher: Bencher) {
         stream: StreamId(1),
         seq: 7,
         raw_len: None,
+        window_empty: false,
         data: Bytes::from(vec![7u8; CHUNK]),
     });
     let mut buf = BytesMut::with_capacity(CHUNK + 64);
@@ -45,6 +46,7 @@ fn decode_chunk(bencher: Bencher) {
         stream: StreamId(1),
         seq: 7,
         raw_len: None,
+        window_empty: false,
         data: Bytes::from(vec![7u8; CHUNK]),
     })
     .to_bytes();

@@ -22,6 +22,10 @@ pub struct ClientSettings {
     /// Per-stream window asked for, in bytes: the most data one stream can have in flight
     /// or waiting for the application. The memory a stream pins is bounded by it.
     pub initial_window: u32,
+    /// Largest window a stream grows to while its application keeps up with the data (the
+    /// stream is limited by its window, not by its reader). Equal to the initial window: no
+    /// growth. The memory a stream pins is bounded by the larger of the two.
+    pub max_window: u32,
     /// Largest frame payload accepted from the server, in bytes (chunk data + 12).
     pub max_frame_size: u32,
     /// Heartbeat interval asked for.
@@ -41,6 +45,7 @@ impl Default for ClientSettings {
     fn default() -> Self {
         ClientSettings {
             initial_window: 4 << 20,
+            max_window: 16 << 20,
             max_frame_size: 4 << 20,
             heartbeat_interval: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
@@ -158,8 +163,16 @@ struct Stream {
     operation: OperationId,
     accept_zstd: bool,
     zstd: bool,
+    /// What the server may still send.
     window: u64,
+    /// The window's full size: initial, then grown (see `consume`).
+    limit: u64,
+    /// Consumed by the application and not yet credited.
     unacknowledged: u64,
+    /// Consumed by the application, in all.
+    consumed: u64,
+    /// A CHUNK said the server used up the window, and no consume has looked at it yet.
+    window_emptied: bool,
     next_seq: u64,
     bytes: u64,
     digest: conn::Digest,
@@ -407,7 +420,10 @@ impl ClientConnection {
                 accept_zstd: request.accept_zstd,
                 zstd: false,
                 window,
+                limit: window,
                 unacknowledged: 0,
+                consumed: 0,
+                window_emptied: false,
                 next_seq: 0,
                 bytes: 0,
                 digest: conn::Digest::default(),
@@ -419,11 +435,16 @@ impl ClientConnection {
 
     /// The application is done with `bytes` bytes of the stream's data: they count as window
     /// again. CREDIT goes out once a quarter of the initial window has been consumed.
+    ///
+    /// The window also grows here, doubling up to `max_window` (and ACCEPT's): when the
+    /// server said a chunk used up the window (WINDOW_EMPTY) and the application, consuming,
+    /// has read all but at most a quarter of the window, the window, not the reader, is what
+    /// held the stream back. A stream whose reader lags keeps its window.
     pub fn consume(&mut self, stream: StreamId, bytes: usize) {
-        let threshold = self
-            .accept
-            .as_ref()
-            .map_or(1, |a| u64::from(a.initial_window / 4).max(1));
+        let (threshold, allowed) = self.accept.as_ref().map_or((1, 0), |a| {
+            (u64::from(a.initial_window / 4).max(1), a.max_window)
+        });
+        let max = u64::from(self.settings.max_window.min(allowed));
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -431,11 +452,23 @@ impl ClientConnection {
             return;
         }
         s.unacknowledged += bytes as u64;
-        if s.unacknowledged >= threshold {
-            let increment = s.unacknowledged.min(u64::from(u32::MAX)) as u32;
-            s.unacknowledged -= u64::from(increment);
-            s.window += u64::from(increment);
-            self.outbox.control(&Frame::Credit { stream, increment });
+        s.consumed += bytes as u64;
+        let backlog = s.bytes.saturating_sub(s.consumed);
+        let emptied = std::mem::take(&mut s.window_emptied);
+        let mut growth = 0;
+        if emptied && s.limit < max && backlog <= s.limit / 4 {
+            let grown = (s.limit * 2).min(max);
+            growth = grown - s.limit;
+            s.limit = grown;
+        }
+        if s.unacknowledged >= threshold || growth > 0 {
+            let increment = (s.unacknowledged + growth).min(u64::from(u32::MAX));
+            s.unacknowledged -= increment - growth;
+            s.window += increment;
+            self.outbox.control(&Frame::Credit {
+                stream,
+                increment: increment as u32,
+            });
         }
     }
 
@@ -681,6 +714,12 @@ impl ClientConnection {
         if accept.max_frame_size < 1024 {
             return Err(WireError::protocol("ACCEPT max_frame_size below 1024"));
         }
+        if accept.max_window < accept.initial_window {
+            return Err(WireError::protocol(format!(
+                "ACCEPT max_window {} is below its initial_window {}",
+                accept.max_window, accept.initial_window
+            )));
+        }
         let interval = Duration::from_millis(accept.heartbeat_interval_ms.into());
         self.clock.interval = interval.max(MIN_HEARTBEAT);
         match (accept.auth_required, self.settings.secret.as_deref()) {
@@ -839,6 +878,7 @@ impl ClientConnection {
             ));
         }
         s.window -= raw_len;
+        s.window_emptied |= chunk.window_empty;
         match s.state {
             StreamState::Open => {}
             StreamState::Initiating => {

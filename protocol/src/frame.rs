@@ -46,6 +46,8 @@ pub const FLAG_ACCEPT_ZSTD: u8 = 0x01;
 pub const FLAG_ZSTD: u8 = 0x01;
 /// Frame flag on CHUNK: the data is one zstd frame.
 pub const FLAG_COMPRESSED: u8 = 0x01;
+/// Frame flag on CHUNK: this chunk used up the stream's window; the server waits for CREDIT.
+pub const FLAG_WINDOW_EMPTY: u8 = 0x02;
 /// Frame flag on ACCEPT: the server requires AUTH before anything else.
 pub const FLAG_AUTH_REQUIRED: u8 = 0x01;
 /// Frame flag on CANCEL: cancel every stream of the operation on this connection.
@@ -157,6 +159,8 @@ pub struct Accept {
     pub heartbeat_interval_ms: u32,
     /// Free text naming the server.
     pub name: String,
+    /// The largest a stream's window may grow to with CREDIT (>= `initial_window`).
+    pub max_window: u32,
 }
 
 /// A stream request.
@@ -183,6 +187,8 @@ pub struct Chunk {
     pub seq: u64,
     /// `Some(uncompressed length)` when `data` is a zstd frame.
     pub raw_len: Option<u32>,
+    /// This chunk used up the stream's window: the server can send no more until CREDIT.
+    pub window_empty: bool,
     /// The data as sent (compressed or not): a slice of the receive buffer.
     pub data: Bytes,
 }
@@ -351,6 +357,7 @@ impl Frame {
                 dst.put_u32(m.max_paradata);
                 dst.put_u32(m.heartbeat_interval_ms);
                 put_str16(dst, &m.name, MAX_NAME_LEN);
+                dst.put_u32(m.max_window);
                 let flags = if m.auth_required {
                     FLAG_AUTH_REQUIRED
                 } else {
@@ -392,12 +399,11 @@ impl Frame {
                     dst.put_u32(raw_len);
                 }
                 dst.put_slice(&m.data);
-                let flags = if m.raw_len.is_some() {
-                    FLAG_COMPRESSED
-                } else {
-                    0
-                };
-                (FrameType::Chunk, flags, m.stream)
+                (
+                    FrameType::Chunk,
+                    chunk_flags(m.raw_len, m.window_empty),
+                    m.stream,
+                )
             }
             Frame::Progress { stream, progress } => {
                 dst.put_u64(progress.bytes_sent);
@@ -483,9 +489,33 @@ pub fn encode_header(payload_len: u32, kind: u8, flags: u8, stream: StreamId) ->
 }
 
 /// Header plus the CHUNK fields before the data: what the data path writes in front of a
-/// data buffer it sends as it is. `raw_len` is `Some` for compressed data.
-pub fn chunk_header(stream: StreamId, seq: u64, raw_len: Option<u32>, data_len: usize) -> Bytes {
-    chunk_header_in(&mut BytesMut::new(), stream, seq, raw_len, data_len)
+/// data buffer it sends as it is. `raw_len` is `Some` for compressed data; `window_empty`
+/// sets FLAG_WINDOW_EMPTY.
+pub fn chunk_header(
+    stream: StreamId,
+    seq: u64,
+    raw_len: Option<u32>,
+    window_empty: bool,
+    data_len: usize,
+) -> Bytes {
+    chunk_header_in(
+        &mut BytesMut::new(),
+        stream,
+        seq,
+        raw_len,
+        window_empty,
+        data_len,
+    )
+}
+
+fn chunk_flags(raw_len: Option<u32>, window_empty: bool) -> u8 {
+    let compressed = if raw_len.is_some() {
+        FLAG_COMPRESSED
+    } else {
+        0
+    };
+    let empty = if window_empty { FLAG_WINDOW_EMPTY } else { 0 };
+    compressed | empty
 }
 
 /// [`chunk_header`] carved out of `arena`, which is refilled 4 KiB at a time: the data path
@@ -495,17 +525,14 @@ pub fn chunk_header_in(
     stream: StreamId,
     seq: u64,
     raw_len: Option<u32>,
+    window_empty: bool,
     data_len: usize,
 ) -> Bytes {
     let extra = if raw_len.is_some() { 12 } else { 8 };
     if arena.capacity() - arena.len() < HEADER_LEN + extra {
         arena.reserve(4096);
     }
-    let flags = if raw_len.is_some() {
-        FLAG_COMPRESSED
-    } else {
-        0
-    };
+    let flags = chunk_flags(raw_len, window_empty);
     let kind = FrameType::Chunk as u8;
     arena.put_slice(&encode_header(
         (extra + data_len) as u32,
@@ -615,6 +642,7 @@ pub fn decode_payload(
             max_paradata: r.u32()?,
             heartbeat_interval_ms: r.u32()?,
             name: r.str16(MAX_NAME_LEN)?,
+            max_window: r.u32()?,
         }),
         FrameType::Auth => Frame::Auth { proof: r.array()? },
         FrameType::Initiate => {
@@ -647,6 +675,7 @@ pub fn decode_payload(
                 stream,
                 seq,
                 raw_len,
+                window_empty: flags & FLAG_WINDOW_EMPTY != 0,
                 data: r.buf,
             })
         }

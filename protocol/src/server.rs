@@ -427,17 +427,19 @@ impl ServerConnection {
         }
         let seq = s.seq;
         s.seq += 1;
+        // Tells the client its window, not its reader, stopped the stream (PROTOCOL.md 6.3).
+        let empty = s.window == 0;
         let arena = &mut self.header_arena;
         let (head, body) = match compressed {
             Some(c) => {
                 let raw_len = Some(raw.len() as u32);
                 (
-                    frame::chunk_header_in(arena, stream, seq, raw_len, c.len()),
+                    frame::chunk_header_in(arena, stream, seq, raw_len, empty, c.len()),
                     c,
                 )
             }
             None => (
-                frame::chunk_header_in(arena, stream, seq, None, raw.len()),
+                frame::chunk_header_in(arena, stream, seq, None, empty, raw.len()),
                 raw,
             ),
         };
@@ -665,6 +667,7 @@ impl ServerConnection {
             max_paradata: self.settings.max_paradata,
             heartbeat_interval_ms: interval.as_millis() as u32,
             name: self.settings.name.clone(),
+            max_window: self.max_window(),
         }));
         if auth_required {
             self.phase = Phase::AwaitAuth;
@@ -673,6 +676,14 @@ impl ServerConnection {
         }
         self.client_name = bind.name;
         Ok(())
+    }
+
+    /// The largest window a stream may reach (ACCEPT `max_window`).
+    fn max_window(&self) -> u32 {
+        self.settings
+            .max_window
+            .max(self.initial_window)
+            .min(MAX_WINDOW as u32)
     }
 
     fn establish(&mut self) {
@@ -753,14 +764,19 @@ impl ServerConnection {
                 "CREDIT of 0 on stream {stream}"
             )));
         }
+        let max = u64::from(self.max_window());
         let Some(s) = self.streams.get_mut(&stream) else {
             return Ok(()); // The stream ended while the credit was in flight.
         };
+        // A client may grow a stream's window (PROTOCOL.md 6.3), up to what ACCEPT allowed:
+        // the window bounds what a stream buffers here.
         let window = s.window + u64::from(increment);
-        if window > MAX_WINDOW {
+        if window > max {
             return Err(WireError::new(
                 ErrorCode::FLOW_CONTROL_VIOLATION,
-                format!("CREDIT takes stream {stream}'s window to {window}, above {MAX_WINDOW}"),
+                format!(
+                    "CREDIT takes stream {stream}'s window to {window}, above the {max} allowed"
+                ),
             ));
         }
         s.window = window;

@@ -63,7 +63,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
             any::<u16>(),
             any::<bool>(),
             any::<[u8; 32]>(),
-            any::<[u32; 5]>(),
+            any::<[u32; 6]>(),
             text(64)
         )
             .prop_map(
@@ -77,6 +77,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
                     max_paradata: n[3],
                     heartbeat_interval_ms: n[4],
                     name,
+                    max_window: n[5],
                 })
             ),
         any::<[u8; 32]>().prop_map(|proof| Frame::Auth { proof }),
@@ -107,14 +108,18 @@ fn any_frame() -> impl Strategy<Value = Frame> {
             stream(),
             any::<u64>(),
             proptest::option::of(any::<u32>()),
+            any::<bool>(),
             proptest::collection::vec(any::<u8>(), 0..2000)
         )
-            .prop_map(|(stream, seq, raw_len, data)| Frame::Chunk(Chunk {
-                stream,
-                seq,
-                raw_len,
-                data: Bytes::from(data)
-            })),
+            .prop_map(
+                |(stream, seq, raw_len, window_empty, data)| Frame::Chunk(Chunk {
+                    stream,
+                    seq,
+                    raw_len,
+                    window_empty,
+                    data: Bytes::from(data)
+                })
+            ),
         (stream(), any::<u64>(), items()).prop_map(|(stream, bytes_sent, items)| Frame::Progress {
             stream,
             progress: Progress { bytes_sent, items }
@@ -220,13 +225,20 @@ proptest! {
 #[test]
 fn chunk_header_plus_data_is_a_chunk_frame() {
     let data = Bytes::from_static(b"hello world");
-    for raw_len in [None, Some(99)] {
-        let mut buf = BytesMut::from(&frame::chunk_header(StreamId(3), 7, raw_len, data.len())[..]);
+    for (raw_len, window_empty) in [
+        (None, false),
+        (Some(99), false),
+        (None, true),
+        (Some(9), true),
+    ] {
+        let head = frame::chunk_header(StreamId(3), 7, raw_len, window_empty, data.len());
+        let mut buf = BytesMut::from(&head[..]);
         buf.extend_from_slice(&data);
         let want = Frame::Chunk(Chunk {
             stream: StreamId(3),
             seq: 7,
             raw_len,
+            window_empty,
             data: data.clone(),
         });
         assert_eq!(frame::decode(&mut buf, u32::MAX).unwrap(), Some(want));

@@ -108,6 +108,7 @@ fn write_seed_corpus() {
                     max_paradata: 1000,
                     heartbeat_interval_ms: 5000,
                     name: "seed".into(),
+                    max_window: 4 << 20,
                 }),
                 Frame::Initiated {
                     stream: StreamId(1),
@@ -118,6 +119,7 @@ fn write_seed_corpus() {
                     stream: StreamId(1),
                     seq: 0,
                     raw_len: None,
+                    window_empty: false,
                     data: "hello".into(),
                 }),
                 Frame::Complete {

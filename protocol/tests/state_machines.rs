@@ -306,18 +306,20 @@ fn one_slow_stream_does_not_block_another() {
     p.server
         .send_chunk(slow, data(8 * 1024, 0), None, p.now)
         .unwrap();
+    let mut sent = 0;
     for round in 0..20 {
         let cap = p.server.send_capacity(fast);
-        assert!(cap > 0, "fast stream starved in round {round}");
+        assert!(cap >= 8 * 1024, "fast stream starved in round {round}");
         p.server
             .send_chunk(fast, data(cap, 1), None, p.now)
             .unwrap();
+        sent += cap;
         p.pump();
         p.client.consume(fast, cap);
         p.pump();
     }
     assert_eq!(p.server.send_capacity(slow), 0);
-    assert_eq!(p.received(fast).len(), 20 * 8 * 1024);
+    assert_eq!(p.received(fast).len(), sent);
 }
 
 #[test]
@@ -483,6 +485,7 @@ fn chunk(stream: StreamId, seq: u64, data: Bytes) -> Frame {
         stream,
         seq,
         raw_len: None,
+        window_empty: false,
         data,
     })
 }
@@ -516,6 +519,159 @@ fn a_client_overflowing_the_window_with_credit_loses_the_connection() {
         closed_error_event(&mut server).code,
         ErrorCode::FLOW_CONTROL_VIOLATION
     );
+}
+
+#[test]
+fn credit_up_to_accept_max_window_is_taken_and_beyond_it_loses_the_connection() {
+    let ss = ServerSettings {
+        max_window: 8 << 20,
+        ..Default::default()
+    };
+    let (mut server, now) = bound_server(ss);
+    server.handle_input(&initiate_frame(StreamId(1)).to_bytes(), now);
+    // The default client asked for 4 MiB: 4 MiB more reaches the maximum exactly.
+    let credit = |increment| Frame::Credit {
+        stream: StreamId(1),
+        increment,
+    };
+    server.handle_input(&credit(4 << 20).to_bytes(), now);
+    assert!(!server.is_closed());
+    server.handle_input(&credit(1).to_bytes(), now);
+    let err = closed_error_event(&mut server);
+    assert_eq!(err.code, ErrorCode::FLOW_CONTROL_VIOLATION);
+    assert!(err.message.contains("8388608 allowed"), "{err}");
+}
+
+#[test]
+fn accept_with_max_window_below_initial_window_is_refused() {
+    let now = std::time::Instant::now();
+    let mut client = ClientConnection::new(ClientSettings::default(), [0; 32], now);
+    let accept = Frame::Accept(frame::Accept {
+        version: 1,
+        auth_required: false,
+        nonce: [0; 32],
+        initial_window: 1 << 20,
+        max_frame_size: 1 << 20,
+        max_streams: 10,
+        max_paradata: 1000,
+        heartbeat_interval_ms: 5000,
+        name: "small".into(),
+        max_window: 1 << 19,
+    });
+    client.handle_input(&PREFACE, now);
+    client.handle_input(&accept.to_bytes(), now);
+    let err = client_closed_error(&mut client);
+    assert_eq!(err.code, ErrorCode::PROTOCOL_ERROR);
+    assert!(err.message.contains("max_window"), "{err}");
+}
+
+/// Rounds of: the server sends all its window allows, the client reads, the application
+/// consumes `share` of what it has not yet consumed. Returns the bytes sent in each round.
+fn window_rounds(p: &mut Pair, s: StreamId, rounds: usize, share: f64) -> Vec<usize> {
+    let mut per_round = Vec::new();
+    let mut unread = 0usize;
+    for _ in 0..rounds {
+        let mut sent = 0;
+        while p.server.send_capacity(s) > 0 {
+            let n = p.server.send_capacity(s).min(16 << 10);
+            p.server.send_chunk(s, data(n, 0), None, p.now).unwrap();
+            sent += n;
+        }
+        p.pump();
+        unread += sent;
+        let consumed = (unread as f64 * share) as usize;
+        p.client.consume(s, consumed);
+        unread -= consumed;
+        p.pump();
+        per_round.push(sent);
+    }
+    per_round
+}
+
+fn growth_pair(max_window: u32) -> (Pair, StreamId) {
+    let cs = ClientSettings {
+        initial_window: 64 << 10,
+        max_window,
+        ..Default::default()
+    };
+    let ss = ServerSettings {
+        max_window: 1 << 20,
+        ..Default::default()
+    };
+    let mut p = Pair::new(cs, ss);
+    let s = p.initiate("synthetic:1G");
+    p.server.accept(s, u64::MAX, false).unwrap();
+    p.pump();
+    (p, s)
+}
+
+#[test]
+fn a_window_grows_to_its_maximum_while_the_application_keeps_up() {
+    let (mut p, s) = growth_pair(256 << 10);
+    let rounds = window_rounds(&mut p, s, 12, 1.0);
+    assert_eq!(rounds[0], 64 << 10, "{rounds:?}");
+    // Doubled, then doubled again, and never beyond the client's maximum.
+    assert!(rounds.contains(&(128 << 10)), "{rounds:?}");
+    assert_eq!(*rounds.last().unwrap(), 256 << 10, "{rounds:?}");
+    assert_eq!(*rounds.iter().max().unwrap(), 256 << 10, "{rounds:?}");
+}
+
+#[test]
+fn a_window_does_not_grow_while_the_application_lags() {
+    let (mut p, s) = growth_pair(256 << 10);
+    // The application reads a third of its backlog each round: the reader is the limit.
+    let rounds = window_rounds(&mut p, s, 12, 0.34);
+    assert!(rounds.iter().all(|&n| n <= 64 << 10), "{rounds:?}");
+    assert!(
+        rounds.iter().skip(1).all(|&n| n > 0),
+        "it still flows: {rounds:?}"
+    );
+}
+
+#[test]
+fn a_window_does_not_grow_when_the_source_is_the_limit() {
+    let (mut p, s) = growth_pair(256 << 10);
+    for _ in 0..12 {
+        // The source has half a window at a time: the window never runs out.
+        let n = p.server.send_capacity(s) / 2;
+        p.server.send_chunk(s, data(n, 0), None, p.now).unwrap();
+        p.pump();
+        p.client.consume(s, n);
+        p.pump();
+    }
+    assert_eq!(p.server.send_capacity(s), 64 << 10);
+}
+
+#[test]
+fn the_chunk_that_uses_up_the_window_says_so() {
+    let cs = ClientSettings {
+        initial_window: 3000,
+        ..Default::default()
+    };
+    let mut p = Pair::new(cs, ServerSettings::default());
+    let s = p.initiate("x");
+    p.server.accept(s, u64::MAX, false).unwrap();
+    let _ = server_frames(&mut p.server);
+    for _ in 0..3 {
+        p.server.send_chunk(s, data(1000, 0), None, p.now).unwrap();
+    }
+    let flags: Vec<bool> = server_frames(&mut p.server)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Chunk(c) => Some(c.window_empty),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flags, vec![false, false, true]);
+}
+
+#[test]
+fn a_window_does_not_grow_past_what_the_server_allows() {
+    // The client would go to 16 MiB; the server's ACCEPT said 1 MiB.
+    let (mut p, s) = growth_pair(16 << 20);
+    let rounds = window_rounds(&mut p, s, 20, 1.0);
+    assert_eq!(*rounds.iter().max().unwrap(), 1 << 20, "{rounds:?}");
+    assert!(!p.server.is_closed() && !p.client.is_closed());
 }
 
 #[test]
@@ -644,6 +800,7 @@ fn a_decompression_bomb_fails_the_stream() {
             stream: s,
             seq: 0,
             raw_len: Some(1024),
+            window_empty: false,
             data: bomb,
         }),
     );
