@@ -120,7 +120,7 @@ impl Producer for FileProducer {
 }
 
 /// `synthetic:SIZE[?seed=S]`: SIZE deterministic pseudo-random bytes (see
-/// [`synthetic`](crate::synthetic)), sent as zero-copy slices of a per-shard tile.
+/// [`synthetic`](crate::synthetic)), sent as zero-copy slices of the shard's one tile.
 pub struct SyntheticSource;
 
 impl Source for SyntheticSource {
@@ -134,7 +134,8 @@ impl Source for SyntheticSource {
         let seed = p.size_param("seed", &["seed"])?.unwrap_or(0);
         Ok(Opened {
             producer: Box::new(SyntheticProducer {
-                tile: request.shard.synthetic_tile(seed),
+                tile: request.shard.synthetic_tile(),
+                seed,
                 chunk: request.shard.chunk_size().min(synthetic::MAX_CHUNK),
                 offset: 0,
                 size,
@@ -146,6 +147,7 @@ impl Source for SyntheticSource {
 
 struct SyntheticProducer {
     tile: Bytes,
+    seed: u64,
     chunk: usize,
     offset: u64,
     size: u64,
@@ -156,7 +158,7 @@ impl Producer for SyntheticProducer {
         let left = self.size - self.offset;
         let chunk = (left > 0).then(|| {
             let len = (max.min(self.chunk) as u64).min(left) as usize;
-            let start = (self.offset % synthetic::PERIOD) as usize;
+            let start = synthetic::tile_offset(self.seed, self.offset);
             self.offset += len as u64;
             Ok(self.tile.slice(start..start + len))
         });

@@ -3,7 +3,6 @@
 //! `RefCell`: no locks and no shared atomics on the data path.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,8 +23,6 @@ use crate::telemetry::{LogLimiter, ShardMetrics};
 
 /// Free buffers kept per shard; more are dropped.
 const POOL_MAX_FREE: usize = 64;
-/// Synthetic tiles cached per shard (each `PERIOD + MAX_CHUNK` bytes).
-const TILES_MAX: usize = 4;
 
 /// What sources and the engine may use of their shard.
 pub struct ShardContext {
@@ -37,7 +34,8 @@ pub struct ShardContext {
     /// Compression workers, shared by the server's shards.
     pub(crate) packer: Arc<Packer>,
     pool: RefCell<Vec<BytesMut>>,
-    tiles: RefCell<HashMap<u64, Bytes>>,
+    /// The synthetic tile (`PERIOD + MAX_CHUNK` bytes), made on first use.
+    tile: std::cell::OnceCell<Bytes>,
     pub(crate) connections: RefCell<Vec<Weak<ConnState>>>,
     /// Notified whenever a connection of this shard ends.
     pub(crate) connection_ended: Notify,
@@ -86,18 +84,11 @@ impl ShardContext {
         }
     }
 
-    /// The synthetic tile of `seed`, generated on first use and cached.
-    pub(crate) fn synthetic_tile(&self, seed: u64) -> Bytes {
-        let mut tiles = self.tiles.borrow_mut();
-        if let Some(tile) = tiles.get(&seed) {
-            return tile.clone();
-        }
-        if tiles.len() >= TILES_MAX {
-            tiles.clear();
-        }
-        let tile = Bytes::from(synthetic::tile(seed));
-        tiles.insert(seed, tile.clone());
-        tile
+    /// The synthetic tile every `synthetic:` stream of the shard slices.
+    pub(crate) fn synthetic_tile(&self) -> Bytes {
+        self.tile
+            .get_or_init(|| Bytes::from(synthetic::tile()))
+            .clone()
     }
 
     pub(crate) fn config(&self) -> &ServerConfig {
@@ -143,7 +134,7 @@ pub(crate) fn run(
             stats,
             packer,
             pool: RefCell::new(Vec::new()),
-            tiles: RefCell::new(HashMap::new()),
+            tile: std::cell::OnceCell::new(),
             connections: RefCell::new(Vec::new()),
             connection_ended: Notify::new(),
             metrics: ShardMetrics::new(),
