@@ -1,7 +1,7 @@
 //! `nexus-bench`: Nexus against what users would otherwise use, side by side over loopback,
 //! interleaved (A B A B ...) so that drift on a shared machine hits both alike.
 //!
-//! Every transfer runs between real processes: `nexus serve` (one shard) and `nexus pull` to
+//! Every transfer runs between real processes: `nexus serve` (one shard per core) and `nexus pull` to
 //! /dev/null, found next to this binary; the baselines are iperf3, nginx + curl and Arrow
 //! Flight (pyarrow), installed on first use. CPU is user+sys of both ends from the kernel's
 //! own accounting (`wait4`, `/proc`), peak RSS likewise. Scenarios and their baselines:

@@ -162,13 +162,13 @@ pub(crate) fn nexus_binary() -> PathBuf {
     me.with_file_name("nexus")
 }
 
-/// `nexus serve` with one shard on `backend`, serving `root`.
+/// `nexus serve` as deployed (one shard per core) on `backend`, serving `root`. A connection
+/// lives on one shard, so one-connection scenarios use one core of the server either way.
 pub(crate) fn nexus_server(backend: &str, root: &Path) -> (Daemon, SocketAddr) {
     let root = root.to_string_lossy().into_owned();
     let (guard, address) = nexus_testkit::spawn_nexus_serve(
         &nexus_binary(),
         &[
-            ("BURST_NEXUS_SERVER_THREADS", "1"),
             ("BURST_NEXUS_IO_BACKEND", backend),
             ("BURST_NEXUS_SERVER_ROOT", &root),
         ],
