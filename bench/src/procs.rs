@@ -205,11 +205,13 @@ pub(crate) fn nexus_pull_streams(
         .args(["--backend", backend])
         .args(extra)
         .env("BURST_NEXUS_CLIENT_THREADS", "1");
+    let mut manifest = None;
     if let [(address, one)] = streams {
         command.args([&address.to_string(), *one, "-o", "/dev/null"]);
     } else {
         let number = MANIFESTS.fetch_add(1, Ordering::Relaxed);
-        let manifest = scratch.join(format!("manifest-{}-{number}", std::process::id()));
+        let path = scratch.join(format!("manifest-{}-{number}", std::process::id()));
+        let manifest = manifest.insert(path);
         let lines: String = streams
             .iter()
             .map(|(address, p)| format!("{address} {p} /dev/null\n"))
@@ -217,10 +219,13 @@ pub(crate) fn nexus_pull_streams(
         std::fs::write(&manifest, lines).expect("manifest");
         command
             .arg("--manifest")
-            .arg(&manifest)
+            .arg(&*manifest)
             .args(["--parallel", &streams.len().to_string()]);
     }
     let finished = run_watched(&mut command, started).expect("nexus pull");
+    if let Some(manifest) = manifest {
+        let _ = std::fs::remove_file(manifest);
+    }
     assert!(
         finished.ok,
         "nexus pull failed: {}",
