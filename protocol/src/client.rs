@@ -20,7 +20,7 @@ use crate::types::{
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     /// Per-stream window asked for, in bytes: the most data one stream can have in flight
-    /// or waiting for the application. The memory a stream pins is bounded by it.
+    /// or waiting for the application until its window grows (see `max_window`).
     pub initial_window: u32,
     /// Largest window a stream grows to while its application keeps up with the data (the
     /// stream is limited by its window, not by its reader). Equal to the initial window: no

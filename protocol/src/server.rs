@@ -651,7 +651,10 @@ impl ServerConnection {
         self.version = version;
         self.client_nonce = bind.nonce;
         self.max_chunk = bind.max_frame_size as usize - CHUNK_OVERHEAD_MAX;
-        self.initial_window = bind.initial_window.min(self.settings.max_window);
+        self.initial_window = bind
+            .initial_window
+            .min(self.settings.max_window)
+            .min(MAX_WINDOW as u32);
         let interval = Duration::from_millis(bind.heartbeat_interval_ms.into())
             .min(self.settings.heartbeat_interval)
             .max(MIN_HEARTBEAT);
