@@ -616,7 +616,12 @@ async fn read_loop(actor: &Rc<Actor>) {
             *proto.input_buffer() = buf;
             match result {
                 Ok(0) => proto.handle_eof(),
-                Ok(_) => proto.process_input(Instant::now()),
+                Ok(_) => {
+                    proto.process_input(Instant::now());
+                    if proto.active_streams() == 0 {
+                        blocks.release_idle();
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(endpoint = %actor.handle.endpoint, error = %e, "Read failed.");
                     proto.handle_eof();

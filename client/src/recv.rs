@@ -9,7 +9,9 @@
 //!   block is retired, not freed, and taken again once the consumers dropped all its chunks.
 //!
 //! Memory: a block is `BLOCK` bytes; chunks smaller than `COPY_BELOW` are copied out by the
-//! caller, so that a chunk a consumer holds pins at most four times its own size.
+//! caller, so that a chunk a consumer holds pins at most four times its own size. A
+//! connection with no stream keeps only its current block (`release_idle`): an idle pooled
+//! connection holds 4 MiB, not the blocks of its last burst.
 
 use std::collections::VecDeque;
 
@@ -64,6 +66,12 @@ impl RecvBlocks {
                 spare(buf) - ROOM
             }
         }
+    }
+
+    /// Lets go of the retired blocks: the free ones now, the ones consumers still hold when
+    /// their last chunk is dropped. For a connection with no stream running.
+    pub(crate) fn release_idle(&mut self) {
+        self.retired.clear();
     }
 
     /// Moves what `buf` holds to a block of at least `capacity` and retires the old one.
@@ -199,6 +207,30 @@ mod tests {
         // A consumer that drops each chunk at once: a handful of blocks serve 100 MiB.
         play(&mut blocks, &frames, drop);
         assert!(blocks.allocated() <= 3, "{}", blocks.allocated());
+    }
+
+    #[test]
+    fn an_idle_connection_lets_its_retired_blocks_go() {
+        let mut blocks = RecvBlocks::default();
+        let frames = vec![HEADER + (1 << 20); 40];
+        // Each play starts from an empty buffer, so its last block is dropped, not retired:
+        // a warm connection allocates one block per play, the rest are reused.
+        play(&mut blocks, &frames, drop);
+        play(&mut blocks, &frames, drop);
+        let warm = blocks.allocated();
+        play(&mut blocks, &frames, drop);
+        assert_eq!(
+            blocks.allocated() - warm,
+            1,
+            "a busy connection reuses its blocks"
+        );
+        blocks.release_idle();
+        let released = blocks.allocated();
+        play(&mut blocks, &frames, drop);
+        assert!(
+            blocks.allocated() - released > 1,
+            "released blocks are not kept"
+        );
     }
 
     #[test]
