@@ -17,9 +17,17 @@ fn main() {
 /// The data path's encode: a header segment in front of the data, which is not copied.
 #[divan::bench]
 fn encode_chunk_header(bencher: Bencher) {
-    bencher
-        .counter(BytesCount::new(CHUNK))
-        .bench(|| frame::chunk_header(divan::black_box(StreamId(1)), 7, None, false, CHUNK));
+    let mut arena = BytesMut::new();
+    bencher.counter(BytesCount::new(CHUNK)).bench_local(|| {
+        frame::chunk_header_in(
+            &mut arena,
+            divan::black_box(StreamId(1)),
+            7,
+            None,
+            false,
+            CHUNK,
+        )
+    });
 }
 
 /// A copying encode of the whole frame, for comparison.

@@ -169,8 +169,6 @@ struct Stream {
     limit: u64,
     /// Consumed by the application and not yet credited.
     unacknowledged: u64,
-    /// Consumed by the application, in all.
-    consumed: u64,
     /// A CHUNK said the server used up the window, and no consume has looked at it yet.
     window_emptied: bool,
     next_seq: u64,
@@ -422,7 +420,6 @@ impl ClientConnection {
                 window,
                 limit: window,
                 unacknowledged: 0,
-                consumed: 0,
                 window_emptied: false,
                 next_seq: 0,
                 bytes: 0,
@@ -452,8 +449,9 @@ impl ClientConnection {
             return;
         }
         s.unacknowledged += bytes as u64;
-        s.consumed += bytes as u64;
-        let backlog = s.bytes.saturating_sub(s.consumed);
+        // Received and not yet consumed: the window's full size less what the server may
+        // still send and what was consumed but not yet credited.
+        let backlog = s.limit.saturating_sub(s.window + s.unacknowledged);
         let emptied = std::mem::take(&mut s.window_emptied);
         let mut growth = 0;
         if emptied && s.limit < max && backlog <= s.limit / 4 {

@@ -330,7 +330,7 @@ impl Frame {
     }
 
     /// Appends the whole frame, header and payload, to `dst`. CHUNK data is copied: the data
-    /// path uses [`chunk_header`] and sends the data from its own buffer instead.
+    /// path uses [`chunk_header_in`] and sends the data from its own buffer instead.
     ///
     /// Strings longer than their field allows are truncated at a character boundary
     /// (names to 256 bytes, messages to 4096); extension frames encode as nothing.
@@ -488,26 +488,6 @@ pub fn encode_header(payload_len: u32, kind: u8, flags: u8, stream: StreamId) ->
     h
 }
 
-/// Header plus the CHUNK fields before the data: what the data path writes in front of a
-/// data buffer it sends as it is. `raw_len` is `Some` for compressed data; `window_empty`
-/// sets FLAG_WINDOW_EMPTY.
-pub fn chunk_header(
-    stream: StreamId,
-    seq: u64,
-    raw_len: Option<u32>,
-    window_empty: bool,
-    data_len: usize,
-) -> Bytes {
-    chunk_header_in(
-        &mut BytesMut::new(),
-        stream,
-        seq,
-        raw_len,
-        window_empty,
-        data_len,
-    )
-}
-
 fn chunk_flags(raw_len: Option<u32>, window_empty: bool) -> u8 {
     let compressed = if raw_len.is_some() {
         FLAG_COMPRESSED
@@ -518,8 +498,10 @@ fn chunk_flags(raw_len: Option<u32>, window_empty: bool) -> u8 {
     compressed | empty
 }
 
-/// [`chunk_header`] carved out of `arena`, which is refilled 4 KiB at a time: the data path
-/// allocates once per ~200 chunks instead of once per chunk.
+/// Header plus the CHUNK fields before the data: what the data path writes in front of a
+/// data buffer it sends as it is. `raw_len` is `Some` for compressed data; `window_empty`
+/// sets FLAG_WINDOW_EMPTY. Carved out of `arena`, which is refilled 4 KiB at a time: the
+/// data path allocates once per ~200 chunks instead of once per chunk.
 pub fn chunk_header_in(
     arena: &mut BytesMut,
     stream: StreamId,

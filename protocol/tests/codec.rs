@@ -225,13 +225,22 @@ proptest! {
 #[test]
 fn chunk_header_plus_data_is_a_chunk_frame() {
     let data = Bytes::from_static(b"hello world");
+    // One arena for all, as on the data path.
+    let mut arena = BytesMut::new();
     for (raw_len, window_empty) in [
         (None, false),
         (Some(99), false),
         (None, true),
         (Some(9), true),
     ] {
-        let head = frame::chunk_header(StreamId(3), 7, raw_len, window_empty, data.len());
+        let head = frame::chunk_header_in(
+            &mut arena,
+            StreamId(3),
+            7,
+            raw_len,
+            window_empty,
+            data.len(),
+        );
         let mut buf = BytesMut::from(&head[..]);
         buf.extend_from_slice(&data);
         let want = Frame::Chunk(Chunk {
