@@ -300,7 +300,9 @@ impl Actor {
             Command::Consume { key, bytes } => {
                 let id = self.slots.borrow().get(&key).and_then(|s| s.id);
                 if let Some(id) = id {
-                    self.proto.borrow_mut().consume(id, bytes as usize);
+                    self.proto
+                        .borrow_mut()
+                        .consume(id, bytes as usize, Instant::now());
                 }
             }
             Command::Cancel { key } => self.cancel(key),

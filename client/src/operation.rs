@@ -46,8 +46,8 @@ pub struct OperationProgress {
     pub expected_bytes: Option<u64>,
     /// Items the servers report as sent.
     pub items_sent: u64,
-    /// Items the servers expect to send.
-    pub items_expected: u64,
+    /// Items the servers expect to send, when every stream's source counts items.
+    pub items_expected: Option<u64>,
 }
 
 /// One stream's line in an operation's summary.
@@ -183,13 +183,17 @@ impl Operation {
         let mut p = OperationProgress {
             streams: streams.len(),
             expected_bytes: Some(0),
+            items_expected: Some(0),
             ..OperationProgress::default()
         };
         for s in streams.iter() {
             let sp = s.progress();
             p.bytes_received += sp.bytes_received;
             p.items_sent += sp.items_sent;
-            p.items_expected += sp.items_expected;
+            p.items_expected = match (p.items_expected, sp.items_expected) {
+                (Some(total), Some(e)) => Some(total.saturating_add(e)),
+                _ => None,
+            };
             p.expected_bytes = match (p.expected_bytes, sp.expected_bytes) {
                 (Some(total), Some(e)) => Some(total.saturating_add(e)),
                 _ => None,

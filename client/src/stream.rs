@@ -83,8 +83,8 @@ pub struct StreamProgress {
     pub expected_bytes: Option<u64>,
     /// Items the server reports as sent (PROGRESS, COMPLETE).
     pub items_sent: u64,
-    /// Items the server expects to send in all.
-    pub items_expected: u64,
+    /// Items the server expects to send in all, when its source counts items.
+    pub items_expected: Option<u64>,
 }
 
 /// State one stream shares between its handle, its connection's IO thread and its operation.
@@ -129,7 +129,7 @@ impl StreamShared {
             bytes_received: AtomicU64::new(0),
             expected_bytes: AtomicU64::new(u64::MAX),
             items_sent: AtomicU64::new(0),
-            items_expected: AtomicU64::new(0),
+            items_expected: AtomicU64::new(u64::MAX),
             ended: Mutex::new(None),
             credit_batch: AtomicU64::new(1),
             spill: Mutex::new(VecDeque::new()),
@@ -225,7 +225,8 @@ impl StreamShared {
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             expected_bytes: (expected != u64::MAX).then_some(expected),
             items_sent: self.items_sent.load(Ordering::Relaxed),
-            items_expected: self.items_expected.load(Ordering::Relaxed),
+            items_expected: Some(self.items_expected.load(Ordering::Relaxed))
+                .filter(|&n| n != u64::MAX),
         }
     }
 }

@@ -135,6 +135,13 @@ pub const PROPERTIES: &[Property] = &[
         "A stream whose peer makes no progress this long ends with `timeout`.",
     ),
     p(
+        "burst.nexus.stream.progress.ms",
+        Millis,
+        "1000",
+        "ms",
+        "How often the server sends PROGRESS on each running stream, also while it waits for credit.",
+    ),
+    p(
         "burst.nexus.stream.window.max",
         Integer,
         "16777216",

@@ -8,12 +8,12 @@ use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, Role};
 use crate::compress;
-use crate::conn::{self, Clock, Inbox, Outbox, MIN_HEARTBEAT};
+use crate::conn::{self, earliest, Clock, Inbox, Outbox, MIN_HEARTBEAT};
 use crate::error::{CallError, WireError};
-use crate::frame::{Accept, Bind, Chunk, Frame, Initiate, NONCE_LEN, PREFACE};
+use crate::frame::{Accept, Bind, Chunk, Frame, Initiate, CHUNK_OVERHEAD_MAX, NONCE_LEN, PREFACE};
 use crate::server::frame_name;
 use crate::types::{
-    Completion, ErrorCode, OperationId, Progress, StreamId, VERSION_MAX, VERSION_MIN,
+    Completion, ErrorCode, OperationId, Progress, StreamId, UNKNOWN, VERSION_MAX, VERSION_MIN,
 };
 
 /// Limits and timers of the client side. Defaults are PROTOCOL.md's.
@@ -174,7 +174,11 @@ struct Stream {
     next_seq: u64,
     bytes: u64,
     digest: conn::Digest,
+    /// The last frame of the stream, or the moment its window reopened: the stream timeout
+    /// counts from here while the window is above 0.
     last_heard: Instant,
+    /// What INITIATED announced ([`UNKNOWN`] if nothing): the stream must carry exactly this.
+    expected: u64,
 }
 
 /// The client half of one connection, without IO. Same driving contract as
@@ -191,6 +195,8 @@ pub struct ClientConnection {
     inbox: Inbox,
     outbox: Outbox,
     clock: Clock,
+    /// The earliest an open stream may time out; checked then, not at the next tick.
+    stream_check: Option<Instant>,
     events: VecDeque<ClientEvent>,
     /// Kept across compressed chunks: no zstd context per chunk.
     unpacker: compress::ChunkDecompressor,
@@ -224,6 +230,7 @@ impl ClientConnection {
             inbox,
             outbox,
             clock,
+            stream_check: None,
             events: VecDeque::new(),
             unpacker: compress::ChunkDecompressor::default(),
         }
@@ -283,11 +290,22 @@ impl ClientConnection {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (self.phase != Phase::Closed).then(|| self.clock.next_deadline())
+        (self.phase != Phase::Closed).then(|| {
+            let tick = self.clock.next_deadline();
+            self.stream_check.map_or(tick, |at| at.min(tick))
+        })
     }
 
-    /// Runs the timers due at `now`.
+    /// Runs the timers due at `now`: handshake deadline, heartbeats, idle and stream timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        if self.phase == Phase::Established && self.stream_check.is_some_and(|at| now >= at) {
+            self.time_out_silent_streams(now);
+        }
+    }
+
+    /// The heartbeat tick: handshake deadline, idle timeout, HEARTBEAT.
+    fn tick(&mut self, now: Instant) {
         if self.phase == Phase::Closed {
             return;
         }
@@ -315,16 +333,26 @@ impl ClientConnection {
         self.outbox.control(&Frame::Heartbeat {
             stream: StreamId::CONNECTION,
         });
-        let mut timed_out: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| {
-                matches!(s.state, StreamState::Initiating | StreamState::Open)
-                    && s.window > 0
-                    && now.duration_since(s.last_heard) >= self.settings.stream_timeout
-            })
-            .map(|(id, _)| *id)
-            .collect();
+    }
+
+    /// Ends the streams that could receive (window above 0) and heard nothing for the stream
+    /// timeout, and schedules the next check for the earliest of the others.
+    fn time_out_silent_streams(&mut self, now: Instant) {
+        let timeout = self.settings.stream_timeout;
+        let mut timed_out = Vec::new();
+        let mut next = None;
+        for (&id, s) in &self.streams {
+            if !matches!(s.state, StreamState::Initiating | StreamState::Open) || s.window == 0 {
+                continue;
+            }
+            let at = s.last_heard + timeout;
+            if now >= at {
+                timed_out.push(id);
+            } else {
+                next = earliest(next, at);
+            }
+        }
+        self.stream_check = next;
         timed_out.sort();
         for stream in timed_out {
             let ms = self.settings.stream_timeout.as_millis();
@@ -403,12 +431,16 @@ impl ClientConnection {
         let stream = StreamId(self.next_stream);
         self.next_stream += 1;
         let window = accept.initial_window.into();
+        // A traceparent is a value, never truncated: one too long is left out (PROTOCOL.md 3).
+        let traceparent = request
+            .traceparent
+            .filter(|t| t.len() <= crate::frame::MAX_TRACEPARENT_LEN);
         self.outbox.control(&Frame::Initiate(Initiate {
             stream,
             operation: request.operation,
             accept_zstd: request.accept_zstd,
             paradata: request.paradata,
-            traceparent: request.traceparent,
+            traceparent,
         }));
         self.streams.insert(
             stream,
@@ -425,8 +457,10 @@ impl ClientConnection {
                 bytes: 0,
                 digest: conn::Digest::default(),
                 last_heard: now,
+                expected: UNKNOWN,
             },
         );
+        self.stream_check = earliest(self.stream_check, now + self.settings.stream_timeout);
         Ok(stream)
     }
 
@@ -437,7 +471,10 @@ impl ClientConnection {
     /// server said a chunk used up the window (WINDOW_EMPTY) and the application, consuming,
     /// has read all but at most a quarter of the window, the window, not the reader, is what
     /// held the stream back. A stream whose reader lags keeps its window.
-    pub fn consume(&mut self, stream: StreamId, bytes: usize) {
+    ///
+    /// CREDIT that reopens a window that was at 0 restarts the stream timeout at `now`: the
+    /// server could not send while the window was closed.
+    pub fn consume(&mut self, stream: StreamId, bytes: usize, now: Instant) {
         let (threshold, allowed) = self.accept.as_ref().map_or((1, 0), |a| {
             (u64::from(a.initial_window / 4).max(1), a.max_window)
         });
@@ -462,6 +499,10 @@ impl ClientConnection {
         if s.unacknowledged >= threshold || growth > 0 {
             let increment = (s.unacknowledged + growth).min(u64::from(u32::MAX));
             s.unacknowledged -= increment - growth;
+            if s.window == 0 {
+                s.last_heard = now;
+                self.stream_check = earliest(self.stream_check, now + self.settings.stream_timeout);
+            }
             s.window += increment;
             self.outbox.control(&Frame::Credit {
                 stream,
@@ -662,7 +703,7 @@ impl ClientConnection {
                 self.close_with(Some(err), true);
                 Ok(())
             }
-            (Phase::AwaitAccept, Frame::Accept(accept)) => self.on_accept(accept),
+            (Phase::AwaitAccept, Frame::Accept(accept)) => self.on_accept(accept, now),
             (Phase::AwaitAccept, other) => Err(WireError::protocol(format!(
                 "expected ACCEPT first, got {}",
                 frame_name(&other)
@@ -696,7 +737,7 @@ impl ClientConnection {
         }
     }
 
-    fn on_accept(&mut self, accept: Accept) -> Result<(), WireError> {
+    fn on_accept(&mut self, accept: Accept, now: Instant) -> Result<(), WireError> {
         if !(VERSION_MIN..=VERSION_MAX).contains(&accept.version) {
             return Err(WireError::new(
                 ErrorCode::UNSUPPORTED_VERSION,
@@ -709,8 +750,12 @@ impl ClientConnection {
                 accept.initial_window, self.settings.initial_window
             )));
         }
-        if accept.max_frame_size < 1024 {
-            return Err(WireError::protocol("ACCEPT max_frame_size below 1024"));
+        let min_frame = (CHUNK_OVERHEAD_MAX + 1024) as u32;
+        if accept.max_frame_size < min_frame {
+            return Err(WireError::protocol(format!(
+                "ACCEPT max_frame_size {} is below the minimum of {min_frame}",
+                accept.max_frame_size
+            )));
         }
         if accept.max_window < accept.initial_window {
             return Err(WireError::protocol(format!(
@@ -719,7 +764,7 @@ impl ClientConnection {
             )));
         }
         let interval = Duration::from_millis(accept.heartbeat_interval_ms.into());
-        self.clock.interval = interval.max(MIN_HEARTBEAT);
+        self.clock.negotiated(interval.max(MIN_HEARTBEAT), now);
         match (accept.auth_required, self.settings.secret.as_deref()) {
             (true, Some(secret)) => {
                 let proof = auth::proof(
@@ -810,6 +855,7 @@ impl ClientConnection {
                     }
                     s.state = StreamState::Open;
                     s.zstd = zstd;
+                    s.expected = expected_bytes;
                     self.events.push_back(ClientEvent::Initiated {
                         stream: id,
                         expected_bytes,
@@ -887,6 +933,7 @@ impl ClientConnection {
             // Cancelled or already failed: dropped, never delivered.
             StreamState::Cancelling | StreamState::Reported => return Ok(()),
         }
+        let beyond = s.expected != UNKNOWN && s.bytes + raw_len > s.expected;
         let failure = if chunk.seq != s.next_seq {
             let what = if chunk.seq < s.next_seq {
                 "duplicate"
@@ -901,6 +948,11 @@ impl ClientConnection {
             Some("compressed CHUNK on a stream without compression".to_string())
         } else if chunk.raw_len.is_none() && chunk.data.is_empty() {
             Some("empty CHUNK".to_string())
+        } else if beyond {
+            Some(format!(
+                "the stream goes past the {} bytes INITIATED announced",
+                s.expected
+            ))
         } else {
             None
         };
@@ -933,7 +985,12 @@ impl ClientConnection {
 
 fn verify_completion(s: &Stream, c: &Completion) -> Outcome {
     let digest = s.digest.value();
-    let message = if c.bytes != s.bytes {
+    let message = if s.expected != UNKNOWN && s.bytes != s.expected {
+        format!(
+            "the stream ended after {} of the {} bytes INITIATED announced",
+            s.bytes, s.expected
+        )
+    } else if c.bytes != s.bytes {
         format!("COMPLETE says {} bytes, received {}", c.bytes, s.bytes)
     } else if c.chunks != s.next_seq {
         format!("COMPLETE says {} chunks, received {}", c.chunks, s.next_seq)

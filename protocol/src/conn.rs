@@ -21,6 +21,15 @@ pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// A connection is dead when nothing at all arrived for this many heartbeat intervals.
 pub const IDLE_HEARTBEATS: u32 = 3;
 
+/// One queued stream frame: its header segment, its data segment (empty but for CHUNK), and
+/// the uncompressed data bytes it carries (0 but for CHUNK).
+#[derive(Debug)]
+struct Queued {
+    head: Bytes,
+    body: Bytes,
+    data_len: u64,
+}
+
 /// Bytes waiting to go out, in order, split so that frame data never has to be copied:
 /// a CHUNK is its header segment followed by its data segment.
 #[derive(Debug, Default)]
@@ -28,7 +37,7 @@ pub(crate) struct Outbox {
     /// Connection frames and small stream frames that jump the data queues.
     control: VecDeque<Bytes>,
     /// Per-stream frames (INITIATED, CHUNK, PROGRESS, terminal) in stream order.
-    streams: HashMap<StreamId, VecDeque<(Bytes, Bytes)>>,
+    streams: HashMap<StreamId, VecDeque<Queued>>,
     /// Streams with something queued, served round-robin one frame at a time.
     ready: VecDeque<StreamId>,
     /// The data segment of the frame whose header went out last.
@@ -47,26 +56,43 @@ impl Outbox {
     }
 
     pub(crate) fn stream_frame(&mut self, stream: StreamId, frame: &Frame) {
-        self.stream_segments(stream, frame.to_bytes(), Bytes::new());
+        self.stream_segments(stream, frame.to_bytes(), Bytes::new(), 0);
     }
 
-    pub(crate) fn stream_segments(&mut self, stream: StreamId, head: Bytes, body: Bytes) {
+    /// Queues a frame of `stream` as a header and a body segment; `data_len` is the
+    /// uncompressed data it carries (for a CHUNK).
+    pub(crate) fn stream_segments(
+        &mut self,
+        stream: StreamId,
+        head: Bytes,
+        body: Bytes,
+        data_len: u64,
+    ) {
         self.queued_bytes += head.len() + body.len();
         let queue = self.streams.entry(stream).or_default();
         if queue.is_empty() {
             self.ready.push_back(stream);
         }
-        queue.push_back((head, body));
+        queue.push_back(Queued {
+            head,
+            body,
+            data_len,
+        });
     }
 
-    /// Drops whatever is still queued for `stream`; returns the data bytes dropped.
-    pub(crate) fn discard(&mut self, stream: StreamId) {
-        if let Some(queue) = self.streams.remove(&stream) {
-            for (head, body) in queue {
-                self.queued_bytes -= head.len() + body.len();
-            }
-            self.ready.retain(|s| *s != stream);
+    /// Drops whatever is still queued for `stream`; returns the uncompressed data bytes of
+    /// the CHUNKs dropped, which therefore never reach the peer.
+    pub(crate) fn discard(&mut self, stream: StreamId) -> u64 {
+        let Some(queue) = self.streams.remove(&stream) else {
+            return 0;
+        };
+        let mut dropped = 0;
+        for frame in queue {
+            self.queued_bytes -= frame.head.len() + frame.body.len();
+            dropped += frame.data_len;
         }
+        self.ready.retain(|s| *s != stream);
+        dropped
     }
 
     /// Drops every stream's queue: after a connection ERROR nothing but control goes out.
@@ -93,7 +119,7 @@ impl Outbox {
             .streams
             .get_mut(&stream)
             .expect("a ready stream has a queue");
-        let (head, body) = queue.pop_front().expect("a ready stream has a frame");
+        let Queued { head, body, .. } = queue.pop_front().expect("a ready stream has a frame");
         if queue.is_empty() {
             self.streams.remove(&stream);
         } else {
@@ -220,9 +246,22 @@ impl Clock {
         }
     }
 
+    /// The handshake fixed the interval: it applies from `now`, not from the next tick of the
+    /// default (which could be many intervals away).
+    pub(crate) fn negotiated(&mut self, interval: Duration, now: Instant) {
+        self.interval = interval;
+        self.next_tick = self.next_tick.min(now + interval);
+    }
+
     pub(crate) fn idle_limit(&self) -> Duration {
         self.interval * IDLE_HEARTBEATS
     }
+}
+
+/// `current` moved earlier to `candidate` if that is sooner: for deadlines kept as "the
+/// earliest time anything of a kind may be due".
+pub(crate) fn earliest(current: Option<Instant>, candidate: Instant) -> Option<Instant> {
+    Some(current.map_or(candidate, |c| c.min(candidate)))
 }
 
 /// The connection-level error frame for `err`.

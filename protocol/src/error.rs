@@ -61,6 +61,20 @@ pub enum CallError {
     /// The stream is not in a state that allows this call (already accepted, cancelled...).
     #[error("stream {0} is not in a state that allows this")]
     WrongState(crate::types::StreamId),
+    /// The source produced more than INITIATED announced.
+    #[error("the source produced more than the {announced} bytes it announced")]
+    BeyondAnnounced {
+        /// Bytes announced in INITIATED.
+        announced: u64,
+    },
+    /// The source ended short of what INITIATED announced.
+    #[error("the source ended after {produced} of the {announced} bytes it announced")]
+    ShortOfAnnounced {
+        /// Bytes announced in INITIATED.
+        announced: u64,
+        /// Bytes it produced.
+        produced: u64,
+    },
     /// The data is larger than the stream's current send capacity.
     #[error("{len} bytes exceed the send capacity of {capacity}")]
     NoCapacity {

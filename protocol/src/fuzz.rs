@@ -95,7 +95,7 @@ pub fn client(data: &[u8]) {
         conn.handle_timeout(t);
         while let Some(event) = conn.poll_event() {
             if let crate::ClientEvent::Chunk { stream, data } = event {
-                conn.consume(stream, data.len());
+                conn.consume(stream, data.len(), t);
             }
         }
         while conn.poll_transmit().is_some() {}

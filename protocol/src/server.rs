@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{self, Role};
-use crate::conn::{self, Clock, Inbox, Outbox, MAX_WINDOW, MIN_HEARTBEAT};
+use crate::conn::{self, earliest, Clock, Inbox, Outbox, MAX_WINDOW, MIN_HEARTBEAT};
 use crate::error::{CallError, WireError};
 use crate::frame::{self, Accept, Bind, Frame, Initiate, CHUNK_OVERHEAD_MAX, NONCE_LEN, PREFACE};
 use crate::types::{
-    Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, VERSION_MAX, VERSION_MIN,
+    Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, UNKNOWN, VERSION_MAX,
+    VERSION_MIN,
 };
 
 /// Limits and timers of the server side. Defaults are PROTOCOL.md's.
@@ -32,6 +33,9 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// A stream whose window stays at zero this long without CREDIT ends with `timeout`.
     pub stream_timeout: Duration,
+    /// How often every running stream gets a PROGRESS frame, whether it is sending or
+    /// waiting for credit (PROTOCOL.md, PROGRESS).
+    pub progress_interval: Duration,
     /// Shared secret; when set, clients must authenticate before anything else.
     pub secret: Option<Vec<u8>>,
     /// Sent in ACCEPT.
@@ -48,6 +52,7 @@ impl Default for ServerSettings {
             heartbeat_interval: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             stream_timeout: Duration::from_secs(60),
+            progress_interval: Duration::from_secs(1),
             secret: None,
             name: concat!("nexus-server/", env!("CARGO_PKG_VERSION")).to_string(),
         }
@@ -105,6 +110,11 @@ struct Stream {
     digest: conn::Digest,
     sent_since_tick: bool,
     starved_since: Option<Instant>,
+    /// What INITIATED announced ([`UNKNOWN`] when nothing was): the stream must carry
+    /// exactly this many bytes.
+    expected: u64,
+    /// The source's counters as last reported, for PROGRESS.
+    items: ItemCounts,
 }
 
 /// The server half of one connection, without IO.
@@ -130,6 +140,10 @@ pub struct ServerConnection {
     inbox: Inbox,
     outbox: Outbox,
     clock: Clock,
+    /// The earliest a starved stream may time out; checked then, not at the next tick.
+    stream_check: Option<Instant>,
+    /// When the next round of PROGRESS frames is due (once established).
+    next_progress: Option<Instant>,
     events: std::collections::VecDeque<ServerEvent>,
     /// Where CHUNK headers are carved from, so sending a chunk does not allocate.
     header_arena: BytesMut,
@@ -156,6 +170,8 @@ impl ServerConnection {
             inbox: Inbox::new(),
             outbox,
             clock,
+            stream_check: None,
+            next_progress: None,
             events: Default::default(),
             header_arena: BytesMut::new(),
         }
@@ -183,7 +199,7 @@ impl ServerConnection {
         loop {
             match self.inbox.next_frame("client") {
                 Ok(Some(frame)) => {
-                    if let Err(err) = self.on_frame(frame) {
+                    if let Err(err) = self.on_frame(frame, now) {
                         self.fail_connection(err);
                     }
                 }
@@ -221,11 +237,36 @@ impl ServerConnection {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (self.phase != Phase::Closed).then(|| self.clock.next_deadline())
+        if self.phase == Phase::Closed {
+            return None;
+        }
+        let deadlines = [self.stream_check, self.next_progress];
+        Some(
+            deadlines
+                .into_iter()
+                .flatten()
+                .fold(self.clock.next_deadline(), Instant::min),
+        )
     }
 
-    /// Runs the timers due at `now`: handshake deadline, heartbeats, idle and stream timeouts.
+    /// Runs the timers due at `now`: handshake deadline, heartbeats, idle and stream
+    /// timeouts, PROGRESS.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        if self.phase != Phase::Established {
+            return;
+        }
+        if self.stream_check.is_some_and(|at| now >= at) {
+            self.time_out_starved_streams(now);
+        }
+        if self.next_progress.is_some_and(|at| now >= at) {
+            self.send_progress(now);
+        }
+    }
+
+    /// The heartbeat tick: handshake deadline, idle timeout, HEARTBEAT on the connection and on
+    /// streams whose source has had nothing to send.
+    fn tick(&mut self, now: Instant) {
         if self.phase == Phase::Closed {
             return;
         }
@@ -261,16 +302,9 @@ impl ServerConnection {
         self.outbox.control(&Frame::Heartbeat {
             stream: StreamId::CONNECTION,
         });
-        let mut timed_out = Vec::new();
         for (&id, stream) in &mut self.streams {
             if !stream.accepted {
                 continue;
-            }
-            if let Some(since) = stream.starved_since {
-                if now.duration_since(since) >= self.settings.stream_timeout {
-                    timed_out.push(id);
-                    continue;
-                }
             }
             if !stream.sent_since_tick && stream.window > 0 && self.outbox.is_stream_empty(id) {
                 // The producer is alive but has had nothing to send: tell the client, so
@@ -280,6 +314,26 @@ impl ServerConnection {
             }
             stream.sent_since_tick = false;
         }
+    }
+
+    /// Ends the streams whose window has been at 0 without CREDIT for the stream timeout, and
+    /// schedules the next check for the earliest of the others.
+    fn time_out_starved_streams(&mut self, now: Instant) {
+        let timeout = self.settings.stream_timeout;
+        let mut timed_out = Vec::new();
+        let mut next = None;
+        for (&id, stream) in &self.streams {
+            if let Some(since) = stream.starved_since.filter(|_| stream.accepted) {
+                let at = since + timeout;
+                if now >= at {
+                    timed_out.push(id);
+                } else {
+                    next = earliest(next, at);
+                }
+            }
+        }
+        self.stream_check = next;
+        timed_out.sort();
         for id in timed_out {
             let message = format!(
                 "no credit from the client for {} ms",
@@ -295,6 +349,23 @@ impl ServerConnection {
             );
             self.events
                 .push_back(ServerEvent::StreamTimedOut { stream: id });
+        }
+    }
+
+    /// Queues PROGRESS for every running stream, sending or waiting for credit.
+    fn send_progress(&mut self, now: Instant) {
+        self.next_progress = Some(now + self.settings.progress_interval);
+        for (&stream, s) in &mut self.streams {
+            if !s.accepted {
+                continue;
+            }
+            s.sent_since_tick = true;
+            let progress = Progress {
+                bytes_sent: s.bytes,
+                items: s.items,
+            };
+            self.outbox
+                .stream_frame(stream, &Frame::Progress { stream, progress });
         }
     }
 
@@ -349,6 +420,7 @@ impl ServerConnection {
         }
         s.accepted = true;
         s.zstd &= zstd;
+        s.expected = expected_bytes;
         let zstd = s.zstd;
         self.outbox.stream_frame(
             stream,
@@ -398,6 +470,9 @@ impl ServerConnection {
     /// Queues one CHUNK: `raw` is the data (at most [`send_capacity`](Self::send_capacity)
     /// bytes, never empty); `compressed`, when the stream negotiated compression, is `raw` as
     /// one zstd frame. No data is copied.
+    ///
+    /// Data beyond what INITIATED announced is refused with [`CallError::BeyondAnnounced`],
+    /// and nothing is queued: the caller fails the stream (`source_failed`).
     pub fn send_chunk(
         &mut self,
         stream: StreamId,
@@ -417,18 +492,28 @@ impl ServerConnection {
                 capacity,
             });
         }
+        if s.expected != UNKNOWN && s.bytes + raw.len() as u64 > s.expected {
+            return Err(CallError::BeyondAnnounced {
+                announced: s.expected,
+            });
+        }
         let compressed = compressed.filter(|c| s.zstd && c.len() <= max_chunk);
         s.digest.update(&raw);
         s.window -= raw.len() as u64;
         s.bytes += raw.len() as u64;
         s.sent_since_tick = true;
-        if s.window == 0 {
+        let starved = s.window == 0;
+        if starved {
             s.starved_since = Some(now);
         }
         let seq = s.seq;
         s.seq += 1;
+        let data_len = raw.len() as u64;
+        if starved {
+            self.stream_check = earliest(self.stream_check, now + self.settings.stream_timeout);
+        }
         // Tells the client its window, not its reader, stopped the stream (PROTOCOL.md 6.3).
-        let empty = s.window == 0;
+        let empty = starved;
         let arena = &mut self.header_arena;
         let (head, body) = match compressed {
             Some(c) => {
@@ -443,8 +528,16 @@ impl ServerConnection {
                 raw,
             ),
         };
-        self.outbox.stream_segments(stream, head, body);
+        self.outbox.stream_segments(stream, head, body, data_len);
         Ok(())
+    }
+
+    /// The source's item counters now: sent in the next PROGRESS (which goes out every
+    /// `progress_interval` on its own).
+    pub fn set_items(&mut self, stream: StreamId, items: ItemCounts) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.items = items;
+        }
     }
 
     /// Queues a PROGRESS report with the stream's byte count and these item counters.
@@ -464,11 +557,22 @@ impl ServerConnection {
     }
 
     /// Ends the stream successfully: queues COMPLETE with the byte and chunk counts and the
-    /// digest of all data sent, plus the source's item counters.
+    /// digest of all data sent, plus the source's item counters. COMPLETE carries no data and
+    /// never waits for window.
+    ///
+    /// A stream that sent fewer bytes than INITIATED announced is refused with
+    /// [`CallError::ShortOfAnnounced`] and nothing is queued: the caller fails it
+    /// (`source_failed`), since a short copy must never look complete.
     pub fn complete(&mut self, stream: StreamId, items: ItemCounts) -> Result<(), CallError> {
         let s = self.stream_mut(stream)?;
         if !s.accepted {
             return Err(CallError::WrongState(stream));
+        }
+        if s.expected != UNKNOWN && s.bytes != s.expected {
+            return Err(CallError::ShortOfAnnounced {
+                announced: s.expected,
+                produced: s.bytes,
+            });
         }
         let completion = Completion {
             bytes: s.bytes,
@@ -543,7 +647,7 @@ impl ServerConnection {
         self.events.push_back(ServerEvent::Closed(Some(err)));
     }
 
-    fn on_frame(&mut self, frame: Frame) -> Result<(), WireError> {
+    fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), WireError> {
         match (self.phase, frame) {
             (_, Frame::Extension { .. }) => Ok(()),
             (
@@ -560,7 +664,7 @@ impl ServerConnection {
                 self.events.push_back(ServerEvent::Closed(Some(err)));
                 Ok(())
             }
-            (Phase::AwaitBind, Frame::Bind(bind)) => self.on_bind(bind),
+            (Phase::AwaitBind, Frame::Bind(bind)) => self.on_bind(bind, now),
             (Phase::AwaitBind, other) => Err(WireError::protocol(format!(
                 "expected BIND first, got {}",
                 frame_name(&other)
@@ -576,7 +680,7 @@ impl ServerConnection {
                 }
                 let proof = auth::proof(secret, self.version, Role::Server, c, s);
                 self.outbox.control(&Frame::Auth { proof });
-                self.establish();
+                self.establish(now);
                 Ok(())
             }
             (Phase::AwaitAuth, other) => Err(WireError::new(
@@ -627,7 +731,7 @@ impl ServerConnection {
         }
     }
 
-    fn on_bind(&mut self, bind: Bind) -> Result<(), WireError> {
+    fn on_bind(&mut self, bind: Bind, now: Instant) -> Result<(), WireError> {
         let version = bind.max_version.min(VERSION_MAX);
         if version < bind.min_version.max(VERSION_MIN) {
             return Err(WireError::new(
@@ -655,10 +759,14 @@ impl ServerConnection {
             .initial_window
             .min(self.settings.max_window)
             .min(MAX_WINDOW as u32);
-        let interval = Duration::from_millis(bind.heartbeat_interval_ms.into())
-            .min(self.settings.heartbeat_interval)
-            .max(MIN_HEARTBEAT);
-        self.clock.interval = interval;
+        // 0: no preference, the server's own interval. Below 100 ms is raised to 100 ms.
+        let asked = Duration::from_millis(bind.heartbeat_interval_ms.into());
+        let interval = match asked.is_zero() {
+            true => self.settings.heartbeat_interval,
+            false => asked.min(self.settings.heartbeat_interval),
+        }
+        .max(MIN_HEARTBEAT);
+        self.clock.negotiated(interval, now);
         let auth_required = self.settings.secret.is_some();
         self.outbox.control(&Frame::Accept(Accept {
             version,
@@ -675,7 +783,7 @@ impl ServerConnection {
         if auth_required {
             self.phase = Phase::AwaitAuth;
         } else {
-            self.establish();
+            self.establish(now);
         }
         self.client_name = bind.name;
         Ok(())
@@ -689,9 +797,10 @@ impl ServerConnection {
             .min(MAX_WINDOW as u32)
     }
 
-    fn establish(&mut self) {
+    fn establish(&mut self, now: Instant) {
         self.phase = Phase::Established;
         self.clock.handshake_deadline = None;
+        self.next_progress = Some(now + self.settings.progress_interval);
         self.inbox.max_payload = self.settings.max_frame_size;
         self.events.push_back(ServerEvent::Established {
             version: self.version,
@@ -754,6 +863,8 @@ impl ServerConnection {
                 digest: conn::Digest::default(),
                 sent_since_tick: false,
                 starved_since: None,
+                expected: UNKNOWN,
+                items: ItemCounts::NOT_COUNTED,
             },
         );
         self.events
@@ -792,9 +903,10 @@ impl ServerConnection {
         let Some(s) = self.streams.get(&stream) else {
             return;
         };
-        let bytes_sent = s.bytes;
-        // Unsent chunks are dropped: the acknowledgement is the last thing on the stream.
-        self.outbox.discard(stream);
+        let produced = s.bytes;
+        // Unsent chunks are dropped: the acknowledgement is the last thing on the stream, and
+        // it counts only the data that went out before it.
+        let bytes_sent = produced - self.outbox.discard(stream);
         self.end_stream(stream, &Frame::Cancelled { stream, bytes_sent });
         self.events
             .push_back(ServerEvent::StreamCancelled { stream });

@@ -106,6 +106,9 @@ error_codes! {
     PERMISSION_DENIED = 0x0103, "permission_denied";
     /// The source failed while producing (an I/O error, say).
     SOURCE_FAILED = 0x0104, "source_failed";
+    /// What the paradata names changed while it was streamed (a file rewritten, truncated or
+    /// replaced under the reader): the bytes sent may match no version of it.
+    SOURCE_CHANGED = 0x0105, "source_changed";
 }
 
 impl fmt::Debug for ErrorCode {
@@ -124,7 +127,11 @@ impl fmt::Display for ErrorCode {
 }
 
 /// The original Burst counters of a stream, in items (records), as the source reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// A source that does not count items (both built-in sources stream bytes, not records)
+/// reports [`ItemCounts::NOT_COUNTED`], which is also the default: nothing sent, potential or
+/// rejected, and the total expected unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ItemCounts {
     /// Items sent so far.
     pub sent: u64,
@@ -134,6 +141,23 @@ pub struct ItemCounts {
     pub potential: u64,
     /// Items the source rejected (filtered out or invalid).
     pub rejected: u64,
+}
+
+impl ItemCounts {
+    /// The counters of a source that does not count items: 0 sent, expected [`UNKNOWN`],
+    /// 0 potential, 0 rejected.
+    pub const NOT_COUNTED: ItemCounts = ItemCounts {
+        sent: 0,
+        expected: UNKNOWN,
+        potential: 0,
+        rejected: 0,
+    };
+}
+
+impl Default for ItemCounts {
+    fn default() -> Self {
+        ItemCounts::NOT_COUNTED
+    }
 }
 
 /// What COMPLETE states about a finished stream. The receiver checks `bytes`, `chunks` and

@@ -185,12 +185,13 @@ fn cancel_drops_chunks_the_server_had_queued_but_not_sent() {
         p.server.queued_bytes() < queued,
         "queued chunks are dropped, not sent"
     );
+    // CANCELLED counts only what went out before it: the dropped chunks never did.
     let frames = server_frames(&mut p.server);
     assert_eq!(
         frames,
         vec![Frame::Cancelled {
             stream: s,
-            bytes_sent: 3000
+            bytes_sent: 0
         }]
     );
 }
@@ -282,10 +283,10 @@ fn flow_control_exhaustion_and_refill() {
         "no credit before the client consumes"
     );
     // Consuming less than a quarter of the window sends no CREDIT yet.
-    p.client.consume(s, 1000);
+    p.client.consume(s, 1000, p.now);
     p.pump();
     assert_eq!(p.server.send_capacity(s), 0);
-    p.client.consume(s, 20_000);
+    p.client.consume(s, 20_000, p.now);
     p.pump();
     assert!(p.server_events.contains(&ServerEvent::Credit { stream: s }));
     assert_eq!(p.server.send_capacity(s), 21_000);
@@ -315,7 +316,7 @@ fn one_slow_stream_does_not_block_another() {
             .unwrap();
         sent += cap;
         p.pump();
-        p.client.consume(fast, cap);
+        p.client.consume(fast, cap, p.now);
         p.pump();
     }
     assert_eq!(p.server.send_capacity(slow), 0);
@@ -580,7 +581,7 @@ fn window_rounds(p: &mut Pair, s: StreamId, rounds: usize, share: f64) -> Vec<us
         p.pump();
         unread += sent;
         let consumed = (unread as f64 * share) as usize;
-        p.client.consume(s, consumed);
+        p.client.consume(s, consumed, p.now);
         unread -= consumed;
         p.pump();
         per_round.push(sent);
@@ -636,7 +637,7 @@ fn a_window_does_not_grow_when_the_source_is_the_limit() {
         let n = p.server.send_capacity(s) / 2;
         p.server.send_chunk(s, data(n, 0), None, p.now).unwrap();
         p.pump();
-        p.client.consume(s, n);
+        p.client.consume(s, n, p.now);
         p.pump();
     }
     assert_eq!(p.server.send_capacity(s), 64 << 10);

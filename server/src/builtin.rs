@@ -1,5 +1,6 @@
 //! The built-in sources: `file:PATH[?offset=N&length=M]` and `synthetic:SIZE[?seed=S]`.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -48,7 +49,10 @@ impl Source for FileSource {
             ),
             _ => failed(e),
         })?;
-        let size = file.metadata().map_err(failed)?.len();
+        // A second handle on the same open file, for the change checks (fstat).
+        let watch = file.try_clone().map_err(failed)?;
+        let identity = Identity::of(&watch.metadata().map_err(failed)?);
+        let size = identity.size;
         if offset > size {
             return Err(SourceError::bad(format!(
                 "offset {offset} is beyond the end of {:?} ({size} bytes)",
@@ -68,6 +72,10 @@ impl Source for FileSource {
         Ok(Opened {
             producer: Box::new(FileProducer {
                 file: io::File::from_std(request.shard.backend(), file),
+                watch,
+                identity,
+                root: self.root.clone(),
+                name: p.body.to_string(),
                 shard: Rc::clone(request.shard),
                 offset,
                 remaining: length,
@@ -77,18 +85,89 @@ impl Source for FileSource {
     }
 }
 
+/// What identifies the content of a file: checked at every chunk and at the end, so a file
+/// rewritten, truncated or replaced while it is read fails with `source_changed` instead of
+/// arriving as a verified copy that matches no version of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 struct FileProducer {
     file: io::File,
+    /// The same open file, for fstat.
+    watch: std::fs::File,
+    identity: Identity,
+    root: PathBuf,
+    /// The path as the paradata gave it, for messages and the final check.
+    name: String,
     shard: Rc<ShardContext>,
     offset: u64,
     remaining: u64,
+}
+
+impl FileProducer {
+    /// `source_changed` if the open file's size or times differ from when it was opened.
+    fn check_unchanged(&self) -> Result<(), SourceError> {
+        let now = self.watch.metadata().map(|m| Identity::of(&m));
+        match now {
+            Ok(now) if now == self.identity => Ok(()),
+            Ok(now) => Err(changed(
+                &self.name,
+                if now.size != self.identity.size {
+                    "its size changed"
+                } else {
+                    "it was modified"
+                },
+            )),
+            Err(e) => Err(SourceError::new(
+                ErrorCode::SOURCE_FAILED,
+                format!("{:?}: {e}", self.name),
+            )),
+        }
+    }
+
+    /// At the end: the content did not change, and the path still names the file read.
+    fn check_at_end(&self) -> Result<(), SourceError> {
+        self.check_unchanged()?;
+        let same = root::resolve(&self.root, &self.name)
+            .and_then(|path| std::fs::metadata(&path).map_err(|_| changed(&self.name, "")))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (self.identity.dev, self.identity.ino));
+        if !same {
+            return Err(changed(&self.name, "the path now names another file"));
+        }
+        Ok(())
+    }
+}
+
+fn changed(name: &str, why: &str) -> SourceError {
+    SourceError::new(
+        ErrorCode::SOURCE_CHANGED,
+        format!("{name:?} changed while it was being read ({why}); pull it again"),
+    )
 }
 
 impl Producer for FileProducer {
     fn next(&mut self, _max: usize) -> NextChunk<'_> {
         Box::pin(async move {
             if self.remaining == 0 {
-                return None;
+                return self.check_at_end().err().map(Err);
             }
             // Read a whole chunk even when the window is smaller: the engine sends the rest
             // when credit comes, and big reads are what makes file IO cheap.
@@ -96,14 +175,14 @@ impl Producer for FileProducer {
             let buf = self.shard.buffer();
             let (result, buf) = self.file.read_at(buf, self.offset, want).await;
             match result {
-                Ok(0) => Some(Err(SourceError::new(
-                    ErrorCode::SOURCE_FAILED,
-                    format!(
-                        "the file ended {} bytes early (truncated while being read?)",
-                        self.remaining
-                    ),
+                Ok(0) => Some(Err(changed(
+                    &self.name,
+                    &format!("it ended {} bytes early", self.remaining),
                 ))),
                 Ok(n) => {
+                    if let Err(e) = self.check_unchanged() {
+                        return Some(Err(e));
+                    }
                     let data = buf.freeze();
                     debug_assert_eq!(data.len(), n);
                     self.offset += data.len() as u64;

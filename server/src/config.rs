@@ -97,6 +97,9 @@ impl ServerConfig {
         if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
             c.protocol.stream_timeout = v;
         }
+        if let Some(v) = values.millis("burst.nexus.stream.progress.ms")? {
+            c.protocol.progress_interval = v;
+        }
         if let Some(v) = values.positive::<u32>("burst.nexus.stream.window.max")? {
             c.protocol.max_window = v;
         }

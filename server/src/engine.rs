@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use bytes::Bytes;
 use nexus_protocol::frame::NONCE_LEN;
-use nexus_protocol::{ErrorCode, ServerConnection, ServerEvent, StreamId};
+use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, StreamId};
 use tokio::sync::{oneshot, Notify};
 
 use crate::io;
@@ -40,8 +40,6 @@ const MAX_SEGMENTS: usize = 256;
 const MAX_WRITE: usize = 8 << 20;
 /// Receive buffer growth step; clients send small frames (CREDIT, CANCEL, INITIATE).
 const READ_RESERVE: usize = 64 << 10;
-/// PROGRESS is sent at most this often per stream.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One connection's shared state.
 pub(crate) struct ConnState {
@@ -377,11 +375,22 @@ struct Prepared {
     packed: Option<oneshot::Receiver<Option<Bytes>>>,
 }
 
+/// What asking the producer for a chunk gave.
+enum Next {
+    Data(Bytes),
+    /// The source is done.
+    Exhausted,
+    /// The stream ended: stopped from outside, or failed in its source (ERROR queued).
+    Ended(End),
+}
+
 /// Feeds one stream from its producer until it ends; returns how and the bytes sent.
 ///
 /// Chunks are prepared ahead, up to the packer concurrency for a compressed stream (one
 /// otherwise), and sent in order. Every prepared chunk is already inside the client's window,
 /// so the stream holds at most its window plus one chunk being split, whatever the client does.
+/// When the window is at 0, one chunk is taken ahead (that same one chunk): a source that turns
+/// out to be done completes at once, since COMPLETE carries no data and needs no window.
 async fn produce(
     state: &Rc<ConnState>,
     slot: &StreamSlot,
@@ -401,7 +410,7 @@ async fn produce(
     let mut pending: Option<Bytes> = None;
     let mut exhausted = false;
     let mut sent = 0u64;
-    let mut last_progress = Instant::now();
+    let mut items = producer.items();
     loop {
         if slot.stopped.get() {
             return (End::Stopped, sent);
@@ -418,25 +427,14 @@ async fn produce(
             }
             let mut data = match pending.take() {
                 Some(data) => data,
-                None => {
-                    let next = tokio::select! {
-                        next = producer.next(capacity) => next,
-                        _ = slot.stop.notified() => return (End::Stopped, sent),
-                    };
-                    match next {
-                        None => {
-                            exhausted = true;
-                            break;
-                        }
-                        Some(Err(e)) => {
-                            tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
-                            let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
-                            return (End::Error, sent);
-                        }
-                        Some(Ok(data)) if data.is_empty() => continue,
-                        Some(Ok(data)) => data,
+                None => match next_chunk(state, slot, stream, producer, capacity).await {
+                    Next::Data(data) => data,
+                    Next::Exhausted => {
+                        exhausted = true;
+                        break;
                     }
-                }
+                    Next::Ended(end) => return (end, sent),
+                },
             };
             // The window is only ever grown by CREDIT while we wait, so `capacity` still holds.
             if data.len() > capacity {
@@ -456,12 +454,25 @@ async fn produce(
         }
         let Some(Prepared { data, packed }) = queue.pop_front() else {
             if exhausted {
-                let items = producer.items();
-                let done = state.proto.borrow_mut().complete(stream, items);
-                return match done {
+                let result = state.proto.borrow_mut().complete(stream, producer.items());
+                return match result {
                     Ok(()) => (End::Complete, sent),
+                    Err(e @ CallError::ShortOfAnnounced { .. }) => {
+                        fail_in_source(state, stream, &e.to_string());
+                        (End::Error, sent)
+                    }
                     Err(_) => (End::Stopped, sent),
                 };
+            }
+            if pending.is_none() {
+                // The window is at 0: look one chunk ahead, to learn whether the source is done.
+                let max = state.shard.chunk_size();
+                match next_chunk(state, slot, stream, producer, max).await {
+                    Next::Data(data) => pending = Some(data),
+                    Next::Exhausted => exhausted = true,
+                    Next::Ended(end) => return (end, sent),
+                }
+                continue;
             }
             slot.credit.notified().await;
             continue;
@@ -478,29 +489,74 @@ async fn produce(
             return (End::Stopped, sent);
         }
         reserved -= data.len();
-        sent += data.len() as u64;
-        let traffic = state.shard.traffic();
-        stats::bump(&traffic.bytes, data.len() as u64);
-        stats::bump(&traffic.chunks, 1);
-        if zstd.is_some() {
-            stats::bump(&traffic.chunks_compressed, 1);
-        }
+        let len = data.len() as u64;
+        let compressed_sent = zstd.is_some();
         let now = Instant::now();
         let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
-        if let Err(e) = result {
-            // Only a bug gets here: capacity was checked, the stream is known.
-            tracing::error!(peer = %state.peer, stream = stream.0, error = %e, "Cannot queue a chunk.");
-            let _ = state.proto.borrow_mut().reject(
-                stream,
-                ErrorCode::INTERNAL,
-                "the server could not queue a chunk",
-            );
-            return (End::Error, sent);
+        match result {
+            Ok(()) => {}
+            Err(e @ CallError::BeyondAnnounced { .. }) => {
+                fail_in_source(state, stream, &e.to_string());
+                return (End::Error, sent);
+            }
+            Err(e) => {
+                // Only a bug gets here: capacity was checked, the stream is known.
+                tracing::error!(peer = %state.peer, stream = stream.0, error = %e, "Cannot queue a chunk.");
+                let _ = state.proto.borrow_mut().reject(
+                    stream,
+                    ErrorCode::INTERNAL,
+                    "the server could not queue a chunk",
+                );
+                return (End::Error, sent);
+            }
         }
-        if now.duration_since(last_progress) >= PROGRESS_INTERVAL {
-            last_progress = now;
-            let _ = state.proto.borrow_mut().progress(stream, producer.items());
+        sent += len;
+        let traffic = state.shard.traffic();
+        stats::bump(&traffic.bytes, len);
+        stats::bump(&traffic.chunks, 1);
+        if compressed_sent {
+            stats::bump(&traffic.chunks_compressed, 1);
+        }
+        let now_items = producer.items();
+        if now_items != items {
+            items = now_items;
+            state.proto.borrow_mut().set_items(stream, items);
         }
         state.wake_writer.notify_one();
     }
+}
+
+/// The producer's next chunk (empty ones skipped), or how the stream ended while waiting.
+async fn next_chunk(
+    state: &ConnState,
+    slot: &StreamSlot,
+    stream: StreamId,
+    producer: &mut dyn Producer,
+    max: usize,
+) -> Next {
+    loop {
+        let next = tokio::select! {
+            next = producer.next(max) => next,
+            _ = slot.stop.notified() => return Next::Ended(End::Stopped),
+        };
+        match next {
+            None => return Next::Exhausted,
+            Some(Ok(data)) if data.is_empty() => continue,
+            Some(Ok(data)) => return Next::Data(data),
+            Some(Err(e)) => {
+                tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
+                let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
+                return Next::Ended(End::Error);
+            }
+        }
+    }
+}
+
+/// Fails a stream whose source broke a promise (its announced size): `source_failed`.
+fn fail_in_source(state: &ConnState, stream: StreamId, why: &str) {
+    tracing::warn!(peer = %state.peer, stream = stream.0, reason = %why, "Stream failed in its source.");
+    let _ = state
+        .proto
+        .borrow_mut()
+        .reject(stream, ErrorCode::SOURCE_FAILED, why);
 }

@@ -269,7 +269,7 @@ impl Client {
 
     /// Gives `bytes` of window back for `stream`.
     pub fn consume(&mut self, stream: StreamId, bytes: usize) {
-        self.proto.consume(stream, bytes);
+        self.proto.consume(stream, bytes, Instant::now());
     }
 
     /// Cancels a stream.
