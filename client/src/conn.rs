@@ -37,6 +37,8 @@ use crate::stream::{Ended, Item, StreamShared};
 use crate::telemetry;
 
 const MAX_SEGMENTS: usize = 64;
+/// How long a closing connection may take to flush and to see the server's FIN.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What other threads ask of a connection.
 #[derive(Debug)]
@@ -237,7 +239,7 @@ pub(crate) async fn run(spawn: Spawn) {
         bytes_received: telemetry::bytes_received(),
     });
     tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connected.");
-    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
+    let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
     let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&actor)));
     let command_actor = Rc::clone(&actor);
     let command_loop = tokio::task::spawn_local(async move {
@@ -249,7 +251,11 @@ pub(crate) async fn run(spawn: Spawn) {
     actor.after_change();
     read_loop(&actor).await;
     handle.status.store(DEAD, Ordering::Release);
-    let _ = writer.await;
+    // Flush, half-close, and read until the server's FIN: closing with unread input would
+    // reset the connection (see `nexus_io::Connection::linger`).
+    let deadline = Instant::now() + LINGER;
+    actor.io.linger(&mut writer, deadline).await;
+    writer.abort();
     timer.abort();
     command_loop.abort();
     // Streams still queued aside end here too; anything sent from now on is refused.
@@ -652,8 +658,9 @@ async fn write_loop(actor: Rc<Actor>) {
         if segments.is_empty() {
             let idle_close = actor.closing_idle.get() && actor.slots.borrow().is_empty();
             if actor.proto.borrow().is_closed() || idle_close {
-                // Everything is out; FIN, and the reader sees the end.
-                actor.io.shutdown();
+                // Everything is out: FIN. The server answers with its own, which ends the
+                // reader.
+                actor.io.shutdown_write();
                 return;
             }
             actor.wake_writer.notified().await;

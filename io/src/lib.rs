@@ -13,6 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::str::FromStr;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -256,11 +257,52 @@ impl Connection {
 
     /// Shuts down both directions: a pending read returns, the peer sees FIN.
     pub fn shutdown(&self) {
+        self.shutdown_how(std::net::Shutdown::Both);
+    }
+
+    /// Half-closes: the peer sees FIN after everything written so far; reading goes on.
+    pub fn shutdown_write(&self) {
+        self.shutdown_how(std::net::Shutdown::Write);
+    }
+
+    fn shutdown_how(&self, how: std::net::Shutdown) {
         // Errors mean the socket is already gone, which is the goal.
         let _ = match self {
-            Connection::Uring(s) => s.shutdown(std::net::Shutdown::Both),
-            Connection::Epoll(s) => socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Both),
+            Connection::Uring(s) => s.shutdown(how),
+            Connection::Epoll(s) => socket2::SockRef::from(&**s).shutdown(how),
         };
+    }
+
+    /// Closes a connection whose protocol has ended the way TCP expects: waits for `flushed`
+    /// (the writer, which sends what is queued and then half-closes with
+    /// [`shutdown_write`](Self::shutdown_write)) while reading and dropping input until the
+    /// peer's FIN, both bounded by `deadline`. Returns whether both finished in time.
+    ///
+    /// Why: a socket closed with unread input makes the kernel answer with a reset and drop
+    /// whatever it had not sent yet, which is the tail of the last streams. A peer that keeps
+    /// sending (CREDIT as it reads) or never closes only holds the socket until `deadline`.
+    pub async fn linger<F: Future + Unpin>(&self, flushed: &mut F, deadline: Instant) -> bool {
+        let both = async {
+            let (_, eof) = tokio::join!(flushed, self.discard_until_eof());
+            eof
+        };
+        matches!(
+            tokio::time::timeout_at(deadline.into(), both).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Reads and drops input until the peer's FIN (`Ok`) or an error.
+    async fn discard_until_eof(&self) -> io::Result<()> {
+        let mut scratch = BytesMut::with_capacity(64 << 10);
+        loop {
+            scratch.clear();
+            let (result, back) = self.read(scratch).await;
+            scratch = back;
+            if result? == 0 {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -40,6 +40,8 @@ const MAX_SEGMENTS: usize = 256;
 const MAX_WRITE: usize = 8 << 20;
 /// Receive buffer growth step; clients send small frames (CREDIT, CANCEL, INITIATE).
 const READ_RESERVE: usize = 64 << 10;
+/// How long a closing connection may take to flush and to see the client's FIN.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// One connection's shared state.
 pub(crate) struct ConnState {
@@ -115,11 +117,18 @@ pub(crate) fn start(
 }
 
 async fn run(state: Rc<ConnState>) {
-    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&state)));
+    let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&state)));
     let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&state)));
     read_loop(&state).await;
-    // The protocol is closed now; the writer flushes what is queued (a final ERROR, say).
-    let _ = writer.await;
+    // The protocol is closed now: the writer flushes what is queued (the last COMPLETE, a final
+    // ERROR) and half-closes, while the client's last frames are read and dropped until its
+    // FIN. Closing with unread input would make the kernel reset the connection and drop the
+    // unsent tail.
+    let deadline = Instant::now() + LINGER;
+    if !state.io.linger(&mut writer, deadline).await {
+        tracing::debug!(peer = %state.peer, "The client did not close in time; closing anyway.");
+    }
+    writer.abort();
     timer.abort();
     state.halt_all_streams();
     state.finished.set(true);
@@ -304,8 +313,9 @@ async fn write_loop(state: Rc<ConnState>) {
         }
         if segments.is_empty() {
             if state.proto.borrow().is_closed() {
-                // Everything, including a final ERROR, is out: FIN, and the reader returns.
-                state.io.shutdown();
+                // Everything, including a final ERROR, is out: FIN. The client's FIN ends the
+                // connection (see `run`).
+                state.io.shutdown_write();
                 return;
             }
             state.wake_writer.notified().await;
