@@ -364,3 +364,52 @@ fn zstd_pulls_compressible_data_byte_exact_and_compressed() {
     // 8 MiB in 1 MiB chunks, every one of them text.
     assert_eq!(compressed(), 8.0);
 }
+
+/// A server that announces 3 MB, sends 1.5 MB and then a COMPLETE whose counts and digest
+/// match the 1.5 MB: `nexus pull` must not call that copy verified.
+#[test]
+fn a_short_stream_with_a_matching_complete_is_an_integrity_failure() {
+    use nexus_protocol::frame::{Chunk, Frame};
+    use nexus_protocol::{Completion, ItemCounts};
+    let half = bytes::Bytes::from(vec![42u8; 1_500_000]);
+    let server = nexus_testkit::FakeServer::start(move |initiate| {
+        let stream = initiate.stream;
+        let mut frames = vec![Frame::Initiated {
+            stream,
+            zstd: false,
+            expected_bytes: 3_000_000,
+        }];
+        for (seq, piece) in half.chunks(500_000).enumerate() {
+            frames.push(Frame::Chunk(Chunk {
+                stream,
+                seq: seq as u64,
+                raw_len: None,
+                window_empty: false,
+                data: bytes::Bytes::copy_from_slice(piece),
+            }));
+        }
+        let completion = Completion {
+            bytes: 1_500_000,
+            chunks: 3,
+            digest: nexus_testkit::digest(&half),
+            items: ItemCounts::default(),
+        };
+        frames.push(Frame::Complete { stream, completion });
+        frames
+    });
+    let dir = TempDir::new("pull-short");
+    let out_path = dir.path().join("short.bin");
+    let out = pull(&[
+        &server.address().to_string(),
+        "file:x",
+        "-o",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("integrity_failure") && err.contains("1500000 of the 3000000"),
+        "{err}"
+    );
+    assert!(!out_path.exists(), "no copy is left that looks complete");
+}

@@ -5,6 +5,7 @@
 //! - [`start_server`]: a real server on 127.0.0.1 with a free port, on a given backend;
 //! - [`TempDir`]: a directory removed on drop;
 //! - [`Proxy`]: a TCP proxy that cuts connections when told, for fault injection;
+//! - [`FakeServer`]: a scripted server that answers INITIATE with any frames, true or not;
 //! - [`read_frames_until_close`]: for raw-socket tests, the frames a server sent before
 //!   closing.
 //!
@@ -12,7 +13,9 @@
 //! a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod fake;
 mod proxy;
+pub use fake::{default_accept, FakeServer};
 pub use proxy::Proxy;
 
 use std::collections::{HashMap, VecDeque};
