@@ -242,7 +242,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(e) => return fail(&e.to_string()),
         };
     let mut registry = Registry::new();
-    match FileSource::new(&config.root) {
+    match FileSource::with_symlinks(&config.root, config.follow_symlinks) {
         Ok(files) => registry.register(files),
         Err(e) => return fail(&format!("burst.nexus.server.root {:?}: {e}", config.root)),
     };

@@ -107,6 +107,13 @@ pub const PROPERTIES: &[Property] = &[
         "Directory file: paths are relative to; default: the working directory.",
     ),
     p(
+        "burst.nexus.server.follow.symlinks",
+        Bool,
+        "true",
+        "",
+        "Follow symlinks under the root that stay under it (checked by the kernel); false: refuse any path through a symlink.",
+    ),
+    p(
         "burst.nexus.io.backend",
         Choice,
         "auto",

@@ -1,30 +1,43 @@
 //! The built-in sources: `file:PATH[?offset=N&length=M]` and `synthetic:SIZE[?seed=S]`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use nexus_protocol::ErrorCode;
 
 use crate::io;
 use crate::paradata::{parse_size, SourceError};
-use crate::root;
+use crate::root::{Resolution, Root};
 use crate::shard::ShardContext;
 use crate::source::{NextChunk, Opened, Producer, Source, StreamRequest};
 use crate::synthetic;
 
 /// `file:PATH[?offset=N&length=M]`: a regular file under the server root, read in chunks of
 /// the configured size into buffers of the shard's pool (io_uring reads on that backend).
+/// Paths are opened relative to the root held open, with the kernel refusing to leave it
+/// (see [`Root`]).
 pub struct FileSource {
-    root: PathBuf,
+    root: Arc<Root>,
 }
 
 impl FileSource {
-    /// Serves files under `root`, which is canonicalised here.
-    pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+    /// Serves files under `root`, following symlinks that stay under it.
+    pub fn new(root: impl AsRef<Path>) -> std::io::Result<Self> {
+        FileSource::with_symlinks(root, true)
+    }
+
+    /// Serves files under `root`; with `follow_symlinks` off, a path through any symlink is
+    /// `permission_denied` (`burst.nexus.server.follow.symlinks`).
+    pub fn with_symlinks(root: impl AsRef<Path>, follow_symlinks: bool) -> std::io::Result<Self> {
+        let root = Root::open(root.as_ref(), follow_symlinks)?;
+        if root.resolution() == Resolution::Walk {
+            tracing::warn!("The kernel refuses openat2: file: paths are opened one component at a time, and no symlink is followed.");
+        }
         Ok(FileSource {
-            root: root.into().canonicalize()?,
+            root: Arc::new(root),
         })
     }
 }
@@ -38,17 +51,10 @@ impl Source for FileSource {
         let p = request.paradata;
         let offset = p.size_param("offset", &["offset", "length"])?.unwrap_or(0);
         let length = p.size_param("length", &["offset", "length"])?;
-        let path = root::resolve(&self.root, p.body)?;
         let failed = |e: std::io::Error| {
             SourceError::new(ErrorCode::SOURCE_FAILED, format!("{:?}: {e}", p.body))
         };
-        let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => SourceError::new(
-                ErrorCode::PERMISSION_DENIED,
-                format!("{:?}: not readable", p.body),
-            ),
-            _ => failed(e),
-        })?;
+        let file = self.root.open_file(p.body)?;
         // A second handle on the same open file, for the change checks (fstat).
         let watch = file.try_clone().map_err(failed)?;
         let identity = Identity::of(&watch.metadata().map_err(failed)?);
@@ -74,7 +80,7 @@ impl Source for FileSource {
                 file: io::File::from_std(request.shard.backend(), file),
                 watch,
                 identity,
-                root: self.root.clone(),
+                root: Arc::clone(&self.root),
                 name: p.body.to_string(),
                 shard: Rc::clone(request.shard),
                 offset,
@@ -114,7 +120,7 @@ struct FileProducer {
     /// The same open file, for fstat.
     watch: std::fs::File,
     identity: Identity,
-    root: PathBuf,
+    root: Arc<Root>,
     /// The path as the paradata gave it, for messages and the final check.
     name: String,
     shard: Rc<ShardContext>,
@@ -146,8 +152,10 @@ impl FileProducer {
     /// At the end: the content did not change, and the path still names the file read.
     fn check_at_end(&self) -> Result<(), SourceError> {
         self.check_unchanged()?;
-        let same = root::resolve(&self.root, &self.name)
-            .and_then(|path| std::fs::metadata(&path).map_err(|_| changed(&self.name, "")))
+        let same = self
+            .root
+            .open_file(&self.name)
+            .and_then(|f| f.metadata().map_err(|_| changed(&self.name, "")))
             .is_ok_and(|m| (m.dev(), m.ino()) == (self.identity.dev, self.identity.ino));
         if !same {
             return Err(changed(&self.name, "the path now names another file"));

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     /// Directory `file:` paths are relative to (`burst.nexus.server.root`, default the
     /// working directory).
     pub root: PathBuf,
+    /// Follow symlinks under the root that stay under it (`burst.nexus.server.follow.symlinks`,
+    /// default true); off, a `file:` path through any symlink is `permission_denied`.
+    pub follow_symlinks: bool,
     /// Bytes per chunk read from a source (`burst.nexus.stream.chunk.size`, default 1 MiB).
     /// Memory: one buffer per producing stream, plus the client's window.
     pub chunk_size: usize,
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             backend: BackendChoice::Auto,
             root: PathBuf::from("."),
+            follow_symlinks: true,
             chunk_size: 1 << 20,
             pipe_size: 100,
             max_connections: 10_000,
@@ -84,6 +88,9 @@ impl ServerConfig {
         }
         if let Some(v) = values.parse::<PathBuf>("burst.nexus.server.root")? {
             c.root = v;
+        }
+        if let Some(v) = values.parse::<bool>("burst.nexus.server.follow.symlinks")? {
+            c.follow_symlinks = v;
         }
         if let Some(v) = values.parse::<BackendChoice>("burst.nexus.io.backend")? {
             c.backend = v;

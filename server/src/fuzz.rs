@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nexus_protocol::ErrorCode;
 
 use crate::paradata::{parse_size, Paradata};
-use crate::root;
+use crate::root::{Resolution, Root};
 
 const SCHEMES: &[&str] = &["file", "synthetic"];
 
@@ -26,8 +26,9 @@ pub fn make_root(base: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Parses `data` as paradata the way the built-in sources do, against the canonical `root`
-/// of [`make_root`]. It must not panic, every refusal must carry a code a source may send,
-/// and a `file:` path that resolves must lie inside the root.
+/// of [`make_root`], and opens its body as a path both ways a root resolves (`openat2`, and
+/// the per-component walk). It must not panic, every refusal must carry a code a source may
+/// send, and a path that opens must be the one file inside the root, never the one outside.
 pub fn paradata(data: &[u8], root: &Path) {
     // The protocol hands sources valid UTF-8 only.
     let Ok(text) = std::str::from_utf8(data) else {
@@ -52,20 +53,27 @@ pub fn paradata(data: &[u8], root: &Path) {
     if let Err(e) = parse_size(parsed.body) {
         assert_eq!(e.code, ErrorCode::BAD_PARADATA, "{e}");
     }
-    match root::resolve(root, parsed.body) {
-        Ok(path) => {
-            assert!(path.starts_with(root), "{text:?} resolved to {path:?}");
-            assert!(path.is_file(), "{text:?} resolved to {path:?}");
+    for resolution in [Resolution::Beneath, Resolution::Walk] {
+        let Ok(root) = Root::open(root, true) else {
+            return;
+        };
+        match root.with_resolution(resolution).open_file(parsed.body) {
+            Ok(mut file) => {
+                let mut content = Vec::new();
+                let read = std::io::Read::read_to_end(&mut file, &mut content);
+                assert!(read.is_ok(), "{text:?}: {read:?}");
+                assert_eq!(content, b"inside", "{text:?} opened something else");
+            }
+            Err(e) => assert!(
+                [
+                    ErrorCode::BAD_PARADATA,
+                    ErrorCode::NOT_FOUND,
+                    ErrorCode::PERMISSION_DENIED,
+                    ErrorCode::SOURCE_FAILED,
+                ]
+                .contains(&e.code),
+                "{e}"
+            ),
         }
-        Err(e) => assert!(
-            [
-                ErrorCode::BAD_PARADATA,
-                ErrorCode::NOT_FOUND,
-                ErrorCode::PERMISSION_DENIED,
-                ErrorCode::SOURCE_FAILED,
-            ]
-            .contains(&e.code),
-            "{e}"
-        ),
     }
 }
