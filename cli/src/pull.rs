@@ -20,6 +20,7 @@ use nexus_client::{
     resume_paradata, Client, Ended, ErrorCode, Item, Operation, OperationOptions, Outcome,
     StreamOptions,
 };
+use nexus_protocol::text::Printable;
 use parking_lot::Mutex;
 
 /// Exit codes.
@@ -127,7 +128,8 @@ pub(crate) fn run(client: Client, job: Job) -> ExitCode {
         .iter()
         .filter(|r| !r.end.is_complete() || r.output_error.is_some())
     {
-        eprintln!("nexus pull: {}", describe_failure(r));
+        // Messages come from the server: escaped, so that none can drive the terminal.
+        eprintln!("nexus pull: {}", Printable(&describe_failure(r)));
     }
     if interrupted {
         eprintln!(

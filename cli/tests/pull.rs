@@ -413,3 +413,31 @@ fn a_short_stream_with_a_matching_complete_is_an_integrity_failure() {
     );
     assert!(!out_path.exists(), "no copy is left that looks complete");
 }
+
+/// A server's ERROR message with a window-title sequence, a clear-screen sequence, a carriage
+/// return and a forged line: `nexus pull` shows it escaped, never raw.
+#[test]
+fn a_servers_message_cannot_drive_the_terminal() {
+    use nexus_protocol::frame::Frame;
+    use nexus_protocol::ErrorCode;
+    let hostile = "\x1b]0;owned\x07\x1b[2J\rnexus pull: all good\n\u{9b}31m";
+    let server = nexus_testkit::FakeServer::start(move |initiate| {
+        vec![Frame::Error {
+            stream: initiate.stream,
+            code: ErrorCode::NOT_FOUND,
+            message: hostile.to_string(),
+        }]
+    });
+    let out = pull(&[&server.address().to_string(), "file:x", "-o", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        !err.trim_end().chars().any(|c| c.is_control()),
+        "raw control characters reached the terminal: {err:?}"
+    );
+    assert!(
+        err.contains("\\x1b]0;owned") && err.contains("\\rnexus pull"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "no forged line: {err}");
+}

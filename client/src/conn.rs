@@ -23,6 +23,7 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 use nexus_io::{Backend, Connection};
 use nexus_protocol::frame::NONCE_LEN;
+use nexus_protocol::text::Printable;
 use nexus_protocol::{
     CallError, ClientConnection, ClientEvent, ClientSettings, ErrorCode, OperationId, Outcome,
     StreamId,
@@ -274,7 +275,7 @@ pub(crate) async fn run(spawn: Spawn) {
 
 /// The connection could not be made: every stream sent to it fails with `message`.
 fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
-    tracing::debug!(endpoint = %handle.endpoint, "{message}");
+    tracing::debug!(endpoint = %handle.endpoint, reason = %Printable(message), "Cannot connect.");
     handle.status.store(DEAD, Ordering::Release);
     commands.close();
     while let Ok(command) = commands.try_recv() {
@@ -444,7 +445,7 @@ impl Actor {
                     self.stream_ended(key, outcome, bytes_received);
                 }
                 ClientEvent::GoAway { message } => {
-                    tracing::debug!(endpoint = %self.handle.endpoint, %message, "Server drains.");
+                    tracing::debug!(endpoint = %self.handle.endpoint, message = %Printable(&message), "Server drains.");
                     self.handle.status.store(DRAINING, Ordering::Release);
                     // Streams not yet sent go to another connection.
                     self.initiate_waiting();
@@ -453,7 +454,7 @@ impl Actor {
                     self.handle.status.store(DEAD, Ordering::Release);
                     match error {
                         Some(e) => {
-                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %e.message, "Connection closed.")
+                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.")
                         }
                         None => {
                             tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
@@ -548,7 +549,7 @@ impl Actor {
                     self.ids.borrow_mut().remove(&id);
                 }
                 self.handle.stream_done();
-                tracing::debug!(endpoint = %self.handle.endpoint, %message, "Retrying a stream on a fresh connection.");
+                tracing::debug!(endpoint = %self.handle.endpoint, reason = %Printable(message), "Retrying a stream on a fresh connection.");
                 client.start(NewStream {
                     shared: slot.shared,
                     tx: slot.tx,

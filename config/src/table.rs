@@ -191,6 +191,20 @@ pub const PROPERTIES: &[Property] = &[
         "Longest paradata accepted.",
     ),
     p(
+        "burst.nexus.server.max.pending.control",
+        Integer,
+        "1048576",
+        "bytes",
+        "Frames other than stream data (64 bytes per frame counted besides its own) queued for a client that does not read them; at the limit the server reads nothing more from it.",
+    ),
+    p(
+        "burst.nexus.server.pending.control.timeout.ms",
+        Millis,
+        "10000",
+        "ms",
+        "A client that stays at burst.nexus.server.max.pending.control this long is closed with `resource_exhausted`.",
+    ),
+    p(
         "burst.nexus.server.heartbeat.ms",
         Millis,
         "5000",

@@ -280,16 +280,23 @@ impl Connection {
     ///
     /// Why: a socket closed with unread input makes the kernel answer with a reset and drop
     /// whatever it had not sent yet, which is the tail of the last streams. A peer that keeps
-    /// sending (CREDIT as it reads) or never closes only holds the socket until `deadline`.
+    /// sending (CREDIT as it reads), never reads or never closes only holds the socket until
+    /// `deadline`; then both directions are shut down, which ends any write still pending.
     pub async fn linger<F: Future + Unpin>(&self, flushed: &mut F, deadline: Instant) -> bool {
         let both = async {
             let (_, eof) = tokio::join!(flushed, self.discard_until_eof());
             eof
         };
-        matches!(
+        let clean = matches!(
             tokio::time::timeout_at(deadline.into(), both).await,
             Ok(Ok(()))
-        )
+        );
+        if !clean {
+            // Ends the operations still in flight (a write to a peer that does not read):
+            // io_uring keeps a descriptor open until its operations complete.
+            self.shutdown();
+        }
+        clean
     }
 
     /// Reads and drops input until the peer's FIN (`Ok`) or an error.

@@ -21,6 +21,10 @@ pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// A connection is dead when nothing at all arrived for this many heartbeat intervals.
 pub const IDLE_HEARTBEATS: u32 = 3;
 
+/// What one queued frame costs besides its bytes (its allocation and queue slot), counted
+/// in [`Outbox::control_bytes`] so that many tiny frames cannot hide under a byte limit.
+pub(crate) const FRAME_COST: usize = 64;
+
 /// One queued stream frame: its header segment, its data segment (empty but for CHUNK), and
 /// the uncompressed data bytes it carries (0 but for CHUNK).
 #[derive(Debug)]
@@ -44,15 +48,25 @@ pub(crate) struct Outbox {
     body: Option<Bytes>,
     /// Bytes queued in `streams` (headers and data).
     queued_bytes: usize,
+    /// Bytes of every queued frame that is not a CHUNK, plus [`FRAME_COST`] each: what a peer
+    /// makes us queue without any window bounding it.
+    control_bytes: usize,
 }
 
 impl Outbox {
     pub(crate) fn control(&mut self, frame: &Frame) {
-        self.control.push_back(frame.to_bytes());
+        self.raw_control(frame.to_bytes());
     }
 
     pub(crate) fn raw_control(&mut self, bytes: Bytes) {
+        self.control_bytes += bytes.len() + FRAME_COST;
         self.control.push_back(bytes);
+    }
+
+    /// Bytes (and per-frame costs) of the queued frames that are not CHUNKs: bounded by the
+    /// server only by refusing to read while it is above a limit.
+    pub(crate) fn control_bytes(&self) -> usize {
+        self.control_bytes
     }
 
     pub(crate) fn stream_frame(&mut self, stream: StreamId, frame: &Frame) {
@@ -69,6 +83,9 @@ impl Outbox {
         data_len: u64,
     ) {
         self.queued_bytes += head.len() + body.len();
+        if data_len == 0 {
+            self.control_bytes += head.len() + body.len() + FRAME_COST;
+        }
         let queue = self.streams.entry(stream).or_default();
         if queue.is_empty() {
             self.ready.push_back(stream);
@@ -89,6 +106,9 @@ impl Outbox {
         let mut dropped = 0;
         for frame in queue {
             self.queued_bytes -= frame.head.len() + frame.body.len();
+            if frame.data_len == 0 {
+                self.control_bytes -= frame.head.len() + frame.body.len() + FRAME_COST;
+            }
             dropped += frame.data_len;
         }
         self.ready.retain(|s| *s != stream);
@@ -101,6 +121,7 @@ impl Outbox {
         self.ready.clear();
         self.body = None;
         self.queued_bytes = 0;
+        self.control_bytes = self.control.iter().map(|b| b.len() + FRAME_COST).sum();
     }
 
     pub(crate) fn is_stream_empty(&self, stream: StreamId) -> bool {
@@ -112,6 +133,7 @@ impl Outbox {
             return Some(body);
         }
         if let Some(bytes) = self.control.pop_front() {
+            self.control_bytes -= bytes.len() + FRAME_COST;
             return Some(bytes);
         }
         let stream = self.ready.pop_front()?;
@@ -119,7 +141,11 @@ impl Outbox {
             .streams
             .get_mut(&stream)
             .expect("a ready stream has a queue");
-        let Queued { head, body, .. } = queue.pop_front().expect("a ready stream has a frame");
+        let Queued {
+            head,
+            body,
+            data_len,
+        } = queue.pop_front().expect("a ready stream has a frame");
         if queue.is_empty() {
             self.streams.remove(&stream);
         } else {
@@ -128,6 +154,9 @@ impl Outbox {
             self.ready.push_back(stream);
         }
         self.queued_bytes -= head.len() + body.len();
+        if data_len == 0 {
+            self.control_bytes -= head.len() + body.len() + FRAME_COST;
+        }
         if !body.is_empty() {
             self.body = Some(body);
         }

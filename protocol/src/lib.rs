@@ -26,6 +26,7 @@ pub mod frame;
 pub mod fuzz;
 mod server;
 pub mod size;
+pub mod text;
 mod types;
 
 pub use client::{ClientConnection, ClientEvent, ClientSettings, Outcome, StreamRequest};

@@ -36,6 +36,14 @@ pub struct ServerSettings {
     /// How often every running stream gets a PROGRESS frame, whether it is sending or
     /// waiting for credit (PROTOCOL.md, PROGRESS).
     pub progress_interval: Duration,
+    /// Most bytes of frames other than CHUNK data (counting 64 bytes per frame besides its
+    /// own) queued for a client that does not read them. At the limit the connection stops
+    /// taking input until the client reads: what a client can make the server queue without
+    /// a window (INITIATE and CANCEL pairs, say) stays bounded.
+    pub max_pending_control: usize,
+    /// A connection that stays at `max_pending_control` this long is closed with
+    /// `resource_exhausted`.
+    pub pending_control_timeout: Duration,
     /// Shared secret; when set, clients must authenticate before anything else.
     pub secret: Option<Vec<u8>>,
     /// Sent in ACCEPT.
@@ -53,6 +61,8 @@ impl Default for ServerSettings {
             handshake_timeout: Duration::from_secs(10),
             stream_timeout: Duration::from_secs(60),
             progress_interval: Duration::from_secs(1),
+            max_pending_control: 1 << 20,
+            pending_control_timeout: Duration::from_secs(10),
             secret: None,
             name: concat!("nexus-server/", env!("CARGO_PKG_VERSION")).to_string(),
         }
@@ -144,6 +154,8 @@ pub struct ServerConnection {
     stream_check: Option<Instant>,
     /// When the next round of PROGRESS frames is due (once established).
     next_progress: Option<Instant>,
+    /// Since when the client has left `max_pending_control` bytes unread.
+    blocked_since: Option<Instant>,
     events: std::collections::VecDeque<ServerEvent>,
     /// Where CHUNK headers are carved from, so sending a chunk does not allocate.
     header_arena: BytesMut,
@@ -172,6 +184,7 @@ impl ServerConnection {
             clock,
             stream_check: None,
             next_progress: None,
+            blocked_since: None,
             events: Default::default(),
             header_arena: BytesMut::new(),
         }
@@ -189,7 +202,8 @@ impl ServerConnection {
         self.process_input(now);
     }
 
-    /// Processes whatever the receive buffer holds.
+    /// Processes whatever the receive buffer holds, up to the limit of control frames the
+    /// client leaves unread: the rest waits in the buffer (see [`wants_input`](Self::wants_input)).
     pub fn process_input(&mut self, now: Instant) {
         if self.phase == Phase::Closed {
             self.inbox.buf.clear();
@@ -197,6 +211,11 @@ impl ServerConnection {
         }
         self.clock.last_received = now;
         loop {
+            if self.is_blocked() {
+                self.blocked_since.get_or_insert(now);
+                break;
+            }
+            self.blocked_since = None;
             match self.inbox.next_frame("client") {
                 Ok(Some(frame)) => {
                     if let Err(err) = self.on_frame(frame, now) {
@@ -235,12 +254,27 @@ impl ServerConnection {
         self.events.push_back(ServerEvent::Closed(None));
     }
 
+    /// Whether the driver should read more input. `false` while the client leaves
+    /// `max_pending_control` bytes of frames unread: read nothing more, and call
+    /// [`process_input`](Self::process_input) again once some went out (what is buffered
+    /// was not all processed). Past `pending_control_timeout` the connection closes.
+    pub fn wants_input(&self) -> bool {
+        self.phase != Phase::Closed && !self.is_blocked()
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.outbox.control_bytes() >= self.settings.max_pending_control
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.phase == Phase::Closed {
             return None;
         }
-        let deadlines = [self.stream_check, self.next_progress];
+        let blocked = self
+            .blocked_since
+            .map(|since| since + self.settings.pending_control_timeout);
+        let deadlines = [self.stream_check, self.next_progress, blocked];
         Some(
             deadlines
                 .into_iter()
@@ -252,6 +286,17 @@ impl ServerConnection {
     /// Runs the timers due at `now`: handshake deadline, heartbeats, idle and stream
     /// timeouts, PROGRESS.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(since) = self.blocked_since {
+            if !self.is_blocked() {
+                self.blocked_since = None;
+            } else if now.duration_since(since) >= self.settings.pending_control_timeout {
+                let ms = self.settings.pending_control_timeout.as_millis();
+                return self.fail_connection(WireError::new(
+                    ErrorCode::RESOURCE_EXHAUSTED,
+                    format!("the client left frames unread for {ms} ms"),
+                ));
+            }
+        }
         self.tick(now);
         if self.phase != Phase::Established {
             return;

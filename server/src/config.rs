@@ -125,6 +125,12 @@ impl ServerConfig {
         if let Some(v) = values.positive::<u32>("burst.nexus.server.max.paradata")? {
             c.protocol.max_paradata = v;
         }
+        if let Some(v) = values.positive::<usize>("burst.nexus.server.max.pending.control")? {
+            c.protocol.max_pending_control = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.server.pending.control.timeout.ms")? {
+            c.protocol.pending_control_timeout = v;
+        }
         if let Some(v) = values.millis("burst.nexus.server.heartbeat.ms")? {
             c.protocol.heartbeat_interval = v;
         }

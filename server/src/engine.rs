@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use bytes::Bytes;
 use nexus_protocol::frame::NONCE_LEN;
+use nexus_protocol::text::Printable;
 use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, StreamId};
 use tokio::sync::{oneshot, Notify};
 
@@ -52,6 +53,9 @@ pub(crate) struct ConnState {
     streams: RefCell<HashMap<StreamId, Rc<StreamSlot>>>,
     wake_writer: Notify,
     wake_timer: Notify,
+    /// A write finished, or the connection closed: a reader held back by unread control
+    /// frames looks again.
+    wake_reader: Notify,
     finished: Cell<bool>,
 }
 
@@ -97,6 +101,7 @@ pub(crate) fn start(
         streams: RefCell::new(HashMap::new()),
         wake_writer: Notify::new(),
         wake_timer: Notify::new(),
+        wake_reader: Notify::new(),
         finished: Cell::new(false),
     });
     if refuse {
@@ -187,7 +192,9 @@ impl ConnState {
                 }
                 ServerEvent::StreamTimedOut { stream } => {
                     stats::add(&self.shard.stats.streams_timeout, 1);
-                    tracing::info!(peer = %self.peer, stream = stream.0, "Stream timed out: no credit from the client.");
+                    if let Some(suppressed) = self.shard.peer_log() {
+                        tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "Stream timed out: no credit from the client.");
+                    }
                     self.halt_stream(stream);
                 }
                 ServerEvent::Closed(error) => {
@@ -201,11 +208,13 @@ impl ConnState {
                             if let Some(suppressed) =
                                 self.shard.protocol_error_log.allow(Instant::now())
                             {
-                                tracing::warn!(peer = %self.peer, code = %e.code, reason = %e.message, suppressed, "Connection closed: protocol error.");
+                                tracing::warn!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed: protocol error.");
                             }
                         }
                         (Some(e), None) => {
-                            tracing::info!(peer = %self.peer, code = %e.code, reason = %e.message, "Connection closed.");
+                            if let Some(suppressed) = self.shard.peer_log() {
+                                tracing::info!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed.");
+                            }
                         }
                         (None, _) => {
                             tracing::debug!(peer = %self.peer, "Connection closed cleanly.")
@@ -217,6 +226,9 @@ impl ConnState {
         }
         self.wake_writer.notify_one();
         self.wake_timer.notify_one();
+        if self.proto.borrow().is_closed() {
+            self.wake_reader.notify_one();
+        }
     }
 
     fn halt_stream(&self, stream: StreamId) {
@@ -242,7 +254,9 @@ impl ConnState {
             Ok(opened) => opened,
             Err(e) => {
                 stats::add(&self.shard.stats.streams_rejected, 1);
-                tracing::info!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, code = %e.code, reason = %e.message, "Stream refused.");
+                if let Some(suppressed) = self.shard.peer_log() {
+                    tracing::info!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), code = %e.code, reason = %Printable(&e.message), suppressed, "Stream refused.");
+                }
                 let _ = self.proto.borrow_mut().reject(stream, e.code, &e.message);
                 return;
             }
@@ -253,7 +267,8 @@ impl ConnState {
             .borrow_mut()
             .accept(stream, expected, initiate.accept_zstd)
         {
-            tracing::warn!(peer = %self.peer, stream = stream.0, error = %e, "Cannot accept the stream.");
+            // The client cancelled it before it could start (both frames in one read).
+            tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Stream ended before it started.");
             return;
         }
         let slot = Rc::new(StreamSlot {
@@ -264,7 +279,7 @@ impl ConnState {
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
-        tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %initiate.paradata, "Stream started.");
+        tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), "Stream started.");
         tokio::task::spawn_local(
             run_stream(Rc::clone(self), slot, stream, opened.producer).instrument(span.clone()),
         );
@@ -273,6 +288,18 @@ impl ConnState {
 
 async fn read_loop(state: &Rc<ConnState>) {
     loop {
+        if !state.proto.borrow().wants_input() {
+            if state.proto.borrow().is_closed() {
+                return;
+            }
+            // The client leaves too much unread: read nothing more until some of it went
+            // out, then process what is already buffered (the protocol closes the
+            // connection if this lasts).
+            state.wake_reader.notified().await;
+            state.proto.borrow_mut().process_input(Instant::now());
+            state.after_change();
+            continue;
+        }
         let mut buf = std::mem::take(state.proto.borrow_mut().input_buffer());
         if buf.capacity() - buf.len() < READ_RESERVE / 4 {
             buf.reserve(READ_RESERVE);
@@ -326,6 +353,7 @@ async fn write_loop(state: Rc<ConnState>) {
             state.shard.recycle(segment);
         }
         segments = written;
+        state.wake_reader.notify_one();
         if let Err(e) = result {
             tracing::debug!(peer = %state.peer, error = %e, "Write failed.");
             state.proto.borrow_mut().handle_eof();
@@ -554,7 +582,9 @@ async fn next_chunk(
             Some(Ok(data)) if data.is_empty() => continue,
             Some(Ok(data)) => return Next::Data(data),
             Some(Err(e)) => {
-                tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %e.message, "Stream failed in its source.");
+                if let Some(suppressed) = state.shard.peer_log() {
+                    tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Stream failed in its source.");
+                }
                 let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
                 return Next::Ended(End::Error);
             }
@@ -564,7 +594,9 @@ async fn next_chunk(
 
 /// Fails a stream whose source broke a promise (its announced size): `source_failed`.
 fn fail_in_source(state: &ConnState, stream: StreamId, why: &str) {
-    tracing::warn!(peer = %state.peer, stream = stream.0, reason = %why, "Stream failed in its source.");
+    if let Some(suppressed) = state.shard.peer_log() {
+        tracing::warn!(peer = %state.peer, stream = stream.0, reason = %why, suppressed, "Stream failed in its source.");
+    }
     let _ = state
         .proto
         .borrow_mut()

@@ -47,7 +47,9 @@ impl Root {
     /// are followed (where the kernel can check that); without, none is. Uses `openat2`
     /// when the kernel allows it, the per-component walk otherwise.
     pub fn open(path: &Path, follow_symlinks: bool) -> std::io::Result<Root> {
-        let dir = rustix::fs::open(
+        // openat, not open: the legacy `open` call is absent from strict seccomp profiles.
+        let dir = rustix::fs::openat(
+            rustix::fs::CWD,
             path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),

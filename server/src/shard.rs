@@ -42,6 +42,9 @@ pub struct ShardContext {
     pub(crate) metrics: ShardMetrics,
     /// Protocol-error log lines: 10 per 10 s per shard, then a count of those held back.
     pub(crate) protocol_error_log: LogLimiter,
+    /// Every other line a client can cause (refused, failed or timed-out streams, closed or
+    /// refused connections): 20 per 10 s per shard, then a count of those held back.
+    peer_log: LogLimiter,
 }
 
 impl ShardContext {
@@ -95,6 +98,11 @@ impl ShardContext {
         &self.config
     }
 
+    /// `Some(lines held back since the last one)` when a line a client caused may be logged.
+    pub(crate) fn peer_log(&self) -> Option<u64> {
+        self.peer_log.allow(Instant::now())
+    }
+
     /// This shard's own traffic counters.
     pub(crate) fn traffic(&self) -> &ShardTraffic {
         &self.stats.shards[self.index]
@@ -139,6 +147,7 @@ pub(crate) fn run(
             connection_ended: Notify::new(),
             metrics: ShardMetrics::new(),
             protocol_error_log: LogLimiter::new(10, Duration::from_secs(10)),
+            peer_log: LogLimiter::new(20, Duration::from_secs(10)),
         });
         let listener = io::Listener::from_std(backend, listener)?;
         let drain = loop {
@@ -173,7 +182,9 @@ fn accept(shard: &Rc<ShardContext>, connection: io::Connection, peer: std::net::
     let refuse = open >= shard.config.max_connections as u64;
     if refuse {
         stats::add(&shard.stats.connections_refused, 1);
-        tracing::warn!(%peer, limit = shard.config.max_connections, "Connection refused: at the connection limit.");
+        if let Some(suppressed) = shard.peer_log() {
+            tracing::warn!(%peer, limit = shard.config.max_connections, suppressed, "Connection refused: at the connection limit.");
+        }
     }
     let mut connections = shard.connections.borrow_mut();
     connections.retain(|c| c.strong_count() > 0);

@@ -522,6 +522,28 @@ pub struct Served {
     pub address: SocketAddr,
     /// Where its admin endpoint listens, if it has one.
     pub admin: Option<SocketAddr>,
+    /// Lines it has written to stderr so far.
+    pub log_lines: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The first 10,000 of them.
+    pub log: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Its resident memory now, in bytes.
+    pub fn rss(&self) -> u64 {
+        rss_of(self.child.0.id())
+    }
+}
+
+/// The resident memory of process `pid` (VmRSS), in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Starts `nexus serve` on free ports (the protocol and the admin endpoint, unless `env`
@@ -541,6 +563,10 @@ pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
     let stderr = child.stderr.take().expect("piped stderr");
     let guard = ChildGuard(child);
     let (tx, rx) = std::sync::mpsc::channel();
+    let log_lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&log_lines);
+    let log = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let kept = std::sync::Arc::clone(&log);
     // Keep reading for the child's whole life, so its log writes never hit a closed pipe.
     std::thread::spawn(move || {
         let field = |line: &str, name: &str| {
@@ -554,7 +580,13 @@ pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
         };
         for line in std::io::BufReader::new(stderr).lines() {
             let line = line.unwrap_or_default();
-            eprintln!("[nexus] {line}");
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("[nexus] {}", line.escape_debug());
+            let mut kept = kept.lock();
+            if kept.len() < 10_000 {
+                kept.push(line.clone());
+            }
+            drop(kept);
             if let Some(admin) = field(&line, "admin=") {
                 let _ = tx.send((true, admin));
             } else if let Some(address) = field(&line, "address=") {
@@ -578,6 +610,8 @@ pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
         child: guard,
         address,
         admin,
+        log_lines,
+        log,
     }
 }
 
