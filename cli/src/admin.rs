@@ -221,6 +221,7 @@ pub(crate) fn publish_server_stats(s: &nexus_server::StatsSnapshot) {
     use metrics::{counter, gauge};
     gauge!(names::SERVER_STREAMS_ACTIVE).set(s.streams_open as f64);
     gauge!(names::SERVER_CONNECTIONS).set(s.connections_open as f64);
+    gauge!(names::SERVER_MEMORY_HELD).set(s.memory_held as f64);
     counter!(names::PRESS_ITEMS).absolute(s.chunks_sent);
     counter!(names::PRESS_BYTES).absolute(s.bytes_sent);
     counter!(names::SERVER_CHUNKS_COMPRESSED).absolute(s.chunks_compressed);

@@ -134,6 +134,7 @@ fn parse_define(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    return_freed_memory_to_the_system();
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
@@ -323,6 +324,19 @@ fn pull(args: PullArgs) -> ExitCode {
             zstd: args.zstd,
         },
     )
+}
+
+/// Allocations of 256 KiB and more (chunk buffers, receive blocks) go straight to mmap and
+/// back to the system when freed. glibc otherwise raises that threshold as large blocks are
+/// freed, then keeps them in arenas it never trims: after a hostile client's connections
+/// closed, a server that had held 1 GiB for them stayed at 890 MiB resident. The buffers on
+/// the data path are pooled, so the extra system calls are rare.
+fn return_freed_memory_to_the_system() {
+    // SAFETY: mallopt only changes allocator parameters; it is called first thing in main,
+    // before any other thread exists, with a documented parameter and a valid value.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
 }
 
 /// Blocks until SIGTERM or SIGINT; returns its name.

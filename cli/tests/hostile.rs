@@ -152,3 +152,104 @@ fn a_clients_paradata_cannot_forge_server_log_lines() {
         "{log:?}"
     );
 }
+
+/// A raw client that opens `streams` streams of `paradata` at a 16 MiB window and never
+/// reads a byte.
+fn pin(address: std::net::SocketAddr, streams: u32, paradata: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(address).unwrap();
+    let mut bytes = PREFACE.to_vec();
+    let bind = Bind {
+        min_version: 1,
+        max_version: 1,
+        nonce: [2; 32],
+        initial_window: 16 << 20,
+        max_frame_size: 4 << 20,
+        heartbeat_interval_ms: 0,
+        name: "pin".into(),
+    };
+    bytes.extend_from_slice(&Frame::Bind(bind).to_bytes());
+    for id in 1..=streams {
+        let initiate = Initiate {
+            stream: StreamId(id),
+            operation: OperationId(0),
+            accept_zstd: false,
+            paradata: paradata.into(),
+            traceparent: None,
+        };
+        bytes.extend_from_slice(&Frame::Initiate(initiate).to_bytes());
+    }
+    socket.write_all(&bytes).unwrap();
+    socket
+}
+
+fn memory_held(server: &Served) -> f64 {
+    let (_, scrape) = nexus_testkit::http_get(server.admin.unwrap(), "/metrics").unwrap();
+    nexus_testkit::prometheus_sample(&scrape, "nexus_server_stream_memory_bytes").unwrap_or(0.0)
+}
+
+/// Five clients pin 16 streams each at a 16 MiB window (20 GiB of windows) and never read.
+/// The server holds at most its budget (64 MiB here) plus a fixed overhead, refuses new
+/// streams meanwhile, and gives the memory back once they leave.
+fn memory_budget(backend: &str) {
+    let root = TempDir::new("budget");
+    let big = std::fs::File::create(root.path().join("big.bin")).unwrap();
+    big.set_len(256 << 20).unwrap();
+    const BUDGET: u64 = 64 << 20;
+    let server = serve(
+        backend,
+        root.path(),
+        &[
+            ("BURST_NEXUS_SERVER_THREADS", "1"),
+            ("BURST_NEXUS_SERVER_MEMORY_MAX", "67108864"),
+            ("BURST_NEXUS_SERVER_CONNECTION_MEMORY_MAX", "16777216"),
+        ],
+    );
+    let before = server.rss();
+    let pins: Vec<TcpStream> = (0..5)
+        .map(|_| pin(server.address, 16, "file:big.bin"))
+        .collect();
+    // Full: not one more 1 MiB chunk fits.
+    nexus_testkit::wait_until("the hostile clients to fill the budget", || {
+        memory_held(&server) > (BUDGET - (1 << 20)) as f64
+    });
+    let mut fresh = nexus_testkit::Client::connect(server.address);
+    let refused = fresh.pull("file:big.bin?length=1MiB");
+    assert_eq!(
+        refused.error().0,
+        nexus_protocol::ErrorCode::RESOURCE_EXHAUSTED
+    );
+    let pinned = server.rss();
+    assert!(memory_held(&server) <= BUDGET as f64);
+    assert!(
+        pinned.saturating_sub(before) < BUDGET + (32 << 20),
+        "pinned at {} MiB over {} MiB idle",
+        pinned >> 20,
+        before >> 20
+    );
+    drop(pins);
+    let deadline = Instant::now() + PATIENCE;
+    while memory_held(&server) != 0.0 || server.rss() >= before + (16 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "still held: {} bytes, RSS {} MiB over {} MiB idle",
+            memory_held(&server),
+            server.rss() >> 20,
+            before >> 20
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        fresh.pull("file:big.bin?length=3MiB").completion().bytes,
+        3 << 20
+    );
+}
+
+#[test]
+fn hostile_clients_pinning_streams_stay_within_the_memory_budget_io_uring() {
+    memory_budget("io_uring");
+}
+
+#[test]
+fn hostile_clients_pinning_streams_stay_within_the_memory_budget_epoll() {
+    memory_budget("epoll");
+}

@@ -64,6 +64,9 @@ pub const SIZE_BUCKETS: &[f64] = &[
     1099511627776.0,
 ];
 
+/// Stream data the server holds now: read from sources, not yet written to sockets.
+pub const SERVER_MEMORY_HELD: &str = "nexus_server_stream_memory_bytes";
+
 /// The README's metric table: Prometheus name, type, labels, original name, meaning.
 pub const TABLE: &[(&str, &str, &str, &str, &str)] = &[
     (
@@ -207,6 +210,13 @@ pub const TABLE: &[(&str, &str, &str, &str, &str)] = &[
         "1 for the IO backend in use.",
     ),
     (BUILD_INFO, "gauge", "version", "", "1, with the version."),
+    (
+        SERVER_MEMORY_HELD,
+        "gauge",
+        "",
+        "",
+        "Stream data held now (read from sources, not yet written); bounded by burst.nexus.server.memory.max.",
+    ),
 ];
 
 /// [`TABLE`] as Markdown.

@@ -170,6 +170,20 @@ pub const PROPERTIES: &[Property] = &[
         "Most open connections; more get `resource_exhausted`.",
     ),
     p(
+        "burst.nexus.server.memory.max",
+        Integer,
+        "1073741824",
+        "bytes",
+        "Stream data the server holds at once (read from sources, not yet written to sockets), split evenly between shards; over it, running streams pause and new ones get `resource_exhausted`.",
+    ),
+    p(
+        "burst.nexus.server.connection.memory.max",
+        Integer,
+        "67108864",
+        "bytes",
+        "Stream data one connection holds at once; over it, its streams pause until its client reads.",
+    ),
+    p(
         "burst.nexus.server.max.streams",
         Integer,
         "1024",

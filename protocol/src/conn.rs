@@ -46,7 +46,7 @@ pub(crate) struct Outbox {
     ready: VecDeque<StreamId>,
     /// The data segment of the frame whose header went out last.
     body: Option<Bytes>,
-    /// Bytes queued in `streams` (headers and data).
+    /// Bytes queued in `streams` (headers and data) and in `control`.
     queued_bytes: usize,
     /// Bytes of every queued frame that is not a CHUNK, plus [`FRAME_COST`] each: what a peer
     /// makes us queue without any window bounding it.
@@ -60,6 +60,7 @@ impl Outbox {
 
     pub(crate) fn raw_control(&mut self, bytes: Bytes) {
         self.control_bytes += bytes.len() + FRAME_COST;
+        self.queued_bytes += bytes.len();
         self.control.push_back(bytes);
     }
 
@@ -120,8 +121,8 @@ impl Outbox {
         self.streams.clear();
         self.ready.clear();
         self.body = None;
-        self.queued_bytes = 0;
-        self.control_bytes = self.control.iter().map(|b| b.len() + FRAME_COST).sum();
+        self.queued_bytes = self.control.iter().map(Bytes::len).sum();
+        self.control_bytes = self.queued_bytes + self.control.len() * FRAME_COST;
     }
 
     pub(crate) fn is_stream_empty(&self, stream: StreamId) -> bool {
@@ -134,6 +135,7 @@ impl Outbox {
         }
         if let Some(bytes) = self.control.pop_front() {
             self.control_bytes -= bytes.len() + FRAME_COST;
+            self.queued_bytes -= bytes.len();
             return Some(bytes);
         }
         let stream = self.ready.pop_front()?;
@@ -168,7 +170,7 @@ impl Outbox {
     }
 
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.queued_bytes + self.control.iter().map(Bytes::len).sum::<usize>()
+        self.queued_bytes
     }
 }
 

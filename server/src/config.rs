@@ -36,6 +36,15 @@ pub struct ServerConfig {
     /// Most open connections over all shards (`burst.nexus.server.max.connections`, default
     /// 10000); further connections get ERROR `resource_exhausted` and are closed.
     pub max_connections: usize,
+    /// Stream data the whole server holds at once, in bytes (`burst.nexus.server.memory.max`,
+    /// default 1 GiB), split evenly between the shards: chunks read from sources and not yet
+    /// written to a socket. Over it, running streams pause and new streams are refused with
+    /// `resource_exhausted`.
+    pub memory_max: usize,
+    /// Stream data one connection holds at once, in bytes
+    /// (`burst.nexus.server.connection.memory.max`, default 64 MiB). Over it, that
+    /// connection's streams pause until its client reads.
+    pub connection_memory_max: usize,
     /// How long running streams may go on after a shutdown starts
     /// (`burst.nexus.server.drain.timeout.ms`, default 30 s).
     pub drain_timeout: Duration,
@@ -64,6 +73,8 @@ impl Default for ServerConfig {
             chunk_size: 1 << 20,
             pipe_size: 100,
             max_connections: 10_000,
+            memory_max: 1 << 30,
+            connection_memory_max: 64 << 20,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
             packer_concurrency: 2,
@@ -115,6 +126,12 @@ impl ServerConfig {
         }
         if let Some(v) = values.positive::<usize>("burst.nexus.server.max.connections")? {
             c.max_connections = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.server.memory.max")? {
+            c.memory_max = v;
+        }
+        if let Some(v) = values.positive::<usize>("burst.nexus.server.connection.memory.max")? {
+            c.connection_memory_max = v;
         }
         if let Some(v) = values.positive::<u32>("burst.nexus.server.max.streams")? {
             c.protocol.max_streams = v;

@@ -57,6 +57,13 @@ pub(crate) struct ConnState {
     /// frames looks again.
     wake_reader: Notify,
     finished: Cell<bool>,
+    /// Stream data this connection holds, as last added to the shard's total.
+    held: Cell<usize>,
+    /// Bytes taken from producers and not yet queued in the protocol (split remainders,
+    /// chunks taken ahead, chunks at the packer).
+    prepared: Cell<usize>,
+    /// Bytes the writer took from the protocol and has not written yet.
+    in_flight: Cell<usize>,
 }
 
 struct StreamSlot {
@@ -103,6 +110,9 @@ pub(crate) fn start(
         wake_timer: Notify::new(),
         wake_reader: Notify::new(),
         finished: Cell::new(false),
+        held: Cell::new(0),
+        prepared: Cell::new(0),
+        in_flight: Cell::new(0),
     });
     if refuse {
         state.close(
@@ -136,7 +146,10 @@ async fn run(state: Rc<ConnState>) {
     writer.abort();
     timer.abort();
     state.halt_all_streams();
+    // The connection's buffers go with it: its share of the shard's memory is free.
+    state.release_all();
     state.finished.set(true);
+    state.prepared.set(0);
     stats::sub(&state.shard.stats.connections_open, 1);
     state.shard.connection_ended.notify_one();
     tracing::debug!(peer = %state.peer, "Connection ended.");
@@ -145,6 +158,54 @@ async fn run(state: Rc<ConnState>) {
 impl ConnState {
     pub(crate) fn is_finished(&self) -> bool {
         self.finished.get()
+    }
+
+    /// Recounts the stream data this connection holds (queued in the protocol, in the
+    /// writer's hands, taken from producers) into the shard's total; wakes paused streams
+    /// when it shrank. Called after every change of any of them.
+    fn account(&self) {
+        if self.finished.get() {
+            return; // Released in one go at the end (`release_all`).
+        }
+        let now = self.proto.borrow().queued_bytes() + self.in_flight.get() + self.prepared.get();
+        self.set_held(now);
+    }
+
+    fn set_held(&self, now: usize) {
+        let before = self.held.replace(now);
+        let shard = &self.shard.held;
+        shard.set(shard.get() - before + now);
+        let published = &self.shard.traffic().memory_held;
+        published.store(shard.get() as u64, std::sync::atomic::Ordering::Relaxed);
+        if now < before {
+            self.shard.budget_freed.notify_waiters();
+        }
+    }
+
+    fn release_all(&self) {
+        self.prepared.set(0);
+        self.in_flight.set(0);
+        self.set_held(0);
+    }
+
+    /// Whether one more chunk of `bytes` fits both this connection's and the shard's memory
+    /// budget. The first chunk always fits, so a budget below the chunk size still moves.
+    fn has_room(&self, bytes: usize) -> bool {
+        let (conn, shard) = (self.held.get(), self.shard.held.get());
+        let limit = self.shard.config().connection_memory_max;
+        (conn == 0 || conn + bytes <= limit) && (shard == 0 || shard + bytes <= self.shard.budget)
+    }
+
+    /// Bytes taken from a producer (`+`) or handed on or dropped (`-`).
+    fn prepare(&self, bytes: usize) {
+        self.prepared.set(self.prepared.get() + bytes);
+        self.account();
+    }
+
+    fn unprepare(&self, bytes: usize) {
+        // Saturating: a halted stream task may let go after `release_all`.
+        self.prepared.set(self.prepared.get().saturating_sub(bytes));
+        self.account();
     }
 
     /// Starts draining: GOAWAY now; the protocol closes the connection cleanly when its last
@@ -224,6 +285,7 @@ impl ConnState {
                 }
             }
         }
+        self.account();
         self.wake_writer.notify_one();
         self.wake_timer.notify_one();
         if self.proto.borrow().is_closed() {
@@ -246,6 +308,18 @@ impl ConnState {
             operation = initiate.operation.0
         );
         let _entered = span.enter();
+        if self.shard.held.get() + self.shard.chunk_size() > self.shard.budget {
+            stats::add(&self.shard.stats.streams_rejected, 1);
+            if let Some(suppressed) = self.shard.peer_log() {
+                tracing::warn!(peer = %self.peer, stream = stream.0, suppressed, "Stream refused: the server is at its memory budget.");
+            }
+            let message = "the server holds as much stream data as burst.nexus.server.memory.max allows; try again later";
+            let _ = self
+                .proto
+                .borrow_mut()
+                .reject(stream, ErrorCode::RESOURCE_EXHAUSTED, message);
+            return;
+        }
         let opened =
             self.shard
                 .registry
@@ -279,6 +353,7 @@ impl ConnState {
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
+        self.shard.stream_started();
         tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), "Stream started.");
         tokio::task::spawn_local(
             run_stream(Rc::clone(self), slot, stream, opened.producer).instrument(span.clone()),
@@ -348,11 +423,15 @@ async fn write_loop(state: Rc<ConnState>) {
             state.wake_writer.notified().await;
             continue;
         }
+        state.in_flight.set(total);
+        state.account();
         let (result, mut written) = state.io.write_all(segments).await;
         for segment in written.drain(..) {
             state.shard.recycle(segment);
         }
         segments = written;
+        state.in_flight.set(0);
+        state.account();
         state.wake_reader.notify_one();
         if let Err(e) = result {
             tracing::debug!(peer = %state.peer, error = %e, "Write failed.");
@@ -390,6 +469,7 @@ async fn run_stream(
     let stats = &state.shard.stats;
     stats::add(&stats.producers_dropped, 1);
     stats::sub(&stats.streams_open, 1);
+    state.shard.stream_ended();
     state.shard.metrics.stream_ended(started.elapsed(), bytes);
     match end {
         End::Complete => stats::add(&stats.streams_complete, 1),
@@ -449,6 +529,8 @@ async fn produce(
     let mut exhausted = false;
     let mut sent = 0u64;
     let mut items = producer.items();
+    let chunk_size = state.shard.chunk_size();
+    let holding = Holding::new(state);
     loop {
         if slot.stopped.get() {
             return (End::Stopped, sent);
@@ -465,7 +547,7 @@ async fn produce(
             }
             let mut data = match pending.take() {
                 Some(data) => data,
-                None => match next_chunk(state, slot, stream, producer, capacity).await {
+                None => match next_chunk(state, slot, stream, producer, capacity, &holding).await {
                     Next::Data(data) => data,
                     Next::Exhausted => {
                         exhausted = true;
@@ -504,8 +586,7 @@ async fn produce(
             }
             if pending.is_none() {
                 // The window is at 0: look one chunk ahead, to learn whether the source is done.
-                let max = state.shard.chunk_size();
-                match next_chunk(state, slot, stream, producer, max).await {
+                match next_chunk(state, slot, stream, producer, chunk_size, &holding).await {
                     Next::Data(data) => pending = Some(data),
                     Next::Exhausted => exhausted = true,
                     Next::Ended(end) => return (end, sent),
@@ -532,7 +613,7 @@ async fn produce(
         let now = Instant::now();
         let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
         match result {
-            Ok(()) => {}
+            Ok(()) => holding.hand_on(len as usize),
             Err(e @ CallError::BeyondAnnounced { .. }) => {
                 fail_in_source(state, stream, &e.to_string());
                 return (End::Error, sent);
@@ -564,31 +645,85 @@ async fn produce(
     }
 }
 
-/// The producer's next chunk (empty ones skipped), or how the stream ended while waiting.
+/// The producer's next chunk (empty ones skipped), counted in `holding`, or how the stream
+/// ended while waiting. First waits until a chunk of the configured size fits the
+/// connection's and the shard's memory budgets, and reserves it before the producer starts
+/// (reads are asynchronous: streams that all found room would otherwise all read at once).
+/// A stream over a budget pauses; its client gets HEARTBEATs meanwhile.
 async fn next_chunk(
     state: &ConnState,
     slot: &StreamSlot,
     stream: StreamId,
     producer: &mut dyn Producer,
     max: usize,
+    holding: &Holding<'_>,
 ) -> Next {
-    loop {
+    let reserve = state.shard.chunk_size();
+    while !state.has_room(reserve) {
+        tokio::select! {
+            _ = state.shard.budget_freed.notified() => {}
+            _ = slot.stop.notified() => return Next::Ended(End::Stopped),
+        }
+    }
+    holding.take(reserve);
+    let next = loop {
         let next = tokio::select! {
             next = producer.next(max) => next,
-            _ = slot.stop.notified() => return Next::Ended(End::Stopped),
+            _ = slot.stop.notified() => break Next::Ended(End::Stopped),
         };
         match next {
-            None => return Next::Exhausted,
             Some(Ok(data)) if data.is_empty() => continue,
-            Some(Ok(data)) => return Next::Data(data),
+            Some(Ok(data)) => break Next::Data(data),
+            None => break Next::Exhausted,
             Some(Err(e)) => {
                 if let Some(suppressed) = state.shard.peer_log() {
                     tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Stream failed in its source.");
                 }
                 let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
-                return Next::Ended(End::Error);
+                break Next::Ended(End::Error);
             }
         }
+    };
+    // The reservation becomes what really came.
+    if let Next::Data(data) = &next {
+        holding.take(data.len());
+    }
+    holding.hand_on(reserve);
+    next
+}
+
+/// Bytes a stream task holds outside the protocol (split remainders, chunks taken ahead or at
+/// the packer), counted in its connection's `prepared`; what is left when the task ends is
+/// let go.
+struct Holding<'a> {
+    state: &'a ConnState,
+    bytes: Cell<usize>,
+}
+
+impl<'a> Holding<'a> {
+    fn new(state: &'a ConnState) -> Self {
+        Holding {
+            state,
+            bytes: Cell::new(0),
+        }
+    }
+
+    /// `bytes` more came from the producer.
+    fn take(&self, bytes: usize) {
+        self.bytes.set(self.bytes.get() + bytes);
+        self.state.prepare(bytes);
+    }
+
+    /// `bytes` went into the protocol's queue (where `account` counts them).
+    fn hand_on(&self, bytes: usize) {
+        self.bytes.set(self.bytes.get() - bytes);
+        self.state.unprepare(bytes);
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.state.unprepare(self.bytes.get());
     }
 }
 

@@ -2,7 +2,7 @@
 //! connections over shards). Everything a connection touches lives here, behind `Rc` and
 //! `RefCell`: no locks and no shared atomics on the data path.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +21,8 @@ use crate::stats::{self, ServerStats, ShardTraffic};
 use crate::synthetic;
 use crate::telemetry::{LogLimiter, ShardMetrics};
 
-/// Free buffers kept per shard; more are dropped.
+/// Free buffers kept per shard while it has streams running; more are dropped. With no
+/// stream running the pool is emptied, so memory a burst needed goes back to the system.
 const POOL_MAX_FREE: usize = 64;
 
 /// What sources and the engine may use of their shard.
@@ -34,6 +35,8 @@ pub struct ShardContext {
     /// Compression workers, shared by the server's shards.
     pub(crate) packer: Arc<Packer>,
     pool: RefCell<Vec<BytesMut>>,
+    /// Streams running on this shard: the pool is kept only while there are some.
+    streams_running: Cell<usize>,
     /// The synthetic tile (`PERIOD + MAX_CHUNK` bytes), made on first use.
     tile: std::cell::OnceCell<Bytes>,
     pub(crate) connections: RefCell<Vec<Weak<ConnState>>>,
@@ -45,6 +48,12 @@ pub struct ShardContext {
     /// Every other line a client can cause (refused, failed or timed-out streams, closed or
     /// refused connections): 20 per 10 s per shard, then a count of those held back.
     peer_log: LogLimiter,
+    /// Stream data this shard's connections hold, in bytes (see `ConnState::account`).
+    pub(crate) held: Cell<usize>,
+    /// This shard's share of `burst.nexus.server.memory.max`.
+    pub(crate) budget: usize,
+    /// Notified whenever a connection holds less than before: paused streams look again.
+    pub(crate) budget_freed: Notify,
 }
 
 impl ShardContext {
@@ -74,8 +83,9 @@ impl ShardContext {
 
     /// Takes back a buffer once the socket is done with it. Only whole, unshared chunk buffers
     /// are kept; slices of shared memory (headers, synthetic tiles) are simply dropped.
+    /// Nothing is kept while no stream runs.
     pub(crate) fn recycle(&self, data: Bytes) {
-        if data.len() < self.config.chunk_size / 2 {
+        if data.len() < self.config.chunk_size / 2 || self.streams_running.get() == 0 {
             return;
         }
         if let Ok(mut buf) = data.try_into_mut() {
@@ -84,6 +94,20 @@ impl ShardContext {
             if buf.capacity() >= self.config.chunk_size && pool.len() < POOL_MAX_FREE {
                 pool.push(buf);
             }
+        }
+    }
+
+    /// A stream started on this shard.
+    pub(crate) fn stream_started(&self) {
+        self.streams_running.set(self.streams_running.get() + 1);
+    }
+
+    /// A stream of this shard ended; the last one empties the buffer pool.
+    pub(crate) fn stream_ended(&self) {
+        let running = self.streams_running.get().saturating_sub(1);
+        self.streams_running.set(running);
+        if running == 0 {
+            self.pool.borrow_mut().clear();
         }
     }
 
@@ -133,6 +157,7 @@ pub(crate) fn run(
         packer,
     } = shared;
     let ring_entries = config.ring_entries;
+    let budget = config.memory_max / config.threads.max(1);
     io::block_on(backend, ring_entries, async move {
         let shard = Rc::new(ShardContext {
             index,
@@ -142,12 +167,16 @@ pub(crate) fn run(
             stats,
             packer,
             pool: RefCell::new(Vec::new()),
+            streams_running: Cell::new(0),
             tile: std::cell::OnceCell::new(),
             connections: RefCell::new(Vec::new()),
             connection_ended: Notify::new(),
             metrics: ShardMetrics::new(),
             protocol_error_log: LogLimiter::new(10, Duration::from_secs(10)),
             peer_log: LogLimiter::new(20, Duration::from_secs(10)),
+            held: Cell::new(0),
+            budget,
+            budget_freed: Notify::new(),
         });
         let listener = io::Listener::from_std(backend, listener)?;
         let drain = loop {

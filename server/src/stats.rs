@@ -28,6 +28,8 @@ pub(crate) struct ShardTraffic {
     pub(crate) bytes: AtomicU64,
     pub(crate) chunks: AtomicU64,
     pub(crate) chunks_compressed: AtomicU64,
+    /// Stream data the shard holds now (its budget's use).
+    pub(crate) memory_held: AtomicU64,
 }
 
 /// Live counters of a running server.
@@ -87,6 +89,8 @@ pub struct StatsSnapshot {
     /// The most chunks one stream has had in preparation (being compressed, or compressed and
     /// waiting for their turn) at once: at most `burst.nexus.stream.parcel.packer.concurrency`.
     pub packer_peak: u64,
+    /// Stream data held now, in bytes: read from sources and not yet written to sockets.
+    pub memory_held: u64,
 }
 
 impl ServerStats {
@@ -123,6 +127,11 @@ impl ServerStats {
                 .map(|s| s.chunks_compressed.load(Relaxed))
                 .sum(),
             packer_peak: self.packer_peak.load(Relaxed),
+            memory_held: self
+                .shards
+                .iter()
+                .map(|s| s.memory_held.load(Relaxed))
+                .sum(),
         }
     }
 }
