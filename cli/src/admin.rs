@@ -236,7 +236,10 @@ pub(crate) fn publish_server_stats(s: &nexus_server::StatsSnapshot) {
         counter!(names::SERVER_STREAMS_FINISHED, "outcome" => outcome).absolute(value);
     }
     counter!(names::SERVER_CONNECTIONS_ACCEPTED).absolute(s.connections_total);
-    counter!(names::SERVER_CONNECTIONS_REFUSED).absolute(s.connections_refused);
+    counter!(names::SERVER_CONNECTIONS_REFUSED, "reason" => "connection_limit")
+        .absolute(s.connections_refused);
+    counter!(names::SERVER_CONNECTIONS_REFUSED, "reason" => "auth_throttled")
+        .absolute(s.connections_refused_auth);
     for (code, value) in nexus_server::PROTOCOL_ERROR_CODES
         .iter()
         .zip(s.protocol_errors_by_reason)

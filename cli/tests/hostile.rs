@@ -253,3 +253,52 @@ fn hostile_clients_pinning_streams_stay_within_the_memory_budget_io_uring() {
 fn hostile_clients_pinning_streams_stay_within_the_memory_budget_epoll() {
     memory_budget("epoll");
 }
+
+fn connect_with_secret(
+    address: std::net::SocketAddr,
+    secret: &str,
+) -> Result<nexus_testkit::Client, nexus_protocol::WireError> {
+    let settings = nexus_protocol::ClientSettings {
+        secret: Some(secret.as_bytes().to_vec()),
+        ..nexus_protocol::ClientSettings::default()
+    };
+    nexus_testkit::Client::connect_with(address, settings)
+}
+
+/// Wrong secrets from one address as fast as it can for 2 s: after its budget the server
+/// refuses it before the handshake, so it gets few guesses (thousands a second before), the
+/// refusals are counted by reason, and the right secret works again once the backoff passed.
+#[test]
+fn wrong_secrets_from_one_address_are_throttled() {
+    let root = TempDir::new("auth-throttle");
+    let server = serve(
+        "epoll",
+        root.path(),
+        &[
+            ("BURST_NEXUS_AUTH_SECRET", "correct horse"),
+            ("BURST_NEXUS_SERVER_AUTH_FAILURES_MAX", "5"),
+        ],
+    );
+    let started = Instant::now();
+    let (mut attempts, mut throttled) = (0, 0);
+    while started.elapsed() < Duration::from_secs(2) {
+        let err = connect_with_secret(server.address, "wrong").err().unwrap();
+        assert_eq!(err.code, nexus_protocol::ErrorCode::AUTH_FAILED, "{err}");
+        if err.message.contains("too many failed authentications") {
+            throttled += 1;
+        }
+        attempts += 1;
+    }
+    let (_, scrape) = nexus_testkit::http_get(server.admin.unwrap(), "/metrics").unwrap();
+    let sample = |series| nexus_testkit::prometheus_sample(&scrape, series).unwrap_or(0.0);
+    let guesses = sample("nexus_protocol_errors_total{reason=\"auth_failed\"}");
+    let refused = sample("nexus_server_connections_refused_total{reason=\"auth_throttled\"}");
+    assert!(throttled > 0 && attempts > 100, "{throttled} of {attempts}");
+    // 5 guesses, a 1 s backoff, 5 more, a 2 s backoff: at most 10 in 2 s.
+    assert!(guesses <= 10.0, "{guesses} guesses got through in 2 s");
+    assert_eq!(refused, throttled as f64);
+    // The backoff passes; the right secret is let in.
+    nexus_testkit::wait_until("the backoff to pass", || {
+        connect_with_secret(server.address, "correct horse").is_ok()
+    });
+}

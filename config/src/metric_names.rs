@@ -163,9 +163,9 @@ pub const TABLE: &[(&str, &str, &str, &str, &str)] = &[
     (
         SERVER_CONNECTIONS_REFUSED,
         "counter",
+        "reason",
         "",
-        "",
-        "Connections refused at the connection limit.",
+        "Connections refused before their handshake: connection_limit, auth_throttled (an address that failed authentication too often).",
     ),
     (
         PROTOCOL_ERRORS,

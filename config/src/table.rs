@@ -184,6 +184,13 @@ pub const PROPERTIES: &[Property] = &[
         "Stream data one connection holds at once; over it, its streams pause until its client reads.",
     ),
     p(
+        "burst.nexus.server.auth.failures.max",
+        Integer,
+        "10",
+        "failures",
+        "Failed authentications per client address per minute; past them its connections are refused with `auth_failed` for a backoff doubling from 1 s to 5 min.",
+    ),
+    p(
         "burst.nexus.server.max.streams",
         Integer,
         "1024",

@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// (`burst.nexus.server.connection.memory.max`, default 64 MiB). Over it, that
     /// connection's streams pause until its client reads.
     pub connection_memory_max: usize,
+    /// Failed authentications per client address per minute before its connections are
+    /// refused for a backoff that doubles from 1 s to 5 min
+    /// (`burst.nexus.server.auth.failures.max`, default 10).
+    pub auth_failures_max: u32,
     /// How long running streams may go on after a shutdown starts
     /// (`burst.nexus.server.drain.timeout.ms`, default 30 s).
     pub drain_timeout: Duration,
@@ -74,6 +78,7 @@ impl Default for ServerConfig {
             pipe_size: 100,
             max_connections: 10_000,
             memory_max: 1 << 30,
+            auth_failures_max: 10,
             connection_memory_max: 64 << 20,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
@@ -132,6 +137,9 @@ impl ServerConfig {
         }
         if let Some(v) = values.positive::<usize>("burst.nexus.server.connection.memory.max")? {
             c.connection_memory_max = v;
+        }
+        if let Some(v) = values.positive::<u32>("burst.nexus.server.auth.failures.max")? {
+            c.auth_failures_max = v;
         }
         if let Some(v) = values.positive::<u32>("burst.nexus.server.max.streams")? {
             c.protocol.max_streams = v;

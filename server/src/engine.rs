@@ -64,6 +64,8 @@ pub(crate) struct ConnState {
     prepared: Cell<usize>,
     /// Bytes the writer took from the protocol and has not written yet.
     in_flight: Cell<usize>,
+    /// Refused at accept: its closing ERROR is ours, not the client's doing.
+    refused: bool,
 }
 
 struct StreamSlot {
@@ -89,13 +91,13 @@ enum End {
     Stopped,
 }
 
-/// Starts the tasks of a new connection. With `refuse`, the connection only gets ERROR
-/// `resource_exhausted` and is closed.
+/// Starts the tasks of a new connection. With `refuse`, the connection only gets that ERROR
+/// (after the preface) and is closed.
 pub(crate) fn start(
     shard: Rc<ShardContext>,
     io: io::Connection,
     peer: SocketAddr,
-    refuse: bool,
+    refuse: Option<(ErrorCode, String)>,
 ) -> Rc<ConnState> {
     let mut nonce = [0u8; NONCE_LEN];
     let nonce_failed = getrandom::fill(&mut nonce).is_err();
@@ -113,12 +115,10 @@ pub(crate) fn start(
         held: Cell::new(0),
         prepared: Cell::new(0),
         in_flight: Cell::new(0),
+        refused: refuse.is_some(),
     });
-    if refuse {
-        state.close(
-            ErrorCode::RESOURCE_EXHAUSTED,
-            "too many connections; try again later",
-        );
+    if let Some((code, message)) = refuse {
+        state.close(code, &message);
     } else if nonce_failed {
         tracing::error!(peer = %peer, "No randomness for the handshake nonce; closing.");
         state.close(
@@ -239,6 +239,9 @@ impl ConnState {
                     version,
                     client_name,
                 } => {
+                    if self.shard.config().protocol.secret.is_some() {
+                        self.shard.throttle.succeeded(self.peer.ip());
+                    }
                     tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
                 }
                 ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
@@ -258,7 +261,14 @@ impl ConnState {
                     }
                     self.halt_stream(stream);
                 }
+                ServerEvent::Closed(_) if self.refused => self.halt_all_streams(),
                 ServerEvent::Closed(error) => {
+                    if error
+                        .as_ref()
+                        .is_some_and(|e| e.code == ErrorCode::AUTH_FAILED)
+                    {
+                        self.shard.throttle.failed(self.peer.ip(), Instant::now());
+                    }
                     let reason = error
                         .as_ref()
                         .and_then(|e| stats::protocol_error_reason(e.code));

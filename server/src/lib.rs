@@ -25,6 +25,7 @@ mod source;
 mod stats;
 pub mod synthetic;
 mod telemetry;
+mod throttle;
 
 use nexus_io as io;
 

@@ -14,6 +14,7 @@ use crate::packer::Packer;
 use crate::shard;
 use crate::source::Registry;
 use crate::stats::{ServerStats, StatsSnapshot};
+use crate::throttle::AuthThrottle;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,7 @@ impl Server {
         let registry = Arc::new(registry);
         let stats = Arc::new(ServerStats::new(listeners.len()));
         let packer = Arc::new(Packer::start(listeners.len()).map_err(StartError::Thread)?);
+        let throttle = Arc::new(AuthThrottle::new(config.auth_failures_max));
         let (shutdown, _) = watch::channel(None);
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -96,6 +98,7 @@ impl Server {
                 registry: registry.clone(),
                 stats: stats.clone(),
                 packer: packer.clone(),
+                throttle: throttle.clone(),
             };
             let receiver = shutdown.subscribe();
             let thread = std::thread::Builder::new()

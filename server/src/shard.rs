@@ -20,6 +20,7 @@ use crate::source::Registry;
 use crate::stats::{self, ServerStats, ShardTraffic};
 use crate::synthetic;
 use crate::telemetry::{LogLimiter, ShardMetrics};
+use crate::throttle::AuthThrottle;
 
 /// Free buffers kept per shard while it has streams running; more are dropped. With no
 /// stream running the pool is emptied, so memory a burst needed goes back to the system.
@@ -34,6 +35,8 @@ pub struct ShardContext {
     pub(crate) stats: Arc<ServerStats>,
     /// Compression workers, shared by the server's shards.
     pub(crate) packer: Arc<Packer>,
+    /// Failed authentications per client address, shared by the server's shards.
+    pub(crate) throttle: Arc<AuthThrottle>,
     pool: RefCell<Vec<BytesMut>>,
     /// Streams running on this shard: the pool is kept only while there are some.
     streams_running: Cell<usize>,
@@ -140,6 +143,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) stats: Arc<ServerStats>,
     pub(crate) packer: Arc<Packer>,
+    pub(crate) throttle: Arc<AuthThrottle>,
 }
 
 /// Runs one shard until shutdown: accepts connections, and on shutdown drains them.
@@ -155,6 +159,7 @@ pub(crate) fn run(
         registry,
         stats,
         packer,
+        throttle,
     } = shared;
     let ring_entries = config.ring_entries;
     let budget = config.memory_max / config.threads.max(1);
@@ -166,6 +171,7 @@ pub(crate) fn run(
             registry,
             stats,
             packer,
+            throttle,
             pool: RefCell::new(Vec::new()),
             streams_running: Cell::new(0),
             tile: std::cell::OnceCell::new(),
@@ -208,13 +214,31 @@ pub(crate) fn run(
 fn accept(shard: &Rc<ShardContext>, connection: io::Connection, peer: std::net::SocketAddr) {
     let open = shard.stats.connections_open.fetch_add(1, Ordering::Relaxed);
     stats::add(&shard.stats.connections_total, 1);
-    let refuse = open >= shard.config.max_connections as u64;
-    if refuse {
+    let throttled = match shard.config.protocol.secret {
+        Some(_) => shard.throttle.blocked(peer.ip(), Instant::now()),
+        None => None,
+    };
+    let refuse = if open >= shard.config.max_connections as u64 {
         stats::add(&shard.stats.connections_refused, 1);
         if let Some(suppressed) = shard.peer_log() {
             tracing::warn!(%peer, limit = shard.config.max_connections, suppressed, "Connection refused: at the connection limit.");
         }
-    }
+        let message = "too many connections; try again later";
+        Some((ErrorCode::RESOURCE_EXHAUSTED, message.to_string()))
+    } else if let Some(left) = throttled {
+        stats::add(&shard.stats.connections_refused_auth, 1);
+        if let Some(suppressed) = shard.peer_log() {
+            tracing::warn!(%peer, retry_in_ms = left.as_millis() as u64, suppressed, "Connection refused: too many failed authentications from this address.");
+        }
+        let message = format!(
+            "too many failed authentications from {}; retry in {} s",
+            peer.ip(),
+            left.as_secs() + 1
+        );
+        Some((ErrorCode::AUTH_FAILED, message))
+    } else {
+        None
+    };
     let mut connections = shard.connections.borrow_mut();
     connections.retain(|c| c.strong_count() > 0);
     let state = engine::start(Rc::clone(shard), connection, peer, refuse);

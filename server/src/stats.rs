@@ -38,6 +38,7 @@ pub struct ServerStats {
     pub(crate) connections_open: AtomicU64,
     pub(crate) connections_total: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
+    pub(crate) connections_refused_auth: AtomicU64,
     pub(crate) streams_open: AtomicU64,
     pub(crate) streams_total: AtomicU64,
     pub(crate) streams_complete: AtomicU64,
@@ -60,6 +61,8 @@ pub struct StatsSnapshot {
     pub connections_total: u64,
     /// Connections refused at the connection limit.
     pub connections_refused: u64,
+    /// Connections refused because their address failed authentication too often.
+    pub connections_refused_auth: u64,
     /// Streams with a running producer now.
     pub streams_open: u64,
     /// Streams accepted since start.
@@ -109,6 +112,7 @@ impl ServerStats {
             connections_open: self.connections_open.load(Relaxed),
             connections_total: self.connections_total.load(Relaxed),
             connections_refused: self.connections_refused.load(Relaxed),
+            connections_refused_auth: self.connections_refused_auth.load(Relaxed),
             streams_open: self.streams_open.load(Relaxed),
             streams_total: self.streams_total.load(Relaxed),
             streams_complete: self.streams_complete.load(Relaxed),
