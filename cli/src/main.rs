@@ -134,7 +134,6 @@ fn parse_define(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    return_freed_memory_to_the_system();
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
@@ -214,6 +213,7 @@ fn fail(message: &str) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    return_freed_memory_to_the_system();
     let mut flags = Vec::new();
     if let Some(v) = args.port {
         flags.push(("burst.nexus.server.port", v.to_string()));
@@ -326,14 +326,16 @@ fn pull(args: PullArgs) -> ExitCode {
     )
 }
 
-/// Allocations of 256 KiB and more (chunk buffers, receive blocks) go straight to mmap and
-/// back to the system when freed. glibc otherwise raises that threshold as large blocks are
-/// freed, then keeps them in arenas it never trims: after a hostile client's connections
-/// closed, a server that had held 1 GiB for them stayed at 890 MiB resident. The buffers on
-/// the data path are pooled, so the extra system calls are rare.
+/// For the long-running server: allocations of 256 KiB and more (chunk buffers) go straight
+/// to mmap and back to the system when freed. glibc otherwise raises that threshold as large
+/// blocks are freed, then keeps them in arenas it never trims: after a hostile client's
+/// connections closed, a server that had held 1 GiB for them stayed at 890 MiB resident.
+/// Chunk buffers are pooled, so the extra system calls are rare. Not for `nexus pull`: a
+/// short-lived client that reallocates its receive blocks between streams would pay a page
+/// fault per page each time.
 fn return_freed_memory_to_the_system() {
-    // SAFETY: mallopt only changes allocator parameters; it is called first thing in main,
-    // before any other thread exists, with a documented parameter and a valid value.
+    // SAFETY: mallopt only changes allocator parameters; it is called before the server
+    // starts any thread, with a documented parameter and a valid value.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }

@@ -22,9 +22,11 @@ use crate::synthetic;
 use crate::telemetry::{LogLimiter, ShardMetrics};
 use crate::throttle::AuthThrottle;
 
-/// Free buffers kept per shard while it has streams running; more are dropped. With no
-/// stream running the pool is emptied, so memory a burst needed goes back to the system.
+/// Free buffers kept per shard while it has streams running; more are dropped.
 const POOL_MAX_FREE: usize = 64;
+/// Free buffers kept while no stream runs: the next stream starts without fresh memory,
+/// and what a burst needed beyond these goes back to the system.
+const POOL_IDLE_FREE: usize = 4;
 
 /// What sources and the engine may use of their shard.
 pub struct ShardContext {
@@ -75,26 +77,32 @@ impl ShardContext {
         self.config.pipe_size
     }
 
-    /// An empty buffer with room for one chunk, reused from the pool when one is free.
+    /// An empty buffer with room for one chunk, starting at a page boundary, reused from the
+    /// pool when one is free.
     pub fn buffer(&self) -> BytesMut {
         let size = self.config.chunk_size;
         self.pool
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(size))
+            .unwrap_or_else(|| page_aligned(size))
     }
 
     /// Takes back a buffer once the socket is done with it. Only whole, unshared chunk buffers
     /// are kept; slices of shared memory (headers, synthetic tiles) are simply dropped.
-    /// Nothing is kept while no stream runs.
+    /// Only a few are kept while no stream runs.
     pub(crate) fn recycle(&self, data: Bytes) {
-        if data.len() < self.config.chunk_size / 2 || self.streams_running.get() == 0 {
+        if data.len() < self.config.chunk_size / 2 {
             return;
         }
         if let Ok(mut buf) = data.try_into_mut() {
             buf.clear();
             let mut pool = self.pool.borrow_mut();
-            if buf.capacity() >= self.config.chunk_size && pool.len() < POOL_MAX_FREE {
+            let keep = match self.streams_running.get() {
+                0 => POOL_IDLE_FREE,
+                _ => POOL_MAX_FREE,
+            };
+            let aligned = buf.as_ptr().align_offset(4096) == 0;
+            if aligned && buf.capacity() >= self.config.chunk_size && pool.len() < keep {
                 pool.push(buf);
             }
         }
@@ -105,12 +113,12 @@ impl ShardContext {
         self.streams_running.set(self.streams_running.get() + 1);
     }
 
-    /// A stream of this shard ended; the last one empties the buffer pool.
+    /// A stream of this shard ended; the last one shrinks the buffer pool to a few buffers.
     pub(crate) fn stream_ended(&self) {
         let running = self.streams_running.get().saturating_sub(1);
         self.streams_running.set(running);
         if running == 0 {
-            self.pool.borrow_mut().clear();
+            self.pool.borrow_mut().truncate(POOL_IDLE_FREE);
         }
     }
 
@@ -134,6 +142,19 @@ impl ShardContext {
     pub(crate) fn traffic(&self) -> &ShardTraffic {
         &self.stats.shards[self.index]
     }
+}
+
+/// An empty buffer of at least `size` bytes whose first byte is at a page boundary: the
+/// kernel copies file pages into a page-aligned buffer several times faster than into one a
+/// few bytes off (shared/PERF-NOTES.md), and allocators give large blocks 16 bytes past a
+/// boundary. One page more is allocated, and the start moved up to the boundary.
+fn page_aligned(size: usize) -> BytesMut {
+    const PAGE: usize = 4096;
+    let mut buf = BytesMut::with_capacity(size + PAGE);
+    let skip = buf.as_ptr().align_offset(PAGE).min(PAGE);
+    buf.resize(skip, 0);
+    bytes::Buf::advance(&mut buf, skip);
+    buf
 }
 
 /// What every shard of a server shares; touched per connection or per stream, never per
@@ -284,4 +305,18 @@ fn live(shard: &ShardContext) -> Vec<Rc<ConnState>> {
         .filter_map(Weak::upgrade)
         .filter(|c| !c.is_finished())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_aligned;
+
+    #[test]
+    fn chunk_buffers_start_at_a_page_boundary_with_their_whole_size() {
+        for size in [1, 4096, 1 << 20, (1 << 20) + 17] {
+            let buf = page_aligned(size);
+            assert_eq!(buf.as_ptr().align_offset(4096), 0, "{size}");
+            assert!(buf.capacity() >= size && buf.is_empty(), "{size}");
+        }
+    }
 }
