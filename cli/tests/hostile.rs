@@ -127,10 +127,9 @@ fn rapid_reset_from_a_client_that_never_reads_is_bounded_epoll() {
 }
 
 /// Paradata with terminal escapes and a forged line reaches the server's log escaped.
-#[test]
-fn a_clients_paradata_cannot_forge_server_log_lines() {
+fn log_escape(backend: &str) {
     let root = TempDir::new("log-escape");
-    let server = serve("epoll", root.path(), &[]);
+    let server = serve(backend, root.path(), &[]);
     let mut client = nexus_testkit::Client::connect(server.address);
     let hostile = "file:x\x1b[2J\r\nFAKE Stream refused.";
     let pulled = client.pull(hostile);
@@ -268,11 +267,10 @@ fn connect_with_secret(
 /// Wrong secrets from one address as fast as it can for 2 s: after its budget the server
 /// refuses it before the handshake, so it gets few guesses (thousands a second before), the
 /// refusals are counted by reason, and the right secret works again once the backoff passed.
-#[test]
-fn wrong_secrets_from_one_address_are_throttled() {
+fn auth_throttle(backend: &str) {
     let root = TempDir::new("auth-throttle");
     let server = serve(
-        "epoll",
+        backend,
         root.path(),
         &[
             ("BURST_NEXUS_AUTH_SECRET", "correct horse"),
@@ -301,4 +299,24 @@ fn wrong_secrets_from_one_address_are_throttled() {
     nexus_testkit::wait_until("the backoff to pass", || {
         connect_with_secret(server.address, "correct horse").is_ok()
     });
+}
+
+#[test]
+fn a_clients_paradata_cannot_forge_server_log_lines_io_uring() {
+    log_escape("io_uring");
+}
+
+#[test]
+fn a_clients_paradata_cannot_forge_server_log_lines_epoll() {
+    log_escape("epoll");
+}
+
+#[test]
+fn wrong_secrets_from_one_address_are_throttled_io_uring() {
+    auth_throttle("io_uring");
+}
+
+#[test]
+fn wrong_secrets_from_one_address_are_throttled_epoll() {
+    auth_throttle("epoll");
 }
