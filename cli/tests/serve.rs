@@ -126,3 +126,32 @@ fn served_by_the_binary_on_the_backend_asked_for() {
         assert!(wait_exit(&mut child).success());
     }
 }
+
+/// A second `nexus serve` on a port the first holds refuses to start, naming the port, and
+/// the first goes on serving every connection.
+#[test]
+fn a_second_server_on_a_taken_port_refuses_to_start() {
+    let dir = TempDir::new("port-taken");
+    std::fs::write(dir.path().join("mine"), b"first server").unwrap();
+    let (_first, address) = serve(dir.path(), &[]);
+    let port = address.port().to_string();
+    let second = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["serve", "--port", &port])
+        .env("BURST_NEXUS_ADMIN_ADDRESS", "")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A second server that started anyway is killed when the guard drops.
+    let mut second = ChildGuard(second);
+    assert_eq!(wait_exit(&mut second).code(), Some(2));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains(&format!("127.0.0.1:{port} is already in use")),
+        "{err}"
+    );
+    for _ in 0..20 {
+        let mut client = Client::connect(address);
+        assert_eq!(client.pull("file:mine").data, b"first server");
+    }
+}

@@ -636,7 +636,8 @@ fn matrix(backend: Backend) {
                         "stream {seed} differs"
                     );
                 }
-                assert_eq!(client.pool_stats().created, 4, "one connection per server");
+                let pool = client.pool_stats();
+                assert_eq!(pool.created, 4, "one connection per server: {pool:?}");
             })
         })
         .collect();

@@ -34,6 +34,12 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another process (another `nexus serve`?) holds the port.
+    #[error(
+        "{0} is already in use by another process (another nexus serve?); choose another port \
+         with --port or burst.nexus.server.port"
+    )]
+    PortInUse(SocketAddr),
     /// A shard thread could not be started.
     #[error("cannot start a shard thread: {0}")]
     Thread(std::io::Error),
@@ -168,8 +174,15 @@ impl Drop for Server {
 
 /// One listening socket per shard on the same address (SO_REUSEPORT); with port 0 the first
 /// socket picks the port and the others join it.
+///
+/// SO_REUSEPORT would also let another process join the port and silently take half the
+/// connections: so a port given explicitly is first bound once without SO_REUSEPORT, which
+/// fails if any other socket holds it, and only then by the shards.
 fn bind(config: &ServerConfig) -> Result<Vec<std::net::TcpListener>, StartError> {
     let mut address = SocketAddr::new(config.bind, config.port);
+    if address.port() != 0 {
+        check_port_free(address)?;
+    }
     let mut listeners = Vec::with_capacity(config.threads);
     for _ in 0..config.threads {
         let listen_error = |source| StartError::Listen { address, source };
@@ -191,4 +204,22 @@ fn bind(config: &ServerConfig) -> Result<Vec<std::net::TcpListener>, StartError>
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Fails with [`StartError::PortInUse`] when another socket holds `address`.
+fn check_port_free(address: SocketAddr) -> Result<(), StartError> {
+    let listen_error = |source| StartError::Listen { address, source };
+    let probe = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(listen_error)?;
+    // SO_REUSEADDR only lets the bind succeed over connections in TIME_WAIT.
+    probe.set_reuse_address(true).map_err(listen_error)?;
+    match probe.bind(&address.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::PortInUse(address)),
+        Err(source) => Err(StartError::Listen { address, source }),
+    }
 }
