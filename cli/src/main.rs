@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_client::ClientConfig;
+use nexus_server::admin::{Admin, Phase};
 use nexus_server::{FileSource, Registry, Server, ServerConfig, ServerStats, SyntheticSource};
 
 use nexus_config::{BadValue, Sources, Values};
@@ -88,6 +89,10 @@ struct ServeArgs {
     /// Allow a non-loopback address without a secret (burst.nexus.server.insecure).
     #[arg(long)]
     insecure: bool,
+    /// Admin HTTP endpoint for /metrics, /healthz and /readyz (burst.nexus.admin.address,
+    /// default 127.0.0.1:1271; '' for none). Each server on a machine needs its own.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin: Option<String>,
     #[command(flatten)]
     properties: PropertyArgs,
 }
@@ -233,6 +238,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.insecure {
         flags.push(("burst.nexus.server.insecure", "true".to_string()));
     }
+    if let Some(v) = args.admin {
+        flags.push(("burst.nexus.admin.address", v));
+    }
     let values = match resolve(flags, &args.properties) {
         Ok(values) => values,
         Err(e) => return fail(&e.to_string()),
@@ -254,15 +262,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         Some(address) => {
             let published = Arc::clone(&stats);
             let started = admin::install_recorder().and_then(|handle| {
-                admin::Admin::start(
-                    address,
-                    handle,
-                    Box::new(move || {
-                        if let Some(stats) = published.get() {
-                            admin::publish_server_stats(&stats.snapshot());
-                        }
-                    }),
-                )
+                let render = Arc::new(move || {
+                    if let Some(stats) = published.get() {
+                        admin::publish_server_stats(&stats.snapshot());
+                    }
+                    handle.render()
+                });
+                Admin::start(address, render).map_err(|e| e.to_string())
             });
             match started {
                 Ok(admin) => Some(admin),
@@ -280,7 +286,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     metrics::gauge!(nexus_config::metric_names::IO_BACKEND, "backend" => server.backend().to_string())
         .set(1.0);
     if let Some(admin) = &admin {
-        admin.set_phase(admin::Phase::Ready);
+        admin.set_phase(Phase::Ready);
+        metrics::gauge!(nexus_config::metric_names::SERVER_READY).set(1.0);
     }
     let signal = wait_for_signal();
     tracing::info!(
@@ -289,7 +296,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         "Shutting down: draining."
     );
     if let Some(admin) = &admin {
-        admin.set_phase(admin::Phase::Draining);
+        admin.set_phase(Phase::Draining);
+        metrics::gauge!(nexus_config::metric_names::SERVER_READY).set(0.0);
     }
     server.shutdown(drain);
     tracing::info!("Stopped.");

@@ -276,3 +276,133 @@ fn a_properties_file_sits_below_the_environment() {
         "{err}"
     );
 }
+
+/// Sends `request` raw and reads the whole response (the server closes after it).
+fn raw_http(admin: SocketAddr, request: &str) -> String {
+    let mut socket = std::net::TcpStream::connect(admin).unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut socket, &mut response).unwrap();
+    response
+}
+
+/// Kubernetes probes with a 1 s timeout: idle and slow clients holding admin connections must
+/// not delay them. (The hand-written responder served one connection at a time: four idle
+/// sockets made /healthz take 19 s.)
+#[test]
+fn probes_are_answered_while_idle_and_slow_clients_hold_connections() {
+    use std::io::Read;
+    let served = spawn_serve(nexus(), &[]);
+    let admin = served.admin.unwrap();
+    wait_until("the server to be ready", || {
+        http_get(admin, "/readyz").is_ok_and(|(status, _)| status == 200)
+    });
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    let mut slow = std::net::TcpStream::connect(admin).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let mut probe = std::net::TcpStream::connect(admin).unwrap();
+        probe
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        write!(
+            probe,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        probe
+            .read_to_string(&mut response)
+            .unwrap_or_else(|e| panic!("{path} was not answered within the probe's 1 s: {e}"));
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    }
+    // The slow client is cut at the header deadline: the server closes it.
+    slow.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut rest = Vec::new();
+    let closed = slow.read_to_end(&mut rest);
+    assert!(closed.is_ok(), "the slow client was not closed: {closed:?}");
+    drop(idle);
+}
+
+#[test]
+fn head_answers_without_a_body_and_other_methods_are_refused() {
+    let served = spawn_serve(nexus(), &[]);
+    let admin = served.admin.unwrap();
+    let head = raw_http(
+        admin,
+        "HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let (headers, body) = head.split_once("\r\n\r\n").unwrap();
+    assert!(headers.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(length > 0 && body.is_empty(), "{head}");
+    let post = raw_http(
+        admin,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(
+        post.to_ascii_lowercase().contains("allow: get, head"),
+        "{post}"
+    );
+    let missing = raw_http(
+        admin,
+        "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+}
+
+/// Two servers on one machine, each with its own admin port given by `--admin`.
+#[test]
+fn the_admin_flag_gives_each_server_its_own_endpoint() {
+    let help = Command::new(nexus())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        help.contains("--admin <HOST:PORT>") && help.contains("/healthz"),
+        "{help}"
+    );
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut child = Command::new(nexus())
+            .args(["serve", "--port", "0", "--admin", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env_remove("BURST_NEXUS_ADMIN_ADDRESS")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let guard = nexus_testkit::ChildGuard(child);
+        // Read its log for its whole life (a closed pipe would fail its log writes).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let line = line.unwrap_or_default();
+                if let Some(rest) = line.split("admin=").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let admin: SocketAddr = rx.recv_timeout(PATIENCE).unwrap().parse().unwrap();
+        servers.push((guard, admin));
+    }
+    assert_ne!(servers[0].1, servers[1].1);
+    for (_, admin) in &servers {
+        assert_eq!(http_get(*admin, "/healthz").unwrap().0, 200);
+    }
+}

@@ -11,6 +11,7 @@
 //! Not here: configuration from the environment (the `nexus` binary does that), metrics
 //! export, the client.
 
+pub mod admin;
 mod builtin;
 mod config;
 mod engine;

@@ -1,0 +1,191 @@
+//! The admin HTTP endpoint (`burst.nexus.admin.address`): `/metrics` for Prometheus,
+//! `/healthz` (the process answers) and `/readyz` (200 only while serving; 503 while starting
+//! and draining).
+//!
+//! HTTP/1.1 through hyper, on its own thread and current-thread runtime, away from the
+//! shards: requests are served concurrently (an idle or slow client never delays a probe),
+//! every request's head must arrive within [`HEADER_DEADLINE`], a connection lasts at most
+//! [`CONNECTION_DEADLINE`], and at most [`MAX_CONNECTIONS`] are open at once (more are closed
+//! at once). GET and HEAD only; HEAD answers without a body.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+/// Time a client has to send a request's head.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// The longest an admin connection stays open.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
+/// Most admin connections open at once.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Where the server is in its life, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Not listening yet: `/readyz` is 503 `starting`.
+    Starting = 0,
+    /// Serving: `/readyz` is 200.
+    Ready = 1,
+    /// Shutting down: `/readyz` is 503 `draining`.
+    Draining = 2,
+}
+
+/// Renders the Prometheus text exposition for `/metrics`.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Why the admin endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The address could not be bound.
+    #[error(
+        "burst.nexus.admin.address {address}: {source} (another nexus serve? give each server \
+         its own with --admin HOST:PORT, or --admin '' for none)"
+    )]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its thread or runtime could not start.
+    #[error("the admin endpoint cannot start: {0}")]
+    Start(std::io::Error),
+}
+
+/// A running admin endpoint; it serves until the process ends.
+pub struct Admin {
+    phase: Arc<AtomicU8>,
+    address: SocketAddr,
+}
+
+struct Shared {
+    phase: Arc<AtomicU8>,
+    metrics: RenderMetrics,
+}
+
+impl Admin {
+    /// Listens on `address` (port 0 picks one) in phase [`Phase::Starting`].
+    pub fn start(address: SocketAddr, metrics: RenderMetrics) -> Result<Admin, AdminError> {
+        let bind_error = |source| AdminError::Bind { address, source };
+        let listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let address = listener.local_addr().map_err(bind_error)?;
+        let phase = Arc::new(AtomicU8::new(Phase::Starting as u8));
+        let shared = Arc::new(Shared {
+            phase: Arc::clone(&phase),
+            metrics,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(AdminError::Start)?;
+        std::thread::Builder::new()
+            .name("nexus-admin".into())
+            .spawn(move || runtime.block_on(serve(listener, shared)))
+            .map_err(AdminError::Start)?;
+        tracing::info!(admin = %address, "Admin endpoint listening (/metrics, /healthz, /readyz).");
+        Ok(Admin { phase, address })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Moves `/readyz` to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+}
+
+async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "The admin endpoint cannot listen.");
+            return;
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "Admin accept failed.");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Over the limit the connection is closed at once: a flood of idle sockets cannot
+        // hold the endpoint, and the ones let in are cut at their deadlines.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&shared, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET or HEAD\n".into());
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match request.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            (shared.metrics)(),
+        ),
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" => match shared.phase.load(Ordering::Relaxed) {
+            1 => reply(StatusCode::OK, TEXT, "ready\n".into()),
+            2 => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
+            _ => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into()),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// A response; hyper leaves the body out for HEAD but keeps its length.
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
