@@ -1,23 +1,28 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or as one
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info` for `serve`, `warn`
+//! for `pull`, which `-q` and `-v` change), as text or as one
 //! JSON object per line (`burst.nexus.log.format=json`, for containers).
 
 use nexus_config::{BadValue, Values};
 
-/// Starts logging in the format `values` ask for.
-pub(crate) fn init(values: &Values) -> Result<(), BadValue> {
+/// Starts logging in the format `values` ask for, at `level` unless `RUST_LOG` is set. Text
+/// is coloured only on a terminal and without `NO_COLOR` (https://no-color.org).
+pub(crate) fn init(values: &Values, level: &str) -> Result<(), BadValue> {
     let format = values
         .raw("burst.nexus.log.format")
         .map_or("text", |(v, _)| v)
         .trim();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // A second initialisation (never in the binary) is not worth failing for.
     let _ = match format {
         "text" => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
             .try_init(),
         "json" => builder
             .json()

@@ -39,7 +39,7 @@ enum Command {
     /// Run the server with the built-in sources (file:, synthetic:).
     Serve(ServeArgs),
     /// Pull a stream (or a manifest of streams) from servers.
-    Pull(PullArgs),
+    Pull(PullCommand),
     /// Print the effective configuration and where each value comes from.
     Config(ConfigArgs),
     /// Print the version and the protocol versions spoken.
@@ -74,7 +74,7 @@ struct ServeArgs {
     /// Port (burst.nexus.server.port).
     #[arg(long)]
     port: Option<u16>,
-    /// Bind address (burst.nexus.server.bind).
+    /// Bind address or host name (burst.nexus.server.bind), e.g. 0.0.0.0, ::, localhost.
     #[arg(long)]
     bind: Option<String>,
     /// Root directory of file: streams (burst.nexus.server.root).
@@ -98,36 +98,9 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
-struct PullArgs {
-    /// Server address, host:port.
-    endpoint: Option<String>,
-    /// What to stream, e.g. file:data/big.bin or synthetic:10GiB.
-    paradata: Option<String>,
-    /// Write the data to FILE instead of stdout (removed if the pull fails).
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Print a JSON summary on stdout (needs -o or --manifest).
-    #[arg(long)]
-    json: bool,
-    /// Pull every line `ENDPOINT PARADATA OUTPUT` of FILE as one operation.
-    #[arg(long, value_name = "FILE")]
-    manifest: Option<PathBuf>,
-    /// Streams of a manifest pulled at once.
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
-    /// Pull one file as N ranged streams in parallel, written in place (needs -o).
-    #[arg(long, value_name = "N")]
-    split: Option<usize>,
-    /// Times a file: stream is resumed after a lost connection or a timeout.
-    #[arg(long, default_value_t = 3)]
-    retries: u32,
-    /// Ask the server for zstd-compressed chunks (it compresses a chunk when that makes it
-    /// smaller); worth it for compressible data over a slow network.
-    #[arg(long)]
-    zstd: bool,
-    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
-    #[arg(long)]
-    backend: Option<String>,
+struct PullCommand {
+    #[command(flatten)]
+    args: pull::PullArgs,
     #[command(flatten)]
     properties: PropertyArgs,
 }
@@ -159,7 +132,7 @@ fn main() -> ExitCode {
             print!("{}", nexus_config::env_file());
             ExitCode::SUCCESS
         }
-        Command::Config(args) => match resolve(Vec::new(), &args.properties) {
+        Command::Config(args) => match resolve(Vec::new(), &args.properties, "info") {
             Ok(values) => {
                 for (property, value, origin) in values.describe() {
                     let name = property.name;
@@ -179,8 +152,13 @@ fn main() -> ExitCode {
 }
 
 /// Resolves the properties from flags, `-D`, the environment and `--config`, then starts
-/// logging in the format they ask for and warns of unknown `BURST_NEXUS_*` variables.
-fn resolve(flags: Vec<(&'static str, String)>, args: &PropertyArgs) -> Result<Values, BadValue> {
+/// logging in the format they ask for (at `level` unless `RUST_LOG` says otherwise) and warns
+/// of unknown `BURST_NEXUS_*` variables.
+fn resolve(
+    flags: Vec<(&'static str, String)>,
+    args: &PropertyArgs,
+    level: &str,
+) -> Result<Values, BadValue> {
     let file = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -196,7 +174,7 @@ fn resolve(flags: Vec<(&'static str, String)>, args: &PropertyArgs) -> Result<Va
         env: Some(&env),
         file,
     })?;
-    logging::init(&values)?;
+    logging::init(&values, level)?;
     for (var, closest) in Values::unknown_env(std::env::vars().map(|(k, _)| k)) {
         tracing::warn!("Unknown variable {var}; did you mean {closest}?");
     }
@@ -224,7 +202,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         flags.push(("burst.nexus.server.port", v.to_string()));
     }
     if let Some(v) = args.bind {
-        flags.push(("burst.nexus.server.bind", v));
+        match bind_address(&v) {
+            Ok(ip) => flags.push(("burst.nexus.server.bind", ip)),
+            Err(e) => return fail(&e),
+        }
     }
     if let Some(v) = args.root {
         flags.push(("burst.nexus.server.root", v));
@@ -241,7 +222,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(v) = args.admin {
         flags.push(("burst.nexus.admin.address", v));
     }
-    let values = match resolve(flags, &args.properties) {
+    let values = match resolve(flags, &args.properties, "info") {
         Ok(values) => values,
         Err(e) => return fail(&e.to_string()),
     };
@@ -304,34 +285,41 @@ fn serve(args: ServeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn pull(args: PullArgs) -> ExitCode {
+fn pull(command: PullCommand) -> ExitCode {
+    let PullCommand { args, properties } = command;
     let mut flags = Vec::new();
-    if let Some(v) = args.backend {
-        flags.push(("burst.nexus.io.backend", v));
+    if let Some(v) = &args.backend {
+        flags.push(("burst.nexus.io.backend", v.clone()));
     }
-    let config = match resolve(flags, &args.properties).and_then(|v| ClientConfig::from_values(&v))
-    {
-        Ok(config) => config,
-        Err(e) => return fail(&e.to_string()),
+    let level = match (args.quiet, args.verbose) {
+        (true, _) => "error",
+        (_, true) => "debug",
+        _ => "warn",
     };
+    let config =
+        match resolve(flags, &properties, level).and_then(|v| ClientConfig::from_values(&v)) {
+            Ok(config) => config,
+            Err(e) => return fail(&e.to_string()),
+        };
     let client = match nexus_client::Client::new(config) {
         Ok(client) => client,
         Err(e) => return fail(&e.to_string()),
     };
-    pull::run(
-        client,
-        pull::Job {
-            endpoint: args.endpoint,
-            paradata: args.paradata,
-            output: args.output,
-            json: args.json,
-            manifest: args.manifest,
-            parallel: args.parallel,
-            split: args.split,
-            retries: args.retries,
-            zstd: args.zstd,
-        },
-    )
+    pull::run(&client, args)
+}
+
+/// `--bind`: an IP address as it is, or a host name resolved to its first address.
+fn bind_address(text: &str) -> Result<String, String> {
+    if text.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(text.to_string());
+    }
+    use std::net::ToSocketAddrs;
+    (text, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("--bind {text:?}: {e}"))?
+        .next()
+        .map(|a| a.ip().to_string())
+        .ok_or_else(|| format!("--bind {text:?} resolves to no address"))
 }
 
 /// For the long-running server: allocations of 256 KiB and more (chunk buffers) go straight

@@ -31,6 +31,22 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The `--json` report on stdout.
+fn report(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The `state` of every entry of a report.
+fn states(report: &serde_json::Value) -> Vec<&str> {
+    report["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn pulls_a_file_byte_exact_with_a_json_summary() {
     let dir = TempDir::new("pull-file");
@@ -46,12 +62,18 @@ fn pulls_a_file_byte_exact_with_a_json_summary() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(std::fs::read(&out_path).unwrap() == data);
-    let json = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        json.starts_with("{\"ok\":true,\"exit_code\":0,\"bytes\":20971520,"),
-        "{json}"
+    let json = report(&out);
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["exit_code"], 0);
+    assert_eq!(json["bytes"], 20971520);
+    assert!(json["bytes_per_second"].as_f64().unwrap() > 0.0, "{json}");
+    assert_eq!(states(&json), ["complete"]);
+    let entry = &json["entries"][0];
+    assert_eq!(
+        entry["digest"],
+        format!("{:016x}", nexus_testkit::digest(&data))
     );
-    assert!(json.contains("\"outcome\":\"complete\""), "{json}");
+    assert!(entry["error"].is_null(), "{json}");
 
     // Without -o the data goes to stdout.
     let out = pull(&[&address.to_string(), "file:data.bin"]);
@@ -144,12 +166,10 @@ fn split_pulls_ranges_in_parallel_into_place() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(std::fs::read(&out_path).unwrap() == data);
-    let json = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        json.matches("\"outcome\":\"complete\"").count(),
-        4,
-        "{json}"
-    );
+    let json = report(&out);
+    assert_eq!(states(&json), ["complete"]);
+    assert_eq!(json["entries"][0]["streams"], 4, "{json}");
+    assert_eq!(json["bytes"], (24 << 20) + 12345);
 }
 
 #[test]
@@ -191,12 +211,7 @@ fn manifest_pulls_every_line_and_one_failure_fails_the_operation() {
             "out{i}"
         );
     }
-    let json = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        json.matches("\"outcome\":\"complete\"").count(),
-        3,
-        "{json}"
-    );
+    assert_eq!(states(&report(&out)), ["complete"; 3]);
 
     // A missing file fails the whole operation: exit 1, and its output is not left behind.
     let bad = format!(
@@ -232,11 +247,9 @@ fn a_dropped_connection_is_resumed_up_to_the_retry_limit() {
         std::fs::read(&out_path).unwrap() == data,
         "resumed output differs"
     );
-    let json = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        json.contains("\"resumes\":2") || json.contains("\"resumes\":3"),
-        "{json}"
-    );
+    let json = report(&out);
+    let retries = &json["entries"][0]["retries"];
+    assert!(*retries == 2 || *retries == 3, "{json}");
 
     let out = pull(&[
         &target,
@@ -249,7 +262,7 @@ fn a_dropped_connection_is_resumed_up_to_the_retry_limit() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("connection_lost") && err.contains("1 resumes"),
+        err.contains("connection_lost") && err.contains(", 1 retry)"),
         "{err}"
     );
     assert!(!out_path.exists());

@@ -7,6 +7,8 @@ use nexus_config::{BadValue, Values};
 use nexus_io::BackendChoice;
 use nexus_protocol::ClientSettings;
 
+use crate::transfer::RetryPolicy;
+
 /// Client configuration; `Default` gives the documented property defaults.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -31,6 +33,9 @@ pub struct ClientConfig {
     pub queue_size: usize,
     /// Time allowed for TCP connect (`burst.nexus.client.connect.timeout.ms`, default 10 s).
     pub connect_timeout: Duration,
+    /// How transfers retry failures that can clear (`burst.nexus.client.retry.max`, default 8;
+    /// `burst.nexus.client.retry.budget.ms`, default 60 s).
+    pub retry: RetryPolicy,
     /// Protocol limits and timers: window, frame size, heartbeat, handshake deadline, stream
     /// timeout (`burst.nexus.stream.timeout.ms`), secret (`burst.nexus.auth.secret`).
     pub protocol: ClientSettings,
@@ -47,6 +52,7 @@ impl Default for ClientConfig {
             max_connections: 1024,
             queue_size: 100,
             connect_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
             protocol: ClientSettings::default(),
         }
     }
@@ -86,6 +92,12 @@ impl ClientConfig {
         }
         if let Some(v) = values.millis("burst.nexus.client.connect.timeout.ms")? {
             c.connect_timeout = v;
+        }
+        if let Some(v) = values.parse::<u32>("burst.nexus.client.retry.max")? {
+            c.retry.max_retries = v;
+        }
+        if let Some(v) = values.millis("burst.nexus.client.retry.budget.ms")? {
+            c.retry.budget = v;
         }
         if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
             c.protocol.stream_timeout = v;

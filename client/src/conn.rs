@@ -185,6 +185,12 @@ struct Actor {
     wake_timer: Notify,
     closing_idle: Cell<bool>,
     bytes_received: metrics::Counter,
+    /// Whether this client has a secret, for the hint on an authentication failure.
+    has_secret: bool,
+    /// Why the connection closed, when it closed with an error.
+    closed_with: RefCell<Option<nexus_protocol::WireError>>,
+    /// Whether the handshake ever finished.
+    established: Cell<bool>,
 }
 
 /// Runs a connection to its end. Call on a client IO thread (inside its runtime).
@@ -226,6 +232,7 @@ pub(crate) async fn run(spawn: Spawn) {
             "no source of randomness for the handshake",
         );
     }
+    let has_secret = settings.secret.is_some();
     let actor = Rc::new(Actor {
         handle: Arc::clone(&handle),
         client,
@@ -238,6 +245,9 @@ pub(crate) async fn run(spawn: Spawn) {
         wake_timer: Notify::new(),
         closing_idle: Cell::new(false),
         bytes_received: telemetry::bytes_received(),
+        has_secret,
+        closed_with: RefCell::new(None),
+        established: Cell::new(false),
     });
     tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connected.");
     let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
@@ -275,13 +285,14 @@ pub(crate) async fn run(spawn: Spawn) {
 
 /// The connection could not be made: every stream sent to it fails with `message`.
 fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
+    // `unreachable`, not `connection_lost`: nothing was connected, so nothing was lost.
     tracing::debug!(endpoint = %handle.endpoint, reason = %Printable(message), "Cannot connect.");
     handle.status.store(DEAD, Ordering::Release);
     commands.close();
     while let Ok(command) = commands.try_recv() {
         if let Command::Initiate(stream) = command {
             handle.stream_done();
-            stream.fail(ErrorCode::CONNECTION_LOST, message);
+            stream.fail(ErrorCode::UNREACHABLE, message);
         }
     }
 }
@@ -403,6 +414,7 @@ impl Actor {
                     server_name,
                 } => {
                     tracing::debug!(endpoint = %self.handle.endpoint, version, server = %server_name, "Handshake done.");
+                    self.established.set(true);
                     let _ = self.handle.status.compare_exchange(
                         CONNECTING,
                         ESTABLISHED,
@@ -454,7 +466,8 @@ impl Actor {
                     self.handle.status.store(DEAD, Ordering::Release);
                     match error {
                         Some(e) => {
-                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.")
+                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.");
+                            *self.closed_with.borrow_mut() = Some(e);
                         }
                         None => {
                             tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
@@ -594,13 +607,60 @@ impl Actor {
     }
 
     /// The connection is over. The protocol ended every stream it knew; the streams still
-    /// here never reached it (sent to this connection as it died) and go elsewhere, once.
+    /// here never reached it (waiting for the handshake, or sent to this connection as it
+    /// died). After a transient end they go elsewhere, once; after an error that a retry
+    /// cannot clear (authentication, a peer that is not a Nexus server, no common version)
+    /// they end with that error, said plainly.
     fn end_remaining(self: &Rc<Self>) {
         let keys: Vec<u64> = self.slots.borrow().keys().copied().collect();
+        let closed_with = self.closed_with.borrow().clone();
         for key in keys {
-            self.retry_or_end(key, ErrorCode::CONNECTION_LOST, "the connection closed");
+            match &closed_with {
+                Some(e) if !is_transient(e.code) => {
+                    let message = self.explain(e);
+                    self.end(key, error(e.code, &message), 0)
+                }
+                Some(e) => {
+                    let message = self.explain(e);
+                    self.retry_or_end(key, e.code, &message)
+                }
+                None => self.retry_or_end(key, ErrorCode::CONNECTION_LOST, "the connection closed"),
+            }
         }
     }
+
+    /// A connection error as a user should read it: what to change, where that is known.
+    fn explain(&self, e: &nexus_protocol::WireError) -> String {
+        let endpoint = self.handle.endpoint;
+        match e.code {
+            ErrorCode::AUTH_FAILED if self.has_secret => format!(
+                "{endpoint} refused our authentication: {} (check burst.nexus.auth.secret \
+                 or burst.nexus.auth.secret.file against the server's)",
+                e.message
+            ),
+            ErrorCode::AUTH_FAILED => format!(
+                "{endpoint} requires a shared secret: {} (set burst.nexus.auth.secret or \
+                 burst.nexus.auth.secret.file)",
+                e.message
+            ),
+            ErrorCode::TIMEOUT if !self.established.get() => format!(
+                "{endpoint}: {} (is a Nexus server listening on that port?)",
+                e.message
+            ),
+            _ => format!("{endpoint}: {}", e.message),
+        }
+    }
+}
+
+/// Whether a connection that ended with `code` may work on another try.
+fn is_transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::CONNECTION_LOST
+            | ErrorCode::DRAINING
+            | ErrorCode::TIMEOUT
+            | ErrorCode::UNREACHABLE
+    )
 }
 
 fn error(code: ErrorCode, message: &str) -> Outcome {

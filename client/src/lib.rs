@@ -10,6 +10,8 @@
 //! - [`Operation`] groups streams: progress across all, cancel all, first error cancels the
 //!   rest, a summary per stream.
 //! - [`resume_paradata`] continues a failed `file:` stream from the first missing byte.
+//! - [`transfer`] is what `nexus pull` does, for any application: streams into files or
+//!   stdout with retry and backoff, resume, split and manifests, and a serde report.
 //!
 //! IO runs on `threads` client IO threads (io_uring or epoll, through `nexus-io`); the
 //! protocol itself is `nexus-protocol`'s `ClientConnection`.
@@ -22,6 +24,7 @@ mod recv;
 mod resume;
 mod stream;
 mod telemetry;
+pub mod transfer;
 
 pub use client::{Client, ClientError, PoolStats, StreamOptions};
 pub use config::ClientConfig;

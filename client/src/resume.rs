@@ -1,31 +1,14 @@
 //! Resuming a `file:` stream after a failure: the same file from the first byte not received.
 
-use nexus_protocol::size::parse_size;
+use nexus_protocol::file_range::FileRange;
 
 /// The paradata that continues `paradata` after `received` bytes arrived, for `file:` streams
 /// (`file:PATH`, `file:PATH?offset=N&length=M`); `None` for other schemes or paradata the
 /// server would refuse anyway. Pulling the result and appending it to what arrived gives the
 /// same bytes as one complete pull.
 pub fn resume_paradata(paradata: &str, received: u64) -> Option<String> {
-    let body = paradata.strip_prefix("file:")?;
-    let (path, query) = body.split_once('?').unwrap_or((body, ""));
-    let mut offset = 0u64;
-    let mut length = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=')? {
-            ("offset", v) => offset = parse_size(v)?,
-            ("length", v) => length = Some(parse_size(v)?),
-            _ => return None,
-        }
-    }
-    let offset = offset.checked_add(received)?;
-    Some(match length {
-        Some(length) => {
-            let rest = length.checked_sub(received)?;
-            format!("file:{path}?offset={offset}&length={rest}")
-        }
-        None => format!("file:{path}?offset={offset}"),
-    })
+    let range = FileRange::parse(paradata).ok()?;
+    Some(range.after(received)?.to_string())
 }
 
 #[cfg(test)]

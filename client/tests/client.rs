@@ -546,7 +546,8 @@ fn async_consumer(backend: Backend) {
 both_backends!(async_consumer_reads_a_stream, async_consumer);
 
 fn unreachable_endpoint(backend: Backend) {
-    // Nothing listens there: a clear error, no hang.
+    // Nothing listens there: a clear error, no hang, and not a lost connection (nothing was
+    // connected): `unreachable`.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address: SocketAddr = listener.local_addr().unwrap();
     drop(listener);
@@ -556,7 +557,7 @@ fn unreachable_endpoint(backend: Backend) {
         Ok(Some(Item::End(end))) => end,
         other => panic!("expected an end, got {other:?}"),
     };
-    assert_eq!(end.error_code(), Some(ErrorCode::CONNECTION_LOST));
+    assert_eq!(end.error_code(), Some(ErrorCode::UNREACHABLE));
     match end.outcome {
         Outcome::Error { message, .. } => assert!(message.contains("cannot connect"), "{message}"),
         other => panic!("{other:?}"),

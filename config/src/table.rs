@@ -339,6 +339,20 @@ pub const PROPERTIES: &[Property] = &[
         "Largest a stream's window grows to (doubling) while its reader keeps up, capped by the server's `burst.nexus.stream.window.max`; a lagging reader keeps the initial window.",
     ),
     p(
+        "burst.nexus.client.retry.max",
+        Integer,
+        "8",
+        "retries",
+        "Most times a transfer (nexus pull) tries a stream again after a failure that can clear (unreachable, connection lost, draining, timeout).",
+    ),
+    p(
+        "burst.nexus.client.retry.budget.ms",
+        Millis,
+        "60000",
+        "ms",
+        "Time from a stream's first try after which no retry starts; the waits between tries double from 100 ms up to 5 s.",
+    ),
+    p(
         "burst.nexus.client.connect.timeout.ms",
         Millis,
         "10000",

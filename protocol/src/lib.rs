@@ -22,6 +22,7 @@ mod client;
 pub mod compress;
 mod conn;
 mod error;
+pub mod file_range;
 pub mod frame;
 pub mod fuzz;
 mod server;

@@ -96,6 +96,9 @@ error_codes! {
     UNSUPPORTED_VERSION = 0x000B, "unsupported_version";
     /// Local only, never sent: the transport closed before the stream ended.
     CONNECTION_LOST = 0x000C, "connection_lost";
+    /// Local only, never sent: the server could not be reached (connect refused, timed out,
+    /// no route): nothing was lost, and a retry may find it up again.
+    UNREACHABLE = 0x000D, "unreachable";
     /// The paradata names a scheme no source is registered for.
     UNKNOWN_SOURCE = 0x0100, "unknown_source";
     /// The paradata is malformed for its scheme.

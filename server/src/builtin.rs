@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use nexus_protocol::file_range::FileRange;
 use nexus_protocol::ErrorCode;
 
 use crate::io;
@@ -49,8 +50,8 @@ impl Source for FileSource {
 
     fn open(&self, request: &StreamRequest<'_>) -> Result<Opened, SourceError> {
         let p = request.paradata;
-        let offset = p.size_param("offset", &["offset", "length"])?.unwrap_or(0);
-        let length = p.size_param("length", &["offset", "length"])?;
+        let range = FileRange::parse(request.text).map_err(|e| SourceError::bad(e.0))?;
+        let (offset, length) = (range.offset, range.length);
         let failed = |e: std::io::Error| {
             SourceError::new(ErrorCode::SOURCE_FAILED, format!("{:?}: {e}", p.body))
         };
