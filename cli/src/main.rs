@@ -115,40 +115,67 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
-            println!(
-                "nexus {} (protocol versions {}..={})",
+            emit(&format!(
+                "nexus {} (protocol versions {}..={})\n",
                 env!("CARGO_PKG_VERSION"),
                 nexus_protocol::VERSION_MIN,
                 nexus_protocol::VERSION_MAX
-            );
+            ));
             ExitCode::SUCCESS
         }
         Command::Pull(args) => pull(args),
         Command::Config(args) if args.markdown => {
-            print!("{}", nexus_config::markdown_table());
+            emit(&nexus_config::markdown_table());
             ExitCode::SUCCESS
         }
         Command::Config(args) if args.env_file => {
-            print!("{}", nexus_config::env_file());
+            emit(&nexus_config::env_file());
             ExitCode::SUCCESS
         }
-        Command::Config(args) => match resolve(Vec::new(), &args.properties, "info") {
-            Ok(values) => {
-                for (property, value, origin) in values.describe() {
-                    let name = property.name;
-                    println!(
-                        "# {} ({origin}; {})",
-                        property.description,
-                        nexus_config::env_name(name)
-                    );
-                    println!("{name}={value}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e.to_string()),
-        },
+        Command::Config(args) => show_config(&args.properties),
         Command::Serve(args) => serve(args),
     }
+}
+
+/// `nexus config`: checks every value as `serve` and `pull` would (exit 2 naming the first
+/// bad one), then prints each property with its origin, in the format `--config` reads back:
+/// values not set and secrets are comments.
+fn show_config(properties: &PropertyArgs) -> ExitCode {
+    let values = match resolve(Vec::new(), properties, "info") {
+        Ok(values) => values,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let checked = ServerConfig::from_values(&values)
+        .map(drop)
+        .and_then(|()| ClientConfig::from_values(&values).map(drop))
+        .and_then(|()| admin_address(&values).map(drop));
+    if let Err(e) = checked {
+        return fail(&e.to_string());
+    }
+    let mut text = String::new();
+    for (property, value, origin) in values.describe() {
+        let name = property.name;
+        let variable = nexus_config::env_name(name);
+        text.push_str(&format!(
+            "# {} ({origin}; {variable})\n",
+            property.description
+        ));
+        text.push_str(&match origin {
+            "unset" => format!("#{name}=\n"),
+            _ if property.secret => format!("#{name}={value} (set; not printed)\n"),
+            _ => format!("{name}={value}\n"),
+        });
+    }
+    emit(&text);
+    ExitCode::SUCCESS
+}
+
+/// Writes `text` to stdout. A reader that went away (`nexus config | head`) ends the
+/// output quietly, as it does for any Unix tool; `println!` would panic.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Resolves the properties from flags, `-D`, the environment and `--config`, then starts
@@ -364,4 +391,33 @@ pub(crate) fn wait_for_signal() -> &'static str {
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use nexus_client::ClientConfig;
+    use nexus_server::ServerConfig;
+
+    /// Every property is read by someone: the server's or the client's binding table, or
+    /// this binary (admin address, log format) or the secret reader (two properties, one
+    /// value). A property nobody reads would be a setting that silently does nothing.
+    #[test]
+    fn every_property_is_bound_exactly_where_it_is_read() {
+        let mut bound: Vec<&str> = ServerConfig::PROPERTIES
+            .iter()
+            .map(|b| b.name)
+            .chain(ClientConfig::PROPERTIES.iter().map(|b| b.name))
+            .chain([
+                "burst.nexus.admin.address",
+                "burst.nexus.log.format",
+                "burst.nexus.auth.secret",
+                "burst.nexus.auth.secret.file",
+            ])
+            .collect();
+        bound.sort_unstable();
+        bound.dedup();
+        let mut all: Vec<&str> = nexus_config::PROPERTIES.iter().map(|p| p.name).collect();
+        all.sort_unstable();
+        assert_eq!(bound, all);
+    }
 }

@@ -130,7 +130,7 @@ pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
     if args.json {
         let mut json = serde_json::to_value(&report).unwrap_or_default();
         json["exit_code"] = code.into();
-        println!("{json}");
+        crate::emit(&format!("{json}\n"));
     }
     for e in report
         .entries

@@ -362,3 +362,96 @@ fn serve_binds_a_host_name() {
     assert!(address.ip().is_loopback());
     let _ = dir;
 }
+
+fn config(env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(NEXUS)
+        .arg("config")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `nexus config` checks what it prints: a bad value, or values that contradict each other,
+/// exit 2 naming the variable and the value. Sizes take units.
+#[test]
+fn nexus_config_validates_and_sizes_take_units() {
+    let out = config(&[("BURST_NEXUS_SERVER_PORT", "70000")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("BURST_NEXUS_SERVER_PORT") && stderr(&out).contains("70000"));
+    let out = config(&[("BURST_NEXUS_STREAM_CHUNK_SIZE", "8MiB")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("burst.nexus.stream.chunk.size (8388608)")
+            && err.contains("burst.nexus.server.max.frame.size (4194304)"),
+        "{err}"
+    );
+    let out = config(&[("BURST_NEXUS_STREAM_CHUNK_SIZE", "256KiB")], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("burst.nexus.stream.chunk.size=256KiB"));
+}
+
+/// What `nexus config` prints, fed back through `--config`, starts the server with the same
+/// values (unset ones and secrets are comments, not empty or redacted values).
+#[test]
+fn nexus_config_output_fed_back_starts_the_server() {
+    let dir = TempDir::new("fc-config");
+    let env = [
+        ("BURST_NEXUS_AUTH_SECRET", "s3cret"),
+        ("BURST_NEXUS_STREAM_CHUNK_SIZE", "512KiB"),
+    ];
+    let out = config(&env, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains("s3cret"));
+    let file = dir.path().join("nexus.properties");
+    std::fs::write(&file, &printed).unwrap();
+    let again = config(&[], &["--config", file.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    let shown = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(
+        shown.contains(
+            "(file; BURST_NEXUS_STREAM_CHUNK_SIZE)\nburst.nexus.stream.chunk.size=512KiB"
+        ),
+        "{shown}"
+    );
+    let mut child = Command::new(NEXUS)
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--port",
+            "0",
+            "--admin",
+            "",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _guard = nexus_testkit::ChildGuard(child);
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("Listening.") || l.starts_with("nexus:"))
+        .unwrap();
+    assert!(first.contains("Listening."), "{first}");
+}
+
+/// `nexus config | head -1`: the output stops quietly when the reader goes.
+#[test]
+fn printing_into_a_closed_pipe_is_quiet() {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("{NEXUS} config | head -1 >/dev/null; {NEXUS} config --markdown | true"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use nexus_config::{BadValue, Values};
+use nexus_config::{bind, BadValue, Binding, Values};
 use nexus_io::BackendChoice;
 use nexus_protocol::ClientSettings;
 
 use crate::transfer::RetryPolicy;
 
 /// Client configuration; `Default` gives the documented property defaults.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     /// IO threads, each with its own runtime (`burst.nexus.client.threads`, default: cores).
     pub threads: usize,
@@ -59,49 +59,63 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// Every property the client reads, bound to its field; the secret is read apart.
+    pub const PROPERTIES: &'static [Binding<ClientConfig>] = &[
+        bind!("burst.nexus.client.threads", positive::<usize>, |c, v| c
+            .threads =
+            v),
+        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| c
+            .backend =
+            v),
+        bind!(
+            "burst.nexus.client.connections.per.endpoint",
+            positive::<usize>,
+            |c, v| { c.connections_per_endpoint = v }
+        ),
+        bind!("burst.nexus.client.pool.stale.ms", millis, |c, v| c
+            .pool_stale =
+            v),
+        bind!("burst.nexus.client.cache.tender.ms", millis, |c, v| c
+            .tender_interval =
+            v),
+        bind!(
+            "burst.nexus.client.pool.max.connections",
+            positive::<usize>,
+            |c, v| { c.max_connections = v }
+        ),
+        bind!(
+            "burst.nexus.client.queue.size",
+            positive::<usize>,
+            |c, v| c.queue_size = v
+        ),
+        bind!("burst.nexus.client.window", size_as::<u32>, |c, v| {
+            c.protocol.initial_window = v
+        }),
+        bind!("burst.nexus.client.window.max", size_as::<u32>, |c, v| {
+            c.protocol.max_window = v
+        }),
+        bind!("burst.nexus.client.connect.timeout.ms", millis, |c, v| c
+            .connect_timeout =
+            v),
+        bind!("burst.nexus.client.retry.max", parse::<u32>, |c, v| c
+            .retry
+            .max_retries =
+            v),
+        bind!("burst.nexus.client.retry.budget.ms", millis, |c, v| c
+            .retry
+            .budget =
+            v),
+        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| c
+            .protocol
+            .stream_timeout =
+            v),
+    ];
+
     /// The configuration `values` describe: `burst.nexus.client.*`, `burst.nexus.io.backend`,
     /// `burst.nexus.stream.timeout.ms` and the secret; the defaults for the rest.
     pub fn from_values(values: &Values) -> Result<ClientConfig, BadValue> {
         let mut c = ClientConfig::default();
-        if let Some(v) = values.positive::<usize>("burst.nexus.client.threads")? {
-            c.threads = v;
-        }
-        if let Some(v) = values.parse::<BackendChoice>("burst.nexus.io.backend")? {
-            c.backend = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.client.connections.per.endpoint")? {
-            c.connections_per_endpoint = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.client.pool.stale.ms")? {
-            c.pool_stale = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.client.cache.tender.ms")? {
-            c.tender_interval = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.client.pool.max.connections")? {
-            c.max_connections = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.client.queue.size")? {
-            c.queue_size = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.client.window")? {
-            c.protocol.initial_window = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.client.window.max")? {
-            c.protocol.max_window = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.client.connect.timeout.ms")? {
-            c.connect_timeout = v;
-        }
-        if let Some(v) = values.parse::<u32>("burst.nexus.client.retry.max")? {
-            c.retry.max_retries = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.client.retry.budget.ms")? {
-            c.retry.budget = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
-            c.protocol.stream_timeout = v;
-        }
+        nexus_config::apply(&mut c, values, Self::PROPERTIES)?;
         c.protocol.secret = values.secret()?;
         Ok(c)
     }
@@ -113,6 +127,15 @@ mod tests {
 
     fn values(pairs: &[(&str, &str)]) -> Values {
         Values::from_env_vars(pairs).unwrap()
+    }
+
+    /// The property table and `Default` are one source of defaults.
+    #[test]
+    fn the_defaults_are_the_property_tables() {
+        assert_eq!(
+            ClientConfig::from_values(&values(&[])).unwrap(),
+            ClientConfig::default()
+        );
     }
 
     #[test]

@@ -168,13 +168,18 @@ impl Values {
                 .iter()
                 .rev()
                 .find(|(n, _)| *n == property.name);
+            // An empty value means "not set" (the default), so that `nexus config`'s output
+            // can be fed back; but an empty address means "none" (the admin endpoint off).
+            let set = |v: &String| !v.trim().is_empty() || property.ty == Type::SocketAddress;
+            let flag = flag.filter(|(_, v)| set(v));
+            let from_env = || from_env().filter(set);
             let value = if let Some((_, v)) = flag {
                 Some((v.clone(), Origin::Flag))
-            } else if let Some(v) = defines.get(property.name) {
+            } else if let Some(v) = defines.get(property.name).filter(|v| set(v)) {
                 Some((v.clone(), Origin::Define))
             } else if let Some(v) = from_env() {
                 Some((v, Origin::Env))
-            } else if let Some(v) = file.get(property.name) {
+            } else if let Some(v) = file.get(property.name).filter(|v| set(v)) {
                 Some((v.clone(), Origin::File))
             } else {
                 (!property.default.is_empty())
@@ -286,6 +291,35 @@ impl Values {
         }
     }
 
+    /// A byte count with an optional unit (`64KiB`, `1GiB`, `10GB`), greater than 0.
+    pub fn size(&self, name: &str) -> Result<Option<u64>, BadValue> {
+        let Some((text, origin)) = self.raw(name) else {
+            return Ok(None);
+        };
+        match nexus_protocol::size::parse_size(text.trim()) {
+            Some(0) | None => Err(BadValue(format!(
+                "{}: bad value {text:?}: expected a size greater than 0, like 1048576, 64KiB \
+                 or 1GiB",
+                self.source(name, origin)
+            ))),
+            Some(n) => Ok(Some(n)),
+        }
+    }
+
+    /// A size that must fit `T` (a `u32` field, say).
+    pub fn size_as<T: TryFrom<u64>>(&self, name: &str) -> Result<Option<T>, BadValue> {
+        let Some(n) = self.size(name)? else {
+            return Ok(None);
+        };
+        T::try_from(n).map(Some).map_err(|_| {
+            let (text, origin) = self.raw(name).unwrap_or(("", Origin::Default));
+            BadValue(format!(
+                "{}: bad value {text:?}: too large",
+                self.source(name, origin)
+            ))
+        })
+    }
+
     /// A positive duration in milliseconds.
     pub fn millis(&self, name: &str) -> Result<Option<Duration>, BadValue> {
         Ok(self.positive::<u64>(name)?.map(Duration::from_millis))
@@ -357,6 +391,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// How one property sets one part of a configuration `C`: one row of a table that binds
+/// every property a configuration reads to its field, in place of a chain of hand-written
+/// lookups. Make rows with [`bind!`].
+pub struct Binding<C> {
+    /// The property.
+    pub name: &'static str,
+    /// Reads it from the values into the configuration; `Ok` without change when unset.
+    pub apply: fn(&mut C, &Values, &'static str) -> Result<(), BadValue>,
+}
+
+/// Applies every binding of `table` to `config`.
+pub fn apply<C>(config: &mut C, values: &Values, table: &[Binding<C>]) -> Result<(), BadValue> {
+    for binding in table {
+        (binding.apply)(config, values, binding.name)?;
+    }
+    Ok(())
+}
+
+/// One [`Binding`]: `bind!("burst.nexus.server.port", parse::<u16>, |c, v| c.port = v)`. The
+/// reader is a method of [`Values`] (`parse::<T>`, `positive::<T>`, `size`, `size_as::<T>`,
+/// `millis`); the setter runs only when the property has a value.
+#[macro_export]
+macro_rules! bind {
+    ($name:literal, $read:ident $(::<$t:ty>)?, |$c:ident, $v:ident| $set:expr) => {
+        $crate::Binding {
+            name: $name,
+            apply: |$c, values, name| {
+                if let Some($v) = values.$read$(::<$t>)?(name)? {
+                    $set;
+                }
+                Ok(())
+            },
+        }
+    };
 }
 
 /// The README's configuration table, generated from [`PROPERTIES`].

@@ -8,6 +8,8 @@
 pub enum Type {
     /// A whole number (the unit says of what).
     Integer,
+    /// A byte count: digits with an optional unit (`64KiB`, `1GiB`, `10GB`).
+    Size,
     /// A duration in milliseconds.
     Millis,
     /// `true` or `false`.
@@ -29,6 +31,7 @@ impl Type {
     pub fn name(self) -> &'static str {
         match self {
             Type::Integer => "integer",
+            Type::Size => "size (`64KiB`, `1GiB`)",
             Type::Millis => "duration (ms)",
             Type::Bool => "bool",
             Type::Address => "IP address",
@@ -129,7 +132,7 @@ pub const PROPERTIES: &[Property] = &[
     ),
     p(
         "burst.nexus.stream.chunk.size",
-        Integer,
+        Size,
         "1048576",
         "bytes",
         "Bytes per chunk read from a source.",
@@ -150,7 +153,7 @@ pub const PROPERTIES: &[Property] = &[
     ),
     p(
         "burst.nexus.stream.window.max",
-        Integer,
+        Size,
         "16777216",
         "bytes",
         "Largest per-stream window granted to a client.",
@@ -171,14 +174,14 @@ pub const PROPERTIES: &[Property] = &[
     ),
     p(
         "burst.nexus.server.memory.max",
-        Integer,
+        Size,
         "1073741824",
         "bytes",
         "Stream data the server holds at once (read from sources, not yet written to sockets), split evenly between shards; over it, running streams pause and new ones get `resource_exhausted`.",
     ),
     p(
         "burst.nexus.server.connection.memory.max",
-        Integer,
+        Size,
         "67108864",
         "bytes",
         "Stream data one connection holds at once; over it, its streams pause until its client reads.",
@@ -199,21 +202,21 @@ pub const PROPERTIES: &[Property] = &[
     ),
     p(
         "burst.nexus.server.max.frame.size",
-        Integer,
+        Size,
         "4194304",
         "bytes",
         "Largest frame payload accepted.",
     ),
     p(
         "burst.nexus.server.max.paradata",
-        Integer,
+        Size,
         "65536",
         "bytes",
         "Longest paradata accepted.",
     ),
     p(
         "burst.nexus.server.max.pending.control",
-        Integer,
+        Size,
         "1048576",
         "bytes",
         "Frames other than stream data (64 bytes per frame counted besides its own) queued for a client that does not read them; at the limit the server reads nothing more from it.",
@@ -326,14 +329,14 @@ pub const PROPERTIES: &[Property] = &[
     ),
     p(
         "burst.nexus.client.window",
-        Integer,
+        Size,
         "4194304",
         "bytes",
         "Per-stream window a client asks for: the most data in flight per stream.",
     ),
     p(
         "burst.nexus.client.window.max",
-        Integer,
+        Size,
         "16777216",
         "bytes",
         "Largest a stream's window grows to (doubling) while its reader keeps up, capped by the server's `burst.nexus.stream.window.max`; a lagging reader keeps the initial window.",

@@ -67,6 +67,7 @@ fn every_default_parses_as_its_type() {
     for p in PROPERTIES.iter().filter(|p| !p.default.is_empty()) {
         let ok = match p.ty {
             Type::Integer => v.positive::<u64>(p.name).is_ok(),
+            Type::Size => v.size(p.name).is_ok(),
             Type::Millis => v.millis(p.name).is_ok(),
             Type::Bool => v.parse::<bool>(p.name).is_ok(),
             Type::Address => v.parse::<std::net::IpAddr>(p.name).is_ok(),
@@ -268,4 +269,52 @@ fn the_readme_metric_table_is_the_metric_table() {
         readme[start..end] == expected,
         "README.md's metric table is out of date (NEXUS_WRITE_TABLES=1 cargo test -p nexus-config rewrites it):\n{expected}"
     );
+}
+
+#[test]
+fn sizes_take_units_and_empty_values_mean_the_default() {
+    let v = resolve(
+        &[],
+        &[
+            ("burst.nexus.stream.chunk.size", "256KiB"),
+            ("burst.nexus.server.threads", ""),
+            ("burst.nexus.admin.address", ""),
+        ],
+        &[("BURST_NEXUS_SERVER_PORT", "  ")],
+        Some("burst.nexus.pipe.size=\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        v.size("burst.nexus.stream.chunk.size").unwrap(),
+        Some(256 << 10)
+    );
+    assert_eq!(
+        v.raw("burst.nexus.server.threads"),
+        None,
+        "empty: the default"
+    );
+    assert_eq!(
+        v.raw("burst.nexus.server.port"),
+        Some(("1270", Origin::Default))
+    );
+    assert_eq!(
+        v.raw("burst.nexus.pipe.size"),
+        Some(("100", Origin::Default))
+    );
+    // An empty address keeps its meaning: none.
+    assert_eq!(
+        v.raw("burst.nexus.admin.address"),
+        Some(("", Origin::Define))
+    );
+    for bad in ["1.5MiB", "0", "10 GB", "-1", "1gib"] {
+        let v = resolve(&[], &[], &[("BURST_NEXUS_STREAM_CHUNK_SIZE", bad)], None).unwrap();
+        let err = v
+            .size("burst.nexus.stream.chunk.size")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BURST_NEXUS_STREAM_CHUNK_SIZE") && err.contains(bad),
+            "{err}"
+        );
+    }
 }

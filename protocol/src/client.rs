@@ -17,7 +17,7 @@ use crate::types::{
 };
 
 /// Limits and timers of the client side. Defaults are PROTOCOL.md's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientSettings {
     /// Per-stream window asked for, in bytes: the most data one stream can have in flight
     /// or waiting for the application until its window grows (see `max_window`).

@@ -17,7 +17,7 @@ use crate::types::{
 };
 
 /// Limits and timers of the server side. Defaults are PROTOCOL.md's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     /// Largest per-stream window granted, in bytes; a client asking for more gets this.
     pub max_window: u32,

@@ -5,13 +5,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nexus_config::{BadValue, Values};
+use nexus_config::{bind, BadValue, Binding, Values};
 use nexus_protocol::ServerSettings;
 
 use crate::io::BackendChoice;
 
 /// Everything a [`Server`](crate::Server) needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Address to listen on (`burst.nexus.server.bind`, default 127.0.0.1).
     pub bind: IpAddr,
@@ -90,86 +90,143 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The configuration `values` describe.
+    /// Every property the server reads, bound to its field. The secret
+    /// (`burst.nexus.auth.secret` or `.secret.file`) is read apart: two properties, one value.
+    pub const PROPERTIES: &'static [Binding<ServerConfig>] = &[
+        bind!("burst.nexus.server.bind", parse::<IpAddr>, |c, v| c.bind =
+            v),
+        bind!("burst.nexus.server.port", parse::<u16>, |c, v| c.port = v),
+        bind!("burst.nexus.server.threads", positive::<usize>, |c, v| c
+            .threads =
+            v),
+        bind!("burst.nexus.server.root", parse::<PathBuf>, |c, v| c.root =
+            v),
+        bind!(
+            "burst.nexus.server.follow.symlinks",
+            parse::<bool>,
+            |c, v| c.follow_symlinks = v
+        ),
+        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| c
+            .backend =
+            v),
+        bind!("burst.nexus.pipe.size", positive::<usize>, |c, v| c
+            .pipe_size =
+            v),
+        bind!("burst.nexus.stream.chunk.size", size_as::<usize>, |c, v| {
+            c.chunk_size = v
+        }),
+        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| c
+            .protocol
+            .stream_timeout =
+            v),
+        bind!("burst.nexus.stream.progress.ms", millis, |c, v| c
+            .protocol
+            .progress_interval =
+            v),
+        bind!("burst.nexus.stream.window.max", size_as::<u32>, |c, v| c
+            .protocol
+            .max_window =
+            v),
+        bind!(
+            "burst.nexus.stream.parcel.packer.concurrency",
+            positive::<usize>,
+            |c, v| { c.packer_concurrency = v }
+        ),
+        bind!(
+            "burst.nexus.server.max.connections",
+            positive::<usize>,
+            |c, v| { c.max_connections = v }
+        ),
+        bind!("burst.nexus.server.memory.max", size_as::<usize>, |c, v| {
+            c.memory_max = v
+        }),
+        bind!(
+            "burst.nexus.server.connection.memory.max",
+            size_as::<usize>,
+            |c, v| { c.connection_memory_max = v }
+        ),
+        bind!(
+            "burst.nexus.server.auth.failures.max",
+            positive::<u32>,
+            |c, v| { c.auth_failures_max = v }
+        ),
+        bind!("burst.nexus.server.max.streams", positive::<u32>, |c, v| {
+            c.protocol.max_streams = v
+        }),
+        bind!(
+            "burst.nexus.server.max.frame.size",
+            size_as::<u32>,
+            |c, v| { c.protocol.max_frame_size = v }
+        ),
+        bind!("burst.nexus.server.max.paradata", size_as::<u32>, |c, v| {
+            c.protocol.max_paradata = v
+        }),
+        bind!(
+            "burst.nexus.server.max.pending.control",
+            size_as::<usize>,
+            |c, v| { c.protocol.max_pending_control = v }
+        ),
+        bind!(
+            "burst.nexus.server.pending.control.timeout.ms",
+            millis,
+            |c, v| { c.protocol.pending_control_timeout = v }
+        ),
+        bind!("burst.nexus.server.heartbeat.ms", millis, |c, v| {
+            c.protocol.heartbeat_interval = v
+        }),
+        bind!("burst.nexus.server.handshake.timeout.ms", millis, |c, v| {
+            c.protocol.handshake_timeout = v
+        }),
+        bind!("burst.nexus.server.drain.timeout.ms", millis, |c, v| c
+            .drain_timeout =
+            v),
+        bind!("burst.nexus.server.insecure", parse::<bool>, |c, v| c
+            .insecure =
+            v),
+    ];
+
+    /// The configuration `values` describe, checked as a whole ([`check`](Self::check)).
     pub fn from_values(values: &Values) -> Result<ServerConfig, BadValue> {
         let mut c = ServerConfig::default();
-        if let Some(v) = values.parse::<IpAddr>("burst.nexus.server.bind")? {
-            c.bind = v;
-        }
-        if let Some(v) = values.parse::<u16>("burst.nexus.server.port")? {
-            c.port = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.server.threads")? {
-            c.threads = v;
-        }
-        if let Some(v) = values.parse::<PathBuf>("burst.nexus.server.root")? {
-            c.root = v;
-        }
-        if let Some(v) = values.parse::<bool>("burst.nexus.server.follow.symlinks")? {
-            c.follow_symlinks = v;
-        }
-        if let Some(v) = values.parse::<BackendChoice>("burst.nexus.io.backend")? {
-            c.backend = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.pipe.size")? {
-            c.pipe_size = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.stream.chunk.size")? {
-            c.chunk_size = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.stream.timeout.ms")? {
-            c.protocol.stream_timeout = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.stream.progress.ms")? {
-            c.protocol.progress_interval = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.stream.window.max")? {
-            c.protocol.max_window = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.stream.parcel.packer.concurrency")? {
-            c.packer_concurrency = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.server.max.connections")? {
-            c.max_connections = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.server.memory.max")? {
-            c.memory_max = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.server.connection.memory.max")? {
-            c.connection_memory_max = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.server.auth.failures.max")? {
-            c.auth_failures_max = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.streams")? {
-            c.protocol.max_streams = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.frame.size")? {
-            c.protocol.max_frame_size = v;
-        }
-        if let Some(v) = values.positive::<u32>("burst.nexus.server.max.paradata")? {
-            c.protocol.max_paradata = v;
-        }
-        if let Some(v) = values.positive::<usize>("burst.nexus.server.max.pending.control")? {
-            c.protocol.max_pending_control = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.server.pending.control.timeout.ms")? {
-            c.protocol.pending_control_timeout = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.server.heartbeat.ms")? {
-            c.protocol.heartbeat_interval = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.server.handshake.timeout.ms")? {
-            c.protocol.handshake_timeout = v;
-        }
-        if let Some(v) = values.millis("burst.nexus.server.drain.timeout.ms")? {
-            c.drain_timeout = v;
-        }
-        if let Some(v) = values.parse::<bool>("burst.nexus.server.insecure")? {
-            c.insecure = v;
-        }
+        nexus_config::apply(&mut c, values, Self::PROPERTIES)?;
         c.protocol.secret = values.secret()?;
+        c.check()?;
         Ok(c)
+    }
+
+    /// The rules between values, each error naming the properties and the values: a chunk
+    /// fits a frame, a frame fits a chunk header and 1 KiB, the secret is there when the
+    /// address is not loopback (or `insecure` says the network is trusted).
+    pub fn check(&self) -> Result<(), BadValue> {
+        let frame = self.protocol.max_frame_size as usize;
+        if self.threads == 0 {
+            return Err(BadValue(
+                "burst.nexus.server.threads must be at least 1".into(),
+            ));
+        }
+        if self.chunk_size == 0 || self.chunk_size > frame {
+            return Err(BadValue(format!(
+                "burst.nexus.stream.chunk.size ({}) must be between 1 and \
+                 burst.nexus.server.max.frame.size ({frame}): a chunk travels in one frame",
+                self.chunk_size
+            )));
+        }
+        if frame < nexus_protocol::frame::CHUNK_OVERHEAD_MAX + 1024 {
+            return Err(BadValue(format!(
+                "burst.nexus.server.max.frame.size ({frame}) must be at least 1036 bytes \
+                 (PROTOCOL.md 4.1)"
+            )));
+        }
+        if !self.bind.is_loopback() && self.protocol.secret.is_none() && !self.insecure {
+            return Err(BadValue(format!(
+                "refusing to listen on {} without authentication: anyone who can reach it could \
+                 read every file under the root. Set burst.nexus.auth.secret (or \
+                 burst.nexus.auth.secret.file), or burst.nexus.server.insecure=true if the \
+                 network is trusted",
+                self.bind
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -205,6 +262,31 @@ mod tests {
         let d = ServerConfig::from_values(&values(&[])).unwrap();
         assert_eq!((d.port, d.pipe_size, d.packer_concurrency), (1270, 100, 2));
         assert_eq!(d.protocol.stream_timeout, Duration::from_secs(60));
+    }
+
+    /// The property table and `Default` are one source of defaults: resolving no property
+    /// at all gives exactly `ServerConfig::default()`.
+    #[test]
+    fn the_defaults_are_the_property_tables() {
+        assert_eq!(
+            ServerConfig::from_values(&values(&[])).unwrap(),
+            ServerConfig::default()
+        );
+    }
+
+    #[test]
+    fn cross_checks_name_the_properties_and_values() {
+        let err = ServerConfig::from_values(&values(&[
+            ("BURST_NEXUS_STREAM_CHUNK_SIZE", "8MiB"),
+            ("BURST_NEXUS_SERVER_MAX_FRAME_SIZE", "4MiB"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("burst.nexus.stream.chunk.size (8388608)")
+                && err.contains("burst.nexus.server.max.frame.size (4194304)"),
+            "{err}"
+        );
     }
 
     #[test]

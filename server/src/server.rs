@@ -64,21 +64,7 @@ impl Server {
                 "burst.nexus.server.threads must be at least 1".into(),
             ));
         }
-        if config.chunk_size == 0 || config.chunk_size > config.protocol.max_frame_size as usize {
-            return Err(StartError::Config(format!(
-                "burst.nexus.stream.chunk.size must be between 1 and the max frame size ({} bytes)",
-                config.protocol.max_frame_size
-            )));
-        }
-        if !config.bind.is_loopback() && config.protocol.secret.is_none() && !config.insecure {
-            return Err(StartError::Config(format!(
-                "refusing to listen on {} without authentication: anyone who can reach it could \
-                 read every file under the root. Set burst.nexus.auth.secret (or \
-                 burst.nexus.auth.secret.file), or set burst.nexus.server.insecure=true if the \
-                 network is trusted",
-                config.bind
-            )));
-        }
+        config.check().map_err(|e| StartError::Config(e.0))?;
         let (backend, fallback) =
             io::select_backend(config.backend).map_err(StartError::Backend)?;
         if let Some(reason) = fallback {
