@@ -2,7 +2,27 @@
 //! for `pull`, which `-q` and `-v` change), as text or as one
 //! JSON object per line (`burst.nexus.log.format=json`, for containers).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use nexus_config::{BadValue, Values};
+
+/// Set once the properties say `burst.nexus.log.format=json`.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Whether logs are JSON: as the properties said, or, when they could not be read (a bad
+/// value), as the environment says.
+pub(crate) fn wants_json() -> bool {
+    JSON.load(Ordering::Relaxed)
+        || std::env::var("BURST_NEXUS_LOG_FORMAT").is_ok_and(|v| v.trim() == "json")
+}
+
+/// JSON logging on stderr, if no logging is set up yet (for a fatal error).
+pub(crate) fn init_json() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .json()
+        .try_init();
+}
 
 /// Starts logging in the format `values` ask for, at `level` unless `RUST_LOG` is set. Text
 /// is coloured only on a terminal and without `NO_COLOR` (https://no-color.org).
@@ -11,6 +31,7 @@ pub(crate) fn init(values: &Values, level: &str) -> Result<(), BadValue> {
         .raw("burst.nexus.log.format")
         .map_or("text", |(v, _)| v)
         .trim();
+    JSON.store(format == "json", Ordering::Relaxed);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_client::ClientConfig;
@@ -217,13 +216,22 @@ fn admin_address(values: &Values) -> Result<Option<SocketAddr>, BadValue> {
     }
 }
 
+/// A fatal error before or while starting: exit 2 with one line on stderr, as JSON when JSON
+/// logs were asked for (a container's log pipeline parses every line).
 fn fail(message: &str) -> ExitCode {
-    eprintln!("nexus: {message}");
+    if logging::wants_json() {
+        logging::init_json();
+        tracing::error!(target: "nexus", "{message}");
+    } else {
+        eprintln!("nexus: {message}");
+    }
     ExitCode::from(2)
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
     return_freed_memory_to_the_system();
+    // Before anything starts: a SIGTERM during startup must drain, not kill.
+    let signals = Signals::install();
     let mut flags = Vec::new();
     if let Some(v) = args.port {
         flags.push(("burst.nexus.server.port", v.to_string()));
@@ -272,7 +280,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             let started = admin::install_recorder().and_then(|handle| {
                 let render = Arc::new(move || {
                     if let Some(stats) = published.get() {
-                        admin::publish_server_stats(&stats.snapshot());
+                        admin::publish_server_stats(stats);
                     }
                     handle.render()
                 });
@@ -297,7 +305,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin.set_phase(Phase::Ready);
         metrics::gauge!(nexus_config::metric_names::SERVER_READY).set(1.0);
     }
-    let signal = wait_for_signal();
+    let signal = match signals {
+        Some(signals) => signals.wait(),
+        None => {
+            // No signals: serve until killed.
+            std::thread::park();
+            "none"
+        }
+    };
     tracing::info!(
         signal,
         drain_ms = drain.as_millis() as u64,
@@ -364,33 +379,50 @@ fn return_freed_memory_to_the_system() {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; returns its name.
-pub(crate) fn wait_for_signal() -> &'static str {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot watch for signals; stopping on stdin close instead.");
-            std::thread::sleep(Duration::MAX);
-            return "none";
-        }
-    };
-    runtime.block_on(async {
+/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns: one that arrives
+/// before anyone waits is kept, not fatal (a SIGTERM just after start still drains).
+pub(crate) struct Signals {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; `None` (logged) if the system refuses.
+    pub(crate) fn install() -> Option<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| tracing::error!(error = %e, "Cannot watch for signals."))
+            .ok()?;
+        let _entered = runtime.enter();
+        match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) else {
-            std::future::pending::<()>().await;
-            return "none";
-        };
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        ) {
+            (Ok(term), Ok(int)) => Some(Signals { runtime, term, int }),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "Cannot watch for signals.");
+                None
+            }
         }
-    })
+    }
+
+    /// Blocks until SIGTERM or SIGINT; returns its name.
+    pub(crate) fn wait(self) -> &'static str {
+        let Signals {
+            runtime,
+            mut term,
+            mut int,
+        } = self;
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -278,11 +278,13 @@ fn progress(transfer: &Arc<Transfer>, show: bool) -> (ProgressBar, Arc<AtomicBoo
 fn watch_signals(transfer: Arc<Transfer>) -> Arc<AtomicBool> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupted);
-    std::thread::spawn(move || {
-        if crate::wait_for_signal() != "none" {
+    // Installed here, before the transfer starts; waited for on another thread.
+    if let Some(signals) = crate::Signals::install() {
+        std::thread::spawn(move || {
+            signals.wait();
             flag.store(true, Ordering::Release);
             transfer.cancel();
-        }
-    });
+        });
+    }
     interrupted
 }

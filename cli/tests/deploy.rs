@@ -381,3 +381,158 @@ fn without_io_uring_syscalls_auto_falls_back_to_epoll_with_one_warning() {
     assert!(!status.success());
     assert!(lines.iter().any(|l| l.contains("io_uring")), "{lines:#?}");
 }
+
+/// Each alert says what it means and what to do; noisy ones wait (`for:`) or need volume; a
+/// scrape target that vanished altogether is an alert too; the PrometheusRule of the
+/// Kubernetes manifest is the rules file.
+#[test]
+fn alerts_explain_themselves_and_the_operator_gets_the_same_rules() {
+    let rules = read("deploy/prometheus/nexus-rules.yml");
+    let alerts = rules.matches("- alert: ").count();
+    assert!(alerts >= 8);
+    for annotation in ["summary:", "description:", "runbook:"] {
+        assert_eq!(rules.matches(annotation).count(), alerts, "{annotation}");
+    }
+    assert!(rules.contains("absent(up{job=\"nexus\"})"));
+    let refused = &rules[rules.find("alert: NexusConnectionsRefused").unwrap()..];
+    let refused = &refused[..refused.find("- alert:").unwrap_or(refused.len())];
+    assert!(refused.contains("for: "), "{refused}");
+    let errors = &rules[rules.find("alert: NexusStreamErrors").unwrap()..];
+    assert!(
+        errors[..errors.find("labels:").unwrap()].contains(">= 20"),
+        "a minimum volume"
+    );
+    let manifest = read("deploy/kubernetes/nexus.yaml");
+    let groups = &rules[rules.find("groups:").unwrap()..];
+    let indented: String = groups
+        .lines()
+        .map(|l| {
+            if l.trim().is_empty() {
+                "\n".to_string()
+            } else {
+                format!("  {l}\n")
+            }
+        })
+        .collect();
+    assert!(
+        manifest.contains(&indented),
+        "the PrometheusRule differs from nexus-rules.yml"
+    );
+}
+
+/// The Kubernetes manifest: no secret inside, a pinned image, the admin port closed to all but
+/// the monitoring namespace, and a memory budget inside the container's limit.
+#[test]
+fn the_kubernetes_manifest_keeps_secrets_out_and_the_admin_port_in() {
+    let text = read("deploy/kubernetes/nexus.yaml");
+    assert!(
+        !text.contains("kind: Secret"),
+        "the secret is created out of band"
+    );
+    assert!(!text.contains(":latest"));
+    let image = setting(&text, "image:");
+    assert!(
+        image
+            .rsplit_once(':')
+            .is_some_and(|(_, tag)| tag.contains('.')),
+        "{image}"
+    );
+    let policy = &text[text.find("kind: NetworkPolicy").unwrap()..];
+    let admin = &policy[policy.find("port: 1271").unwrap().saturating_sub(300)..];
+    assert!(
+        admin.contains("kubernetes.io/metadata.name: monitoring"),
+        "{policy}"
+    );
+    let budget = text.split("BURST_NEXUS_SERVER_MEMORY_MAX").nth(1).unwrap();
+    assert!(budget.contains("value: 512MiB"));
+    assert!(text.contains("memory: 1Gi"));
+}
+
+/// The Dockerfile's documented `docker run`: with its environment (the image's ENV and the
+/// `-e` flags of the comment), `nexus serve` starts instead of refusing 0.0.0.0 without a
+/// secret. Its bases are pinned, and .dockerignore keeps target/ out of the build context.
+#[test]
+fn the_documented_docker_run_starts_the_server() {
+    let text = read("deploy/container/Dockerfile");
+    for from in text.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let tag = image.split_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(
+            tag.split('-')
+                .next()
+                .is_some_and(|v| v.matches('.').count() >= 1),
+            "{image} is not pinned to a release"
+        );
+    }
+    assert!(read(".dockerignore").lines().any(|l| l.trim() == "target/"));
+    // The image's ENV, then the -e flags of the documented command.
+    let mut env: Vec<(String, String)> = Vec::new();
+    let joined = text.replace("\\\n", " ");
+    for line in joined.lines() {
+        if let Some(rest) = line.trim().strip_prefix("ENV ") {
+            for pair in rest.split_whitespace() {
+                let (k, v) = pair.split_once('=').unwrap();
+                env.push((k.into(), v.into()));
+            }
+        }
+        if line.contains("docker run") {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for pair in words.windows(2).filter(|w| w[0] == "-e") {
+                let (k, v) = pair[1].split_once('=').unwrap();
+                env.push((k.into(), v.into()));
+            }
+        }
+    }
+    let dir = TempDir::new("docker-run");
+    let secret = dir.path().join("nexus-secret");
+    std::fs::write(&secret, "c2VjcmV0IGZvciB0aGUgdGVzdA==\n").unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    command.arg("serve");
+    for (k, v) in &env {
+        let v = match k.as_str() {
+            // Paths of the container, mapped to this test's files.
+            "BURST_NEXUS_AUTH_SECRET_FILE" => secret.to_str().unwrap().to_string(),
+            "BURST_NEXUS_SERVER_ROOT" => dir.path().to_str().unwrap().to_string(),
+            _ => v.clone(),
+        };
+        command.env(k, v);
+    }
+    assert!(
+        env.iter().any(|(k, _)| k == "BURST_NEXUS_AUTH_SECRET_FILE"),
+        "{env:?}"
+    );
+    // Free ports instead of the container's fixed ones.
+    command
+        .env("BURST_NEXUS_SERVER_PORT", "0")
+        .env("BURST_NEXUS_ADMIN_ADDRESS", "127.0.0.1:0")
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _guard = ChildGuard(child);
+    let first = std::io::BufReader::new(stderr)
+        .lines()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("Listening.") || l.contains("ERROR"))
+        .unwrap();
+    assert!(first.contains("Listening."), "{first}");
+}
+
+/// In JSON log mode even a fatal configuration error is one JSON object.
+#[test]
+fn a_fatal_error_in_json_mode_is_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .arg("serve")
+        .env("BURST_NEXUS_LOG_FORMAT", "json")
+        .env("BURST_NEXUS_SERVER_PORT", "abc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let line = String::from_utf8(out.stderr).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(json["level"], "ERROR");
+    assert!(json["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("BURST_NEXUS_SERVER_PORT"));
+}

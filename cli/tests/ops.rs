@@ -67,15 +67,19 @@ fn a_live_scrape_passes_promtool_and_counts_what_was_served() {
         scrape.contains("# HELP nexus_press_bytes_total"),
         "{scrape}"
     );
-    // No stream id or peer address as a label: every label is from the fixed sets.
+    // No stream id or peer address as a label: every label is from the fixed sets, and a
+    // `code` is one of the error codes' names (or `other`).
+    let codes: Vec<&str> = nexus_server::stream_error_labels().collect();
     for line in scrape.lines().filter(|l| l.contains('{')) {
         let labels = &line[line.find('{').unwrap()..];
-        assert!(
-            ["outcome=", "reason=", "backend=", "version=", "le="]
-                .iter()
-                .any(|l| labels.starts_with(&format!("{{{l}"))),
-            "unexpected label in {line}"
-        );
+        let known = ["outcome=", "reason=", "backend=", "version=", "le="]
+            .iter()
+            .any(|l| labels.starts_with(&format!("{{{l}")));
+        let code = labels
+            .strip_prefix("{code=\"")
+            .and_then(|rest| rest.split('"').next())
+            .is_some_and(|c| codes.contains(&c));
+        assert!(known || code, "unexpected label in {line}");
     }
     let mut check = Command::new(promtool)
         .args(["check", "metrics"])
@@ -405,4 +409,63 @@ fn the_admin_flag_gives_each_server_its_own_endpoint() {
     for (_, admin) in &servers {
         assert_eq!(http_get(*admin, "/healthz").unwrap().0, 200);
     }
+}
+
+/// What an operator expects on a scrape: failed and refused streams by error code, the
+/// process's CPU, memory and descriptors, time to first byte, and wire bytes beside payload.
+#[test]
+fn a_scrape_has_error_codes_process_metrics_first_byte_and_wire_bytes() {
+    let dir = TempDir::new("ops-metrics");
+    std::fs::write(dir.path().join("log.txt"), "line\n".repeat(200_000)).unwrap();
+    let served = spawn_serve(
+        nexus(),
+        &[("BURST_NEXUS_SERVER_ROOT", dir.path().to_str().unwrap())],
+    );
+    let admin = served.admin.unwrap();
+    let mut client = Client::connect(served.address);
+    assert_eq!(client.pull("synthetic:2MiB").completion().bytes, 2 << 20);
+    assert_eq!(
+        client.pull("file:missing").error().0,
+        nexus_protocol::ErrorCode::NOT_FOUND
+    );
+    assert_eq!(client.pull("file:log.txt").completion().bytes, 1_000_000);
+    let mut scrape = String::new();
+    wait_until("both streams in the scrape", || {
+        scrape = http_get(admin, "/metrics").unwrap().1;
+        scrape.contains("nexus_server_streams_finished_total{outcome=\"complete\"} 2")
+    });
+    assert_eq!(
+        sample(
+            &scrape,
+            "nexus_server_streams_failed_total{code=\"not_found\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&scrape, "nexus_server_streams_failed_total{code=\"other\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(&scrape, "nexus_server_time_to_first_byte_seconds_count"),
+        2.0
+    );
+    let payload = sample(&scrape, "nexus_press_bytes_total");
+    let wire = sample(&scrape, "nexus_server_wire_bytes_total");
+    assert!(
+        wire > payload && wire < payload * 1.01,
+        "wire {wire}, payload {payload}"
+    );
+    assert!(sample(&scrape, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&scrape, "process_open_fds") >= 3.0);
+    assert!(sample(&scrape, "process_max_fds") >= sample(&scrape, "process_open_fds"));
+    let start = sample(&scrape, "process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 600.0..=now + 5.0).contains(&start),
+        "started at {start}, now {now}"
+    );
+    assert!(scrape.contains("process_cpu_seconds_total "), "{scrape}");
 }

@@ -155,3 +155,20 @@ fn a_second_server_on_a_taken_port_refuses_to_start() {
         assert_eq!(client.pull("file:mine").data, b"first server");
     }
 }
+
+/// A SIGTERM the moment the server says it listens (an orchestrator's stop right after a
+/// start) still drains and exits 0: the handlers are in place before the server starts.
+#[test]
+fn a_signal_right_after_start_drains_instead_of_killing() {
+    let dir = TempDir::new("early-signal");
+    for _ in 0..5 {
+        let (mut child, _) = serve(dir.path(), &[]);
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.0.id().to_string())
+            .status()
+            .unwrap();
+        let status = wait_exit(&mut child);
+        assert!(status.success(), "{status:?}");
+    }
+}

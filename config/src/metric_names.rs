@@ -64,6 +64,29 @@ pub const SIZE_BUCKETS: &[f64] = &[
     1099511627776.0,
 ];
 
+/// Time from a stream's INITIATE to its first chunk handed to the connection.
+pub const SERVER_TIME_TO_FIRST_BYTE: &str = "nexus_server_time_to_first_byte_seconds";
+/// Bucket bounds of [`SERVER_TIME_TO_FIRST_BYTE`], in seconds: 50 us to 10 s.
+pub const FIRST_BYTE_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+/// Bytes written to sockets (frames as sent: compressed data compressed), beside the payload
+/// of [`PRESS_BYTES`].
+pub const SERVER_WIRE_BYTES: &str = "nexus_server_wire_bytes_total";
+/// Streams refused or failed, by error code.
+pub const SERVER_STREAMS_FAILED: &str = "nexus_server_streams_failed_total";
+/// CPU time of the process (user and system), seconds.
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+/// Resident memory of the process, bytes.
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+/// Open file descriptors of the process.
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The process's limit of open file descriptors.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// When the process started, seconds since the Unix epoch.
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+
 /// Stream data the server holds now: read from sources, not yet written to sockets.
 pub const SERVER_MEMORY_HELD: &str = "nexus_server_stream_memory_bytes";
 
@@ -216,6 +239,38 @@ pub const TABLE: &[(&str, &str, &str, &str, &str)] = &[
         "",
         "",
         "Stream data held now (read from sources, not yet written); bounded by burst.nexus.server.memory.max.",
+    ),
+    (
+        SERVER_TIME_TO_FIRST_BYTE,
+        "histogram",
+        "",
+        "",
+        "Time from a stream's INITIATE to its first chunk, seconds.",
+    ),
+    (
+        SERVER_WIRE_BYTES,
+        "counter",
+        "",
+        "",
+        "Bytes written to sockets, frames as sent (compressed chunks compressed): beside nexus_press_bytes_total, the payload.",
+    ),
+    (
+        SERVER_STREAMS_FAILED,
+        "counter",
+        "code",
+        "",
+        "Streams refused or failed, by error code (the codes of PROTOCOL.md and SOURCES.md, or other).",
+    ),
+    (PROCESS_CPU, "counter", "", "", "CPU time of the process, user and system, seconds."),
+    (PROCESS_RSS, "gauge", "", "", "Resident memory of the process, bytes."),
+    (PROCESS_OPEN_FDS, "gauge", "", "", "Open file descriptors."),
+    (PROCESS_MAX_FDS, "gauge", "", "", "The limit of open file descriptors."),
+    (
+        PROCESS_START_TIME,
+        "gauge",
+        "",
+        "",
+        "When the process started, seconds since the Unix epoch.",
     ),
 ];
 

@@ -82,6 +82,14 @@ pub enum ServerEvent {
     /// A client asks for a stream; answer with [`ServerConnection::accept`] or
     /// [`ServerConnection::reject`].
     StreamRequested(Initiate),
+    /// An INITIATE was refused by the protocol itself (draining, too many streams, paradata
+    /// too long): its ERROR is queued; the application never saw the stream.
+    StreamRefused {
+        /// The stream.
+        stream: StreamId,
+        /// The code of its ERROR.
+        code: ErrorCode,
+    },
     /// CREDIT arrived: the stream may send more.
     Credit {
         /// The stream.
@@ -894,6 +902,8 @@ impl ServerConnection {
                 code,
                 message,
             });
+            self.events
+                .push_back(ServerEvent::StreamRefused { stream, code });
             return;
         }
         self.streams.insert(

@@ -245,6 +245,10 @@ impl ConnState {
                     tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
                 }
                 ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
+                ServerEvent::StreamRefused { code, .. } => {
+                    stats::add(&self.shard.stats.streams_rejected, 1);
+                    self.shard.stats.stream_failed(code);
+                }
                 ServerEvent::Credit { stream } => {
                     if let Some(slot) = self.streams.borrow().get(&stream) {
                         slot.credit.notify_one();
@@ -256,6 +260,7 @@ impl ConnState {
                 }
                 ServerEvent::StreamTimedOut { stream } => {
                     stats::add(&self.shard.stats.streams_timeout, 1);
+                    self.shard.stats.stream_failed(ErrorCode::TIMEOUT);
                     if let Some(suppressed) = self.shard.peer_log() {
                         tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "Stream timed out: no credit from the client.");
                     }
@@ -320,6 +325,9 @@ impl ConnState {
         let _entered = span.enter();
         if self.shard.held.get() + self.shard.chunk_size() > self.shard.budget {
             stats::add(&self.shard.stats.streams_rejected, 1);
+            self.shard
+                .stats
+                .stream_failed(ErrorCode::RESOURCE_EXHAUSTED);
             if let Some(suppressed) = self.shard.peer_log() {
                 tracing::warn!(peer = %self.peer, stream = stream.0, suppressed, "Stream refused: the server is at its memory budget.");
             }
@@ -338,6 +346,7 @@ impl ConnState {
             Ok(opened) => opened,
             Err(e) => {
                 stats::add(&self.shard.stats.streams_rejected, 1);
+                self.shard.stats.stream_failed(e.code);
                 if let Some(suppressed) = self.shard.peer_log() {
                     tracing::info!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), code = %e.code, reason = %Printable(&e.message), suppressed, "Stream refused.");
                 }
@@ -435,6 +444,7 @@ async fn write_loop(state: Rc<ConnState>) {
         }
         state.in_flight.set(total);
         state.account();
+        stats::bump(&state.shard.traffic().wire_bytes, total as u64);
         let (result, mut written) = state.io.write_all(segments).await;
         for segment in written.drain(..) {
             state.shard.recycle(segment);
@@ -474,7 +484,7 @@ async fn run_stream(
     mut producer: Box<dyn Producer>,
 ) {
     let started = Instant::now();
-    let (end, bytes) = produce(&state, &slot, stream, producer.as_mut()).await;
+    let (end, bytes) = produce(&state, &slot, stream, producer.as_mut(), started).await;
     drop(producer); // the source's cleanup, exactly once
     let stats = &state.shard.stats;
     stats::add(&stats.producers_dropped, 1);
@@ -489,6 +499,7 @@ async fn run_stream(
         End::Stopped => {
             if state.proto.borrow().is_closed() {
                 stats::add(&stats.streams_error, 1);
+                stats.stream_failed(ErrorCode::CONNECTION_LOST);
             }
         }
     }
@@ -524,6 +535,7 @@ async fn produce(
     slot: &StreamSlot,
     stream: StreamId,
     producer: &mut dyn Producer,
+    started: Instant,
 ) -> (End, u64) {
     let compressed = state.proto.borrow().is_compressed(stream);
     let ahead = if compressed {
@@ -623,7 +635,12 @@ async fn produce(
         let now = Instant::now();
         let result = state.proto.borrow_mut().send_chunk(stream, data, zstd, now);
         match result {
-            Ok(()) => holding.hand_on(len as usize),
+            Ok(()) => {
+                holding.hand_on(len as usize);
+                if sent == 0 {
+                    state.shard.metrics.first_byte(started.elapsed());
+                }
+            }
             Err(e @ CallError::BeyondAnnounced { .. }) => {
                 fail_in_source(state, stream, &e.to_string());
                 return (End::Error, sent);
@@ -686,6 +703,7 @@ async fn next_chunk(
             Some(Ok(data)) => break Next::Data(data),
             None => break Next::Exhausted,
             Some(Err(e)) => {
+                state.shard.stats.stream_failed(e.code);
                 if let Some(suppressed) = state.shard.peer_log() {
                     tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Stream failed in its source.");
                 }
@@ -739,6 +757,7 @@ impl Drop for Holding<'_> {
 
 /// Fails a stream whose source broke a promise (its announced size): `source_failed`.
 fn fail_in_source(state: &ConnState, stream: StreamId, why: &str) {
+    state.shard.stats.stream_failed(ErrorCode::SOURCE_FAILED);
     if let Some(suppressed) = state.shard.peer_log() {
         tracing::warn!(peer = %state.peer, stream = stream.0, reason = %why, suppressed, "Stream failed in its source.");
     }

@@ -38,4 +38,4 @@ pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
 pub use server::{Server, StartError};
 pub use shard::ShardContext;
 pub use source::{NextChunk, Opened, Producer, Registry, Source, StreamRequest};
-pub use stats::{ServerStats, StatsSnapshot, PROTOCOL_ERROR_CODES};
+pub use stats::{stream_error_labels, ServerStats, StatsSnapshot, PROTOCOL_ERROR_CODES};

@@ -21,6 +21,22 @@ pub(crate) fn protocol_error_reason(code: ErrorCode) -> Option<usize> {
     PROTOCOL_ERROR_CODES.iter().position(|c| *c == code)
 }
 
+/// The `code` labels of failed and refused streams: every code PROTOCOL.md and SOURCES.md
+/// define, then `other` for codes an embedded source invents. A fixed set.
+pub fn stream_error_labels() -> impl Iterator<Item = &'static str> {
+    ErrorCode::ALL
+        .iter()
+        .filter_map(|c| c.name())
+        .chain(std::iter::once("other"))
+}
+
+fn stream_error_index(code: ErrorCode) -> usize {
+    ErrorCode::ALL
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(ErrorCode::ALL.len())
+}
+
 /// What one shard sent; written by that shard only.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -28,6 +44,8 @@ pub(crate) struct ShardTraffic {
     pub(crate) bytes: AtomicU64,
     pub(crate) chunks: AtomicU64,
     pub(crate) chunks_compressed: AtomicU64,
+    /// Bytes written to sockets: every frame, headers and compressed data as sent.
+    pub(crate) wire_bytes: AtomicU64,
     /// Stream data the shard holds now (its budget's use).
     pub(crate) memory_held: AtomicU64,
 }
@@ -50,6 +68,8 @@ pub struct ServerStats {
     pub(crate) protocol_errors: [AtomicU64; 4],
     pub(crate) packer_peak: AtomicU64,
     pub(crate) shards: Box<[ShardTraffic]>,
+    /// Failed and refused streams by code, in the order of [`stream_error_labels`].
+    stream_errors: Box<[AtomicU64]>,
 }
 
 /// A copy of the counters at one moment.
@@ -94,6 +114,8 @@ pub struct StatsSnapshot {
     pub packer_peak: u64,
     /// Stream data held now, in bytes: read from sources and not yet written to sockets.
     pub memory_held: u64,
+    /// Bytes written to sockets: frames as sent (compressed data compressed).
+    pub wire_bytes: u64,
 }
 
 impl ServerStats {
@@ -101,8 +123,24 @@ impl ServerStats {
     pub(crate) fn new(shards: usize) -> ServerStats {
         ServerStats {
             shards: (0..shards).map(|_| ShardTraffic::default()).collect(),
+            stream_errors: stream_error_labels().map(|_| AtomicU64::new(0)).collect(),
             ..ServerStats::default()
         }
+    }
+
+    /// A stream was refused or failed with `code` (per stream, not per chunk).
+    pub(crate) fn stream_failed(&self, code: ErrorCode) {
+        if let Some(counter) = self.stream_errors.get(stream_error_index(code)) {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Failed and refused streams so far, by code label ([`stream_error_labels`]).
+    pub fn stream_errors(&self) -> Vec<(&'static str, u64)> {
+        stream_error_labels()
+            .zip(self.stream_errors.iter())
+            .map(|(label, n)| (label, n.load(Relaxed)))
+            .collect()
     }
 
     /// Reads every counter.
@@ -136,6 +174,7 @@ impl ServerStats {
                 .iter()
                 .map(|s| s.memory_held.load(Relaxed))
                 .sum(),
+            wire_bytes: self.shards.iter().map(|s| s.wire_bytes.load(Relaxed)).sum(),
         }
     }
 }

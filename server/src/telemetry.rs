@@ -12,6 +12,7 @@ use nexus_config::metric_names;
 pub(crate) struct ShardMetrics {
     duration: metrics::Histogram,
     size: metrics::Histogram,
+    first_byte: metrics::Histogram,
 }
 
 impl ShardMetrics {
@@ -19,7 +20,13 @@ impl ShardMetrics {
         ShardMetrics {
             duration: metrics::histogram!(metric_names::SERVER_STREAM_DURATION),
             size: metrics::histogram!(metric_names::SERVER_STREAM_SIZE),
+            first_byte: metrics::histogram!(metric_names::SERVER_TIME_TO_FIRST_BYTE),
         }
+    }
+
+    /// A stream's first chunk went to its connection `elapsed` after its INITIATE.
+    pub(crate) fn first_byte(&self, elapsed: Duration) {
+        self.first_byte.record(elapsed.as_secs_f64());
     }
 
     /// A stream ended after `elapsed`, having sent `bytes`.
