@@ -455,3 +455,48 @@ fn printing_into_a_closed_pipe_is_quiet() {
         stderr(&out)
     );
 }
+
+/// The README's set-up commands, as a new user runs them: the server command names the
+/// binary (`cargo run` in a workspace with two binaries needs `--bin`), and each first-pull
+/// line works against a server whose working directory is the repository root.
+#[test]
+fn the_readmes_first_commands_work() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let setup = &readme[readme.find("## Set up").unwrap()..];
+    let commands: Vec<&str> = setup
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .flat_map(str::lines)
+        .collect();
+    assert!(
+        commands[0].starts_with("cargo run --release --bin nexus -- serve"),
+        "{commands:?}"
+    );
+    let server = serve(&repo, &[]);
+    let pulls: Vec<&&str> = commands
+        .iter()
+        .filter(|c| c.starts_with("target/release/nexus pull"))
+        .collect();
+    assert!(pulls.len() >= 2, "{commands:?}");
+    let dir = TempDir::new("fc-readme");
+    for line in pulls {
+        let args: Vec<String> = line
+            .split_whitespace()
+            .skip(2)
+            .map(|a| match a {
+                "localhost" => format!("localhost:{}", server.address.port()),
+                "/tmp/README.copy" => dir.path().join("copy").to_str().unwrap().to_string(),
+                other => other.to_string(),
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = pull(&args, &[]);
+        assert_eq!(out.status.code(), Some(0), "{line}: {}", stderr(&out));
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("copy")).unwrap(),
+        readme.as_bytes()
+    );
+}
