@@ -61,23 +61,23 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Every property the client reads, bound to its field; the secret is read apart.
     pub const PROPERTIES: &'static [Binding<ClientConfig>] = &[
-        bind!("burst.nexus.client.threads", positive::<usize>, |c, v| c
-            .threads =
-            v),
-        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| c
-            .backend =
-            v),
+        bind!("burst.nexus.client.threads", positive::<usize>, |c, v| {
+            c.threads = v
+        }),
+        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| {
+            c.backend = v
+        }),
         bind!(
             "burst.nexus.client.connections.per.endpoint",
             positive::<usize>,
             |c, v| { c.connections_per_endpoint = v }
         ),
-        bind!("burst.nexus.client.pool.stale.ms", millis, |c, v| c
-            .pool_stale =
-            v),
-        bind!("burst.nexus.client.cache.tender.ms", millis, |c, v| c
-            .tender_interval =
-            v),
+        bind!("burst.nexus.client.pool.stale.ms", millis, |c, v| {
+            c.pool_stale = v
+        }),
+        bind!("burst.nexus.client.cache.tender.ms", millis, |c, v| {
+            c.tender_interval = v
+        }),
         bind!(
             "burst.nexus.client.pool.max.connections",
             positive::<usize>,
@@ -94,21 +94,18 @@ impl ClientConfig {
         bind!("burst.nexus.client.window.max", size_as::<u32>, |c, v| {
             c.protocol.max_window = v
         }),
-        bind!("burst.nexus.client.connect.timeout.ms", millis, |c, v| c
-            .connect_timeout =
-            v),
-        bind!("burst.nexus.client.retry.max", parse::<u32>, |c, v| c
-            .retry
-            .max_retries =
-            v),
-        bind!("burst.nexus.client.retry.budget.ms", millis, |c, v| c
-            .retry
-            .budget =
-            v),
-        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| c
-            .protocol
-            .stream_timeout =
-            v),
+        bind!("burst.nexus.client.connect.timeout.ms", millis, |c, v| {
+            c.connect_timeout = v
+        }),
+        bind!("burst.nexus.client.retry.max", parse::<u32>, |c, v| {
+            c.retry.max_retries = v
+        }),
+        bind!("burst.nexus.client.retry.budget.ms", millis, |c, v| {
+            c.retry.budget = v
+        }),
+        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| {
+            c.protocol.timers.stream_timeout = v
+        }),
     ];
 
     /// The configuration `values` describe: `burst.nexus.client.*`, `burst.nexus.io.backend`,
@@ -164,7 +161,7 @@ mod tests {
             (65536, 131072)
         );
         assert_eq!(c.connect_timeout, Duration::from_millis(700));
-        assert_eq!(c.protocol.stream_timeout, Duration::from_secs(5));
+        assert_eq!(c.protocol.timers.stream_timeout, Duration::from_secs(5));
         assert_eq!(c.backend, BackendChoice::Epoll);
         assert_eq!(c.protocol.secret.as_deref(), Some(&b"s3"[..]));
         let d = ClientConfig::from_values(&values(&[])).unwrap();

@@ -11,6 +11,31 @@ use crate::error::WireError;
 use crate::frame::{self, Frame, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, PREFACE};
 use crate::types::{ErrorCode, StreamId};
 
+/// The timers both sides keep (PROTOCOL.md 4.1, 4.3, 6.6). Defaults are PROTOCOL.md's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    /// Heartbeat interval: the longest the server grants (ACCEPT gives the smaller of both
+    /// sides'), or the one the client asks for. The connection is dead after three of them
+    /// without anything received.
+    pub heartbeat_interval: Duration,
+    /// Time from connect until the handshake (and authentication) must be done.
+    pub handshake_timeout: Duration,
+    /// Stream timeout. On the client: a stream that may receive (window above 0) but hears
+    /// nothing this long ends timed out and is cancelled. On the server: a stream whose window
+    /// stays at 0 without CREDIT this long ends with ERROR `timeout`.
+    pub stream_timeout: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            heartbeat_interval: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            stream_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Largest flow-control window a stream may reach, in bytes (2^31 - 1). CREDIT that would
 /// take a window past it is a `flow_control_violation`.
 pub const MAX_WINDOW: u64 = (1 << 31) - 1;
@@ -258,6 +283,7 @@ pub(crate) struct Clock {
     pub(crate) next_tick: Instant,
     pub(crate) last_received: Instant,
     pub(crate) handshake_deadline: Option<Instant>,
+    pub(crate) handshake_timeout: Duration,
 }
 
 impl Clock {
@@ -267,6 +293,7 @@ impl Clock {
             next_tick: now + interval,
             last_received: now,
             handshake_deadline: Some(now + handshake_timeout),
+            handshake_timeout,
         }
     }
 
@@ -293,15 +320,6 @@ impl Clock {
 /// earliest time anything of a kind may be due".
 pub(crate) fn earliest(current: Option<Instant>, candidate: Instant) -> Option<Instant> {
     Some(current.map_or(candidate, |c| c.min(candidate)))
-}
-
-/// The connection-level error frame for `err`.
-pub(crate) fn error_frame(err: &WireError) -> Frame {
-    Frame::Error {
-        stream: StreamId::CONNECTION,
-        code: err.code,
-        message: err.message.clone(),
-    }
 }
 
 /// The error that ends every stream when the transport closes under them.

@@ -25,16 +25,20 @@ mod error;
 pub mod file_range;
 pub mod frame;
 pub mod fuzz;
+mod machine;
 mod server;
 pub mod size;
 pub mod text;
 mod types;
 
-pub use client::{ClientConnection, ClientEvent, ClientSettings, Outcome, StreamRequest};
-pub use conn::{IDLE_HEARTBEATS, MAX_WINDOW, MIN_HEARTBEAT};
+pub use client::{
+    ClientConnection, ClientEvent, ClientSettings, ClientSide, Outcome, StreamRequest,
+};
+pub use conn::{Timers, IDLE_HEARTBEATS, MAX_WINDOW, MIN_HEARTBEAT};
 pub use error::{CallError, WireError};
 pub use frame::{Frame, FrameType};
-pub use server::{ServerConnection, ServerEvent, ServerSettings};
+pub use machine::{Connection, Side};
+pub use server::{ServerConnection, ServerEvent, ServerSettings, ServerSide};
 pub use types::{
     Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, UNKNOWN, VERSION_MAX,
     VERSION_MIN,

@@ -279,7 +279,10 @@ fn a_client_follows_the_negotiated_heartbeat_not_its_own_default() {
     // The client asks for 5 s; the server settles on 100 ms. A server that then falls silent
     // is detected after 3 to 4 of the negotiated intervals, not after 5 s.
     let ss = ServerSettings {
-        heartbeat_interval: Duration::from_millis(100),
+        timers: nexus_protocol::Timers {
+            heartbeat_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(ClientSettings::default(), ss);
@@ -300,7 +303,10 @@ fn a_client_follows_the_negotiated_heartbeat_not_its_own_default() {
 fn a_stream_times_out_at_its_timeout_not_at_the_next_heartbeat() {
     // A 3 s stream timeout with a 5 s heartbeat fires at 3 s.
     let cs = ClientSettings {
-        stream_timeout: Duration::from_secs(3),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ServerSettings::default());
@@ -317,7 +323,10 @@ fn the_stream_timeout_restarts_when_credit_reopens_a_closed_window() {
     let cs = ClientSettings {
         initial_window: 4096,
         max_window: 4096,
-        stream_timeout: Duration::from_secs(3),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ServerSettings::default());
@@ -346,7 +355,10 @@ fn a_server_stream_starved_of_credit_times_out_at_its_timeout() {
         ..Default::default()
     };
     let ss = ServerSettings {
-        stream_timeout: Duration::from_millis(2500),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_millis(2500),
+            ..Default::default()
+        },
         progress_interval: Duration::from_secs(3600),
         ..Default::default()
     };
@@ -422,7 +434,10 @@ fn connection_error(frames: &[Frame]) -> ErrorCode {
 #[test]
 fn bind_heartbeat_zero_means_the_servers_and_small_values_become_100_ms() {
     let ss = || ServerSettings {
-        heartbeat_interval: Duration::from_millis(2000),
+        timers: nexus_protocol::Timers {
+            heartbeat_interval: Duration::from_millis(2000),
+            ..Default::default()
+        },
         ..Default::default()
     };
     assert_eq!(

@@ -358,7 +358,10 @@ fn server_times_out_a_stream_that_gives_no_credit() {
         ..Default::default()
     };
     let ss = ServerSettings {
-        stream_timeout: Duration::from_secs(20),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_secs(20),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ss);
@@ -390,7 +393,10 @@ fn server_times_out_a_stream_that_gives_no_credit() {
 #[test]
 fn slow_source_is_kept_alive_by_stream_heartbeats() {
     let cs = ClientSettings {
-        stream_timeout: Duration::from_secs(8),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_secs(8),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ServerSettings::default());
@@ -410,8 +416,11 @@ fn slow_source_is_kept_alive_by_stream_heartbeats() {
 #[test]
 fn client_times_out_a_silent_stream_and_cancels_it() {
     let cs = ClientSettings {
-        stream_timeout: Duration::from_secs(2),
-        heartbeat_interval: Duration::from_secs(1),
+        timers: nexus_protocol::Timers {
+            stream_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_secs(1),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ServerSettings::default());
@@ -435,7 +444,10 @@ fn client_times_out_a_silent_stream_and_cancels_it() {
 #[test]
 fn idle_connection_is_closed_after_three_missed_heartbeats() {
     let cs = ClientSettings {
-        heartbeat_interval: Duration::from_secs(1),
+        timers: nexus_protocol::Timers {
+            heartbeat_interval: Duration::from_secs(1),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut p = Pair::new(cs, ServerSettings::default());
@@ -1010,7 +1022,10 @@ fn closed_error_event(server: &mut ServerConnection) -> nexus_protocol::WireErro
 fn slowloris_handshake_is_closed_at_the_deadline() {
     let now = std::time::Instant::now();
     let ss = ServerSettings {
-        handshake_timeout: Duration::from_secs(10),
+        timers: nexus_protocol::Timers {
+            handshake_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut server = ServerConnection::new(ss, [0; 32], now);

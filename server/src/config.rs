@@ -96,9 +96,9 @@ impl ServerConfig {
         bind!("burst.nexus.server.bind", parse::<IpAddr>, |c, v| c.bind =
             v),
         bind!("burst.nexus.server.port", parse::<u16>, |c, v| c.port = v),
-        bind!("burst.nexus.server.threads", positive::<usize>, |c, v| c
-            .threads =
-            v),
+        bind!("burst.nexus.server.threads", positive::<usize>, |c, v| {
+            c.threads = v
+        }),
         bind!("burst.nexus.server.root", parse::<PathBuf>, |c, v| c.root =
             v),
         bind!(
@@ -106,27 +106,24 @@ impl ServerConfig {
             parse::<bool>,
             |c, v| c.follow_symlinks = v
         ),
-        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| c
-            .backend =
-            v),
-        bind!("burst.nexus.pipe.size", positive::<usize>, |c, v| c
-            .pipe_size =
-            v),
+        bind!("burst.nexus.io.backend", parse::<BackendChoice>, |c, v| {
+            c.backend = v
+        }),
+        bind!("burst.nexus.pipe.size", positive::<usize>, |c, v| {
+            c.pipe_size = v
+        }),
         bind!("burst.nexus.stream.chunk.size", size_as::<usize>, |c, v| {
             c.chunk_size = v
         }),
-        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| c
-            .protocol
-            .stream_timeout =
-            v),
-        bind!("burst.nexus.stream.progress.ms", millis, |c, v| c
-            .protocol
-            .progress_interval =
-            v),
-        bind!("burst.nexus.stream.window.max", size_as::<u32>, |c, v| c
-            .protocol
-            .max_window =
-            v),
+        bind!("burst.nexus.stream.timeout.ms", millis, |c, v| {
+            c.protocol.timers.stream_timeout = v
+        }),
+        bind!("burst.nexus.stream.progress.ms", millis, |c, v| {
+            c.protocol.progress_interval = v
+        }),
+        bind!("burst.nexus.stream.window.max", size_as::<u32>, |c, v| {
+            c.protocol.max_window = v
+        }),
         bind!(
             "burst.nexus.stream.parcel.packer.concurrency",
             positive::<usize>,
@@ -172,17 +169,17 @@ impl ServerConfig {
             |c, v| { c.protocol.pending_control_timeout = v }
         ),
         bind!("burst.nexus.server.heartbeat.ms", millis, |c, v| {
-            c.protocol.heartbeat_interval = v
+            c.protocol.timers.heartbeat_interval = v
         }),
         bind!("burst.nexus.server.handshake.timeout.ms", millis, |c, v| {
-            c.protocol.handshake_timeout = v
+            c.protocol.timers.handshake_timeout = v
         }),
-        bind!("burst.nexus.server.drain.timeout.ms", millis, |c, v| c
-            .drain_timeout =
-            v),
-        bind!("burst.nexus.server.insecure", parse::<bool>, |c, v| c
-            .insecure =
-            v),
+        bind!("burst.nexus.server.drain.timeout.ms", millis, |c, v| {
+            c.drain_timeout = v
+        }),
+        bind!("burst.nexus.server.insecure", parse::<bool>, |c, v| {
+            c.insecure = v
+        }),
     ];
 
     /// The configuration `values` describe, checked as a whole ([`check`](Self::check)).
@@ -255,13 +252,16 @@ mod tests {
         assert_eq!((c.port, c.threads, c.pipe_size), (2000, 3, 7));
         assert_eq!(c.bind, "::1".parse::<IpAddr>().unwrap());
         assert_eq!(c.packer_concurrency, 4);
-        assert_eq!(c.protocol.stream_timeout, Duration::from_millis(1234));
+        assert_eq!(
+            c.protocol.timers.stream_timeout,
+            Duration::from_millis(1234)
+        );
         assert_eq!(c.protocol.max_streams, 5);
         assert_eq!(c.drain_timeout, Duration::from_millis(99));
         assert_eq!(c.backend, BackendChoice::Epoll);
         let d = ServerConfig::from_values(&values(&[])).unwrap();
         assert_eq!((d.port, d.pipe_size, d.packer_concurrency), (1270, 100, 2));
-        assert_eq!(d.protocol.stream_timeout, Duration::from_secs(60));
+        assert_eq!(d.protocol.timers.stream_timeout, Duration::from_secs(60));
     }
 
     /// The property table and `Default` are one source of defaults: resolving no property

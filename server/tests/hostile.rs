@@ -129,7 +129,7 @@ both_backends!(path_traversal_is_refused, traversal);
 fn slowloris(backend: Backend) {
     let dir = TempDir::new("slowloris");
     let mut config = test_config(backend, dir.path());
-    config.protocol.handshake_timeout = Duration::from_millis(800);
+    config.protocol.timers.handshake_timeout = Duration::from_millis(800);
     let server = start_with(config, builtin_registry(dir.path()));
     let mut socket = TcpStream::connect(server.local_addr()).unwrap();
     let start = Instant::now();

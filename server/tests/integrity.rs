@@ -35,7 +35,7 @@ fn config(backend: Backend, root: &TempDir) -> ServerConfig {
         ..test_config(backend, root.path())
     };
     // A server that waited for credit it will never get would fail with `timeout` quickly.
-    config.protocol.stream_timeout = Duration::from_secs(2);
+    config.protocol.timers.stream_timeout = Duration::from_secs(2);
     config
 }
 
@@ -221,7 +221,7 @@ both_backends!(a_source_that_breaks_its_announced_size_fails, lying_sources);
 fn progress_while_waiting(backend: Backend) {
     let root = TempDir::new("progress");
     let mut config = config(backend, &root);
-    config.protocol.stream_timeout = Duration::from_secs(60);
+    config.protocol.timers.stream_timeout = Duration::from_secs(60);
     config.protocol.progress_interval = Duration::from_millis(50);
     let _registry: Registry = builtin_registry(root.path());
     let server = start_with(config, builtin_registry(root.path()));

@@ -1,0 +1,482 @@
+//! The client's streams (PROTOCOL.md section 6): INITIATE, chunks checked in order and
+//! within the window, against the announced size and (at COMPLETE) the counts and digest,
+//! CREDIT as the application consumes (with window growth), CANCEL, GOAWAY, the stream
+//! timeout, and exactly one end reported per stream.
+
+use std::time::Instant;
+
+use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamRequest, StreamState};
+use crate::conn::{self, earliest};
+use crate::error::{CallError, WireError};
+use crate::frame::{Chunk, Frame, Initiate};
+use crate::machine::{due_streams, frame_name};
+use crate::types::{Completion, ErrorCode, OperationId, StreamId, UNKNOWN};
+
+/// What the application does with streams.
+impl ClientConnection {
+    /// Starts a stream: queues INITIATE.
+    pub fn initiate(
+        &mut self,
+        request: StreamRequest,
+        now: Instant,
+    ) -> Result<StreamId, CallError> {
+        let accept = match &self.side.phase {
+            Phase::Closed => return Err(CallError::Closed),
+            Phase::Established(accept) => accept,
+            _ => return Err(CallError::NotReady),
+        };
+        if self.side.draining {
+            return Err(CallError::Draining);
+        }
+        if self.side.streams.len() >= accept.max_streams as usize {
+            return Err(CallError::TooManyStreams(accept.max_streams));
+        }
+        if request.paradata.len() > accept.max_paradata as usize {
+            return Err(CallError::ParadataTooLong {
+                len: request.paradata.len(),
+                max: accept.max_paradata,
+            });
+        }
+        if self.side.next_stream == u32::MAX {
+            return Err(CallError::StreamIdsExhausted);
+        }
+        let stream = StreamId(self.side.next_stream);
+        self.side.next_stream += 1;
+        let window = accept.initial_window.into();
+        // A traceparent is a value, never truncated: one too long is left out (PROTOCOL.md 3).
+        let traceparent = request
+            .traceparent
+            .filter(|t| t.len() <= crate::frame::MAX_TRACEPARENT_LEN);
+        self.core.outbox.control(&Frame::Initiate(Initiate {
+            stream,
+            operation: request.operation,
+            accept_zstd: request.accept_zstd,
+            paradata: request.paradata,
+            traceparent,
+        }));
+        self.side.streams.insert(
+            stream,
+            Stream {
+                state: StreamState::Initiating,
+                operation: request.operation,
+                accept_zstd: request.accept_zstd,
+                zstd: false,
+                window,
+                limit: window,
+                unacknowledged: 0,
+                window_emptied: false,
+                next_seq: 0,
+                bytes: 0,
+                digest: conn::Digest::default(),
+                last_heard: now,
+                expected: UNKNOWN,
+            },
+        );
+        self.core.stream_check = earliest(
+            self.core.stream_check,
+            now + self.side.settings.timers.stream_timeout,
+        );
+        Ok(stream)
+    }
+
+    /// The application is done with `bytes` bytes of the stream's data: they count as window
+    /// again. CREDIT goes out once a quarter of the initial window has been consumed.
+    ///
+    /// The window also grows here, doubling up to `max_window` (and ACCEPT's): when the
+    /// server said a chunk used up the window (WINDOW_EMPTY) and the application, consuming,
+    /// has read all but at most a quarter of the window, the window, not the reader, is what
+    /// held the stream back. A stream whose reader lags keeps its window.
+    ///
+    /// CREDIT that reopens a window that was at 0 restarts the stream timeout at `now`: the
+    /// server could not send while the window was closed.
+    pub fn consume(&mut self, stream: StreamId, bytes: usize, now: Instant) {
+        let (threshold, allowed) = self.side.accept().map_or((1, 0), |a| {
+            (u64::from(a.initial_window / 4).max(1), a.max_window)
+        });
+        let max = u64::from(self.side.settings.max_window.min(allowed));
+        let Some(s) = self.side.streams.get_mut(&stream) else {
+            return;
+        };
+        if !matches!(s.state, StreamState::Open | StreamState::Initiating) {
+            return;
+        }
+        s.unacknowledged += bytes as u64;
+        // Received and not yet consumed: the window's full size less what the server may
+        // still send and what was consumed but not yet credited.
+        let backlog = s.limit.saturating_sub(s.window + s.unacknowledged);
+        let emptied = std::mem::take(&mut s.window_emptied);
+        let mut growth = 0;
+        if emptied && s.limit < max && backlog <= s.limit / 4 {
+            let grown = (s.limit * 2).min(max);
+            growth = grown - s.limit;
+            s.limit = grown;
+        }
+        if s.unacknowledged >= threshold || growth > 0 {
+            let increment = (s.unacknowledged + growth).min(u64::from(u32::MAX));
+            s.unacknowledged -= increment - growth;
+            if s.window == 0 {
+                s.last_heard = now;
+                self.core.stream_check = earliest(
+                    self.core.stream_check,
+                    now + self.side.settings.timers.stream_timeout,
+                );
+            }
+            s.window += increment;
+            self.core.outbox.control(&Frame::Credit {
+                stream,
+                increment: increment as u32,
+            });
+        }
+    }
+
+    /// Cancels one stream: queues CANCEL; no chunk of it is delivered from now on, and its
+    /// `StreamEnd { outcome: Cancelled }` comes with the server's acknowledgement.
+    pub fn cancel(&mut self, stream: StreamId, reason: &str) -> Result<(), CallError> {
+        if self.is_closed() {
+            return Err(CallError::Closed);
+        }
+        let s = self
+            .side
+            .streams
+            .get_mut(&stream)
+            .ok_or(CallError::UnknownStream(stream))?;
+        if !matches!(s.state, StreamState::Open | StreamState::Initiating) {
+            return Err(CallError::WrongState(stream));
+        }
+        s.state = StreamState::Cancelling;
+        // Chunks decoded before the call but not yet polled are dropped too.
+        self.core
+            .events
+            .retain(|e| !matches!(e, ClientEvent::Chunk { stream: s, .. } if *s == stream));
+        let reason = reason.to_string();
+        self.core.outbox.control(&Frame::Cancel {
+            stream,
+            operation: None,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// Cancels every stream of `operation` on this connection with one CANCEL frame.
+    /// Returns how many streams it covered.
+    pub fn cancel_operation(&mut self, operation: OperationId, reason: &str) -> usize {
+        if !self.is_established() {
+            return 0;
+        }
+        let mut covered = 0;
+        for s in self.side.streams.values_mut() {
+            if s.operation == operation
+                && matches!(s.state, StreamState::Open | StreamState::Initiating)
+            {
+                s.state = StreamState::Cancelling;
+                covered += 1;
+            }
+        }
+        if covered > 0 {
+            let streams = &self.side.streams;
+            self.core.events.retain(|e| match e {
+                ClientEvent::Chunk { stream, .. } => streams
+                    .get(stream)
+                    .is_none_or(|s| s.state != StreamState::Cancelling),
+                _ => true,
+            });
+            self.core.outbox.control(&Frame::Cancel {
+                stream: StreamId::CONNECTION,
+                operation: Some(operation),
+                reason: reason.to_string(),
+            });
+        }
+        covered
+    }
+}
+
+/// Ends the streams that could receive (window above 0) and heard nothing for the stream
+/// timeout, and schedules the next check for the earliest of the others.
+pub(super) fn time_out_silent_streams(conn: &mut ClientConnection, now: Instant) {
+    let timeout = conn.side.settings.timers.stream_timeout;
+    let silent = conn.side.streams.iter().filter_map(|(&id, s)| {
+        let live = matches!(s.state, StreamState::Initiating | StreamState::Open);
+        (live && s.window > 0).then_some((id, s.last_heard + timeout))
+    });
+    let (timed_out, next) = due_streams(silent, now);
+    conn.core.stream_check = next;
+    for stream in timed_out {
+        let ms = conn.side.settings.timers.stream_timeout.as_millis();
+        send_cancel(conn, stream, format!("nothing received for {ms} ms"));
+        report(conn, stream, Outcome::TimedOut);
+    }
+}
+
+fn send_cancel(conn: &mut ClientConnection, stream: StreamId, reason: String) {
+    conn.core.outbox.control(&Frame::Cancel {
+        stream,
+        operation: None,
+        reason,
+    });
+}
+
+/// After GOAWAY: streams above the server's `last_stream` crossed it and will never run
+/// here. They end now with `draining` (a cancelled one as `Cancelled`), so the application
+/// can retry them elsewhere without waiting; a late answer for them is dropped.
+fn end_unanswered(conn: &mut ClientConnection, last_stream: StreamId) {
+    let mut ids: Vec<StreamId> = conn
+        .side
+        .streams
+        .keys()
+        .copied()
+        .filter(|id| *id > last_stream)
+        .collect();
+    ids.sort();
+    for id in ids {
+        let outcome = if conn.side.streams[&id].state == StreamState::Cancelling {
+            Outcome::Cancelled
+        } else {
+            Outcome::Error {
+                code: ErrorCode::DRAINING,
+                message: format!(
+                    "the server is draining and did not take stream {id}; retry on another \
+                     connection"
+                ),
+            }
+        };
+        report(conn, id, outcome);
+        conn.side.streams.remove(&id);
+    }
+}
+
+/// Tells the application how the stream ended, once; the entry stays until the server's
+/// terminal frame if one is still due.
+pub(super) fn report(conn: &mut ClientConnection, stream: StreamId, outcome: Outcome) {
+    let Some(s) = conn.side.streams.get_mut(&stream) else {
+        return;
+    };
+    if s.state == StreamState::Reported {
+        return;
+    }
+    s.state = StreamState::Reported;
+    let bytes_received = s.bytes;
+    conn.core.events.push_back(ClientEvent::StreamEnd {
+        stream,
+        outcome,
+        bytes_received,
+    });
+}
+
+/// The server's terminal frame for a stream: report `outcome` unless already reported
+/// (a cancelled stream reports `Cancelled` whatever the server's last word was).
+fn finish(conn: &mut ClientConnection, stream: StreamId, outcome: Outcome) {
+    let Some(s) = conn.side.streams.get(&stream) else {
+        return;
+    };
+    let outcome = if s.state == StreamState::Cancelling {
+        Outcome::Cancelled
+    } else {
+        outcome
+    };
+    report(conn, stream, outcome);
+    conn.side.streams.remove(&stream);
+}
+
+pub(super) fn on_frame(
+    conn: &mut ClientConnection,
+    frame: Frame,
+    now: Instant,
+) -> Result<(), WireError> {
+    let id = frame.stream();
+    if !id.is_connection() && id.0 >= conn.side.next_stream {
+        return Err(WireError::protocol(format!(
+            "{} for stream {id}, which was never initiated",
+            frame_name(&frame)
+        )));
+    }
+    let Some(s) = conn.side.streams.get_mut(&id) else {
+        return match frame {
+            Frame::Heartbeat { .. } => Ok(()),
+            Frame::GoAway {
+                message,
+                last_stream,
+                ..
+            } => {
+                conn.side.draining = true;
+                conn.core.events.push_back(ClientEvent::GoAway { message });
+                end_unanswered(conn, last_stream);
+                Ok(())
+            }
+            // Frames for a stream that ended (in flight when it ended) are dropped.
+            _ if !id.is_connection() => Ok(()),
+            other => Err(WireError::protocol(format!(
+                "{} is not valid from a server here",
+                frame_name(&other)
+            ))),
+        };
+    };
+    s.last_heard = now;
+    let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
+    match frame {
+        Frame::Initiated {
+            zstd,
+            expected_bytes,
+            ..
+        } => {
+            if s.state == StreamState::Initiating {
+                if zstd && !s.accept_zstd {
+                    return Err(WireError::protocol(format!(
+                        "INITIATED with compression on stream {id}, which did not accept it"
+                    )));
+                }
+                s.state = StreamState::Open;
+                s.zstd = zstd;
+                s.expected = expected_bytes;
+                conn.core.events.push_back(ClientEvent::Initiated {
+                    stream: id,
+                    expected_bytes,
+                });
+            } else if live {
+                return Err(WireError::protocol(format!(
+                    "second INITIATED on stream {id}"
+                )));
+            }
+            Ok(())
+        }
+        Frame::Chunk(chunk) => on_chunk(conn, chunk),
+        Frame::Progress { progress, .. } => {
+            if live {
+                conn.core.events.push_back(ClientEvent::Progress {
+                    stream: id,
+                    progress,
+                });
+            }
+            Ok(())
+        }
+        Frame::Heartbeat { .. } => Ok(()),
+        Frame::Cancelled { .. } => {
+            finish(conn, id, Outcome::Cancelled);
+            Ok(())
+        }
+        Frame::Error { code, message, .. } => {
+            finish(conn, id, Outcome::Error { code, message });
+            Ok(())
+        }
+        Frame::Complete { completion, .. } => {
+            let outcome = if s.state == StreamState::Initiating {
+                Outcome::Error {
+                    code: ErrorCode::PROTOCOL_ERROR,
+                    message: "COMPLETE before INITIATED".into(),
+                }
+            } else {
+                verify_completion(s, &completion)
+            };
+            finish(conn, id, outcome);
+            Ok(())
+        }
+        other => Err(WireError::protocol(format!(
+            "{} is not valid from a server",
+            frame_name(&other)
+        ))),
+    }
+}
+
+fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> {
+    let id = chunk.stream;
+    let s = conn
+        .side
+        .streams
+        .get_mut(&id)
+        .expect("caller checked the stream exists");
+    let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
+    if raw_len > s.window {
+        return Err(WireError::new(
+            ErrorCode::FLOW_CONTROL_VIOLATION,
+            format!(
+                "CHUNK of {raw_len} bytes on stream {id} exceeds its window of {}",
+                s.window
+            ),
+        ));
+    }
+    s.window -= raw_len;
+    s.window_emptied |= chunk.window_empty;
+    match s.state {
+        StreamState::Open => {}
+        StreamState::Initiating => {
+            return Err(WireError::protocol(format!(
+                "CHUNK before INITIATED on stream {id}"
+            )))
+        }
+        // Cancelled or already failed: dropped, never delivered.
+        StreamState::Cancelling | StreamState::Reported => return Ok(()),
+    }
+    let beyond = s.expected != UNKNOWN && s.bytes + raw_len > s.expected;
+    let failure = if chunk.seq != s.next_seq {
+        let what = if chunk.seq < s.next_seq {
+            "duplicate"
+        } else {
+            "gap"
+        };
+        Some(format!(
+            "sequence {what}: expected chunk {}, got {}",
+            s.next_seq, chunk.seq
+        ))
+    } else if chunk.raw_len.is_some() && !s.zstd {
+        Some("compressed CHUNK on a stream without compression".to_string())
+    } else if chunk.raw_len.is_none() && chunk.data.is_empty() {
+        Some("empty CHUNK".to_string())
+    } else if beyond {
+        Some(format!(
+            "the stream goes past the {} bytes INITIATED announced",
+            s.expected
+        ))
+    } else {
+        None
+    };
+    let data = match (failure, chunk.raw_len) {
+        (Some(why), _) => Err(why),
+        (None, None) => Ok(chunk.data),
+        (None, Some(raw)) => conn
+            .side
+            .unpacker
+            .decompress(&chunk.data, raw)
+            .map_err(|e| e.message),
+    };
+    match data {
+        Ok(data) => {
+            s.next_seq += 1;
+            s.bytes += data.len() as u64;
+            s.digest.update(&data);
+            conn.core
+                .events
+                .push_back(ClientEvent::Chunk { stream: id, data });
+        }
+        Err(why) => {
+            // The stream is unusable: stop the producer and report the failure now.
+            send_cancel(conn, id, why.clone());
+            let code = ErrorCode::INTEGRITY_FAILURE;
+            report(conn, id, Outcome::Error { code, message: why });
+        }
+    }
+    Ok(())
+}
+
+fn verify_completion(s: &Stream, c: &Completion) -> Outcome {
+    let digest = s.digest.value();
+    let message = if s.expected != UNKNOWN && s.bytes != s.expected {
+        format!(
+            "the stream ended after {} of the {} bytes INITIATED announced",
+            s.bytes, s.expected
+        )
+    } else if c.bytes != s.bytes {
+        format!("COMPLETE says {} bytes, received {}", c.bytes, s.bytes)
+    } else if c.chunks != s.next_seq {
+        format!("COMPLETE says {} chunks, received {}", c.chunks, s.next_seq)
+    } else if c.digest != digest {
+        format!(
+            "digest mismatch: COMPLETE says {:016x}, received data hashes to {digest:016x}",
+            c.digest
+        )
+    } else {
+        return Outcome::Complete(*c);
+    };
+    Outcome::Error {
+        code: ErrorCode::INTEGRITY_FAILURE,
+        message,
+    }
+}
