@@ -337,78 +337,25 @@ impl Frame {
     pub fn encode(&self, dst: &mut BytesMut) {
         let start = dst.len();
         dst.put_bytes(0, HEADER_LEN);
+        let connection = StreamId::CONNECTION;
+        // Each type writes its own payload (below) and says its flags.
         let (kind, flags, stream) = match self {
-            Frame::Bind(m) => {
-                dst.put_u16(m.min_version);
-                dst.put_u16(m.max_version);
-                dst.put_slice(&m.nonce);
-                dst.put_u32(m.initial_window);
-                dst.put_u32(m.max_frame_size);
-                dst.put_u32(m.heartbeat_interval_ms);
-                put_str16(dst, &m.name, MAX_NAME_LEN);
-                (FrameType::Bind, 0, StreamId::CONNECTION)
-            }
-            Frame::Accept(m) => {
-                dst.put_u16(m.version);
-                dst.put_slice(&m.nonce);
-                dst.put_u32(m.initial_window);
-                dst.put_u32(m.max_frame_size);
-                dst.put_u32(m.max_streams);
-                dst.put_u32(m.max_paradata);
-                dst.put_u32(m.heartbeat_interval_ms);
-                put_str16(dst, &m.name, MAX_NAME_LEN);
-                dst.put_u32(m.max_window);
-                let flags = if m.auth_required {
-                    FLAG_AUTH_REQUIRED
-                } else {
-                    0
-                };
-                (FrameType::Accept, flags, StreamId::CONNECTION)
-            }
-            Frame::Auth { proof } => {
-                dst.put_slice(proof);
-                (FrameType::Auth, 0, StreamId::CONNECTION)
-            }
-            Frame::Initiate(m) => {
-                dst.put_u64(m.operation.0);
-                dst.put_u32(m.paradata.len() as u32);
-                dst.put_slice(m.paradata.as_bytes());
-                put_str16(
-                    dst,
-                    m.traceparent.as_deref().unwrap_or(""),
-                    MAX_TRACEPARENT_LEN,
-                );
-                let flags = if m.accept_zstd { FLAG_ACCEPT_ZSTD } else { 0 };
-                (FrameType::Initiate, flags, m.stream)
-            }
+            Frame::Bind(m) => (FrameType::Bind, m.put(dst), connection),
+            Frame::Accept(m) => (FrameType::Accept, m.put(dst), connection),
+            Frame::Auth { proof } => (FrameType::Auth, put_auth(dst, proof), connection),
+            Frame::Initiate(m) => (FrameType::Initiate, m.put(dst), m.stream),
             Frame::Initiated {
                 stream,
                 zstd,
                 expected_bytes,
-            } => {
-                dst.put_u64(*expected_bytes);
-                (
-                    FrameType::Initiated,
-                    if *zstd { FLAG_ZSTD } else { 0 },
-                    *stream,
-                )
-            }
-            Frame::Chunk(m) => {
-                dst.put_u64(m.seq);
-                if let Some(raw_len) = m.raw_len {
-                    dst.put_u32(raw_len);
-                }
-                dst.put_slice(&m.data);
-                (
-                    FrameType::Chunk,
-                    chunk_flags(m.raw_len, m.window_empty),
-                    m.stream,
-                )
-            }
+            } => (
+                FrameType::Initiated,
+                put_initiated(dst, *zstd, *expected_bytes),
+                *stream,
+            ),
+            Frame::Chunk(m) => (FrameType::Chunk, m.put(dst), m.stream),
             Frame::Progress { stream, progress } => {
-                dst.put_u64(progress.bytes_sent);
-                put_items(dst, &progress.items);
-                (FrameType::Progress, 0, *stream)
+                (FrameType::Progress, put_progress(dst, progress), *stream)
             }
             Frame::Credit { stream, increment } => {
                 dst.put_u32(*increment);
@@ -418,47 +365,33 @@ impl Frame {
                 stream,
                 operation,
                 reason,
-            } => {
-                dst.put_u64(operation.map_or(0, |o| o.0));
-                put_str16(dst, reason, MAX_MESSAGE_LEN);
-                let flags = if operation.is_some() {
-                    FLAG_OPERATION
-                } else {
-                    0
-                };
-                (FrameType::Cancel, flags, *stream)
-            }
+            } => (
+                FrameType::Cancel,
+                put_cancel(dst, *operation, reason),
+                *stream,
+            ),
             Frame::Cancelled { stream, bytes_sent } => {
                 dst.put_u64(*bytes_sent);
                 (FrameType::Cancelled, 0, *stream)
             }
             Frame::Complete { stream, completion } => {
-                dst.put_u64(completion.bytes);
-                dst.put_u64(completion.chunks);
-                dst.put_u64(completion.digest);
-                put_items(dst, &completion.items);
-                (FrameType::Complete, 0, *stream)
+                (FrameType::Complete, put_complete(dst, completion), *stream)
             }
             Frame::Error {
                 stream,
                 code,
                 message,
-            } => {
-                dst.put_u16(code.0);
-                put_str16(dst, message, MAX_MESSAGE_LEN);
-                (FrameType::Error, 0, *stream)
-            }
+            } => (FrameType::Error, put_error(dst, *code, message), *stream),
             Frame::Heartbeat { stream } => (FrameType::Heartbeat, 0, *stream),
             Frame::GoAway {
                 last_stream,
                 drain_ms,
                 message,
-            } => {
-                dst.put_u32(last_stream.0);
-                dst.put_u32(*drain_ms);
-                put_str16(dst, message, MAX_MESSAGE_LEN);
-                (FrameType::GoAway, 0, StreamId::CONNECTION)
-            }
+            } => (
+                FrameType::GoAway,
+                put_goaway(dst, *last_stream, *drain_ms, message),
+                connection,
+            ),
             Frame::Extension { .. } => {
                 dst.truncate(start);
                 return;
@@ -474,6 +407,109 @@ impl Frame {
         let mut dst = BytesMut::new();
         self.encode(&mut dst);
         dst.freeze()
+    }
+}
+
+// Encoders, one per type: each appends its payload and returns its flags.
+
+impl Bind {
+    fn put(&self, dst: &mut BytesMut) -> u8 {
+        dst.put_u16(self.min_version);
+        dst.put_u16(self.max_version);
+        dst.put_slice(&self.nonce);
+        dst.put_u32(self.initial_window);
+        dst.put_u32(self.max_frame_size);
+        dst.put_u32(self.heartbeat_interval_ms);
+        put_str16(dst, &self.name, MAX_NAME_LEN);
+        0
+    }
+}
+
+impl Accept {
+    fn put(&self, dst: &mut BytesMut) -> u8 {
+        dst.put_u16(self.version);
+        dst.put_slice(&self.nonce);
+        dst.put_u32(self.initial_window);
+        dst.put_u32(self.max_frame_size);
+        dst.put_u32(self.max_streams);
+        dst.put_u32(self.max_paradata);
+        dst.put_u32(self.heartbeat_interval_ms);
+        put_str16(dst, &self.name, MAX_NAME_LEN);
+        dst.put_u32(self.max_window);
+        flag(self.auth_required, FLAG_AUTH_REQUIRED)
+    }
+}
+
+impl Initiate {
+    fn put(&self, dst: &mut BytesMut) -> u8 {
+        dst.put_u64(self.operation.0);
+        dst.put_u32(self.paradata.len() as u32);
+        dst.put_slice(self.paradata.as_bytes());
+        let trace = self.traceparent.as_deref().unwrap_or("");
+        put_str16(dst, trace, MAX_TRACEPARENT_LEN);
+        flag(self.accept_zstd, FLAG_ACCEPT_ZSTD)
+    }
+}
+
+impl Chunk {
+    fn put(&self, dst: &mut BytesMut) -> u8 {
+        dst.put_u64(self.seq);
+        if let Some(raw_len) = self.raw_len {
+            dst.put_u32(raw_len);
+        }
+        dst.put_slice(&self.data);
+        chunk_flags(self.raw_len, self.window_empty)
+    }
+}
+
+fn put_auth(dst: &mut BytesMut, proof: &[u8; PROOF_LEN]) -> u8 {
+    dst.put_slice(proof);
+    0
+}
+
+fn put_initiated(dst: &mut BytesMut, zstd: bool, expected_bytes: u64) -> u8 {
+    dst.put_u64(expected_bytes);
+    flag(zstd, FLAG_ZSTD)
+}
+
+fn put_progress(dst: &mut BytesMut, progress: &Progress) -> u8 {
+    dst.put_u64(progress.bytes_sent);
+    put_items(dst, &progress.items);
+    0
+}
+
+fn put_cancel(dst: &mut BytesMut, operation: Option<OperationId>, reason: &str) -> u8 {
+    dst.put_u64(operation.map_or(0, |o| o.0));
+    put_str16(dst, reason, MAX_MESSAGE_LEN);
+    flag(operation.is_some(), FLAG_OPERATION)
+}
+
+fn put_complete(dst: &mut BytesMut, completion: &Completion) -> u8 {
+    dst.put_u64(completion.bytes);
+    dst.put_u64(completion.chunks);
+    dst.put_u64(completion.digest);
+    put_items(dst, &completion.items);
+    0
+}
+
+fn put_error(dst: &mut BytesMut, code: ErrorCode, message: &str) -> u8 {
+    dst.put_u16(code.0);
+    put_str16(dst, message, MAX_MESSAGE_LEN);
+    0
+}
+
+fn put_goaway(dst: &mut BytesMut, last_stream: StreamId, drain_ms: u32, message: &str) -> u8 {
+    dst.put_u32(last_stream.0);
+    dst.put_u32(drain_ms);
+    put_str16(dst, message, MAX_MESSAGE_LEN);
+    0
+}
+
+fn flag(set: bool, bit: u8) -> u8 {
+    if set {
+        bit
+    } else {
+        0
     }
 }
 
@@ -604,8 +640,62 @@ pub fn decode_payload(
             frame_type.name()
         )));
     }
-    let frame = match frame_type {
-        FrameType::Bind => Frame::Bind(Bind {
+    // Each type reads its own payload (below).
+    match frame_type {
+        FrameType::Bind => Bind::get(&mut r).map(Frame::Bind),
+        FrameType::Accept => Accept::get(&mut r, flags).map(Frame::Accept),
+        FrameType::Auth => Ok(Frame::Auth { proof: r.array()? }),
+        FrameType::Initiate => Initiate::get(&mut r, flags, stream).map(Frame::Initiate),
+        FrameType::Initiated => Ok(Frame::Initiated {
+            stream,
+            zstd: flags & FLAG_ZSTD != 0,
+            expected_bytes: r.u64()?,
+        }),
+        FrameType::Chunk => Chunk::get(r, flags, stream).map(Frame::Chunk),
+        FrameType::Progress => Ok(Frame::Progress {
+            stream,
+            progress: Progress {
+                bytes_sent: r.u64()?,
+                items: r.items()?,
+            },
+        }),
+        FrameType::Credit => Ok(Frame::Credit {
+            stream,
+            increment: r.u32()?,
+        }),
+        FrameType::Cancel => get_cancel(&mut r, flags, stream),
+        FrameType::Cancelled => Ok(Frame::Cancelled {
+            stream,
+            bytes_sent: r.u64()?,
+        }),
+        FrameType::Complete => Ok(Frame::Complete {
+            stream,
+            completion: Completion {
+                bytes: r.u64()?,
+                chunks: r.u64()?,
+                digest: r.u64()?,
+                items: r.items()?,
+            },
+        }),
+        FrameType::Error => Ok(Frame::Error {
+            stream,
+            code: ErrorCode(r.u16()?),
+            message: r.str16(MAX_MESSAGE_LEN)?,
+        }),
+        FrameType::Heartbeat => Ok(Frame::Heartbeat { stream }),
+        FrameType::GoAway => Ok(Frame::GoAway {
+            last_stream: StreamId(r.u32()?),
+            drain_ms: r.u32()?,
+            message: r.str16(MAX_MESSAGE_LEN)?,
+        }),
+    }
+}
+
+// Decoders of the types with more than a field or two.
+
+impl Bind {
+    fn get(r: &mut Reader) -> Result<Bind, WireError> {
+        Ok(Bind {
             min_version: r.u16()?,
             max_version: r.u16()?,
             nonce: r.array()?,
@@ -613,8 +703,13 @@ pub fn decode_payload(
             max_frame_size: r.u32()?,
             heartbeat_interval_ms: r.u32()?,
             name: r.str16(MAX_NAME_LEN)?,
-        }),
-        FrameType::Accept => Frame::Accept(Accept {
+        })
+    }
+}
+
+impl Accept {
+    fn get(r: &mut Reader, flags: u8) -> Result<Accept, WireError> {
+        Ok(Accept {
             version: r.u16()?,
             auth_required: flags & FLAG_AUTH_REQUIRED != 0,
             nonce: r.array()?,
@@ -625,94 +720,59 @@ pub fn decode_payload(
             heartbeat_interval_ms: r.u32()?,
             name: r.str16(MAX_NAME_LEN)?,
             max_window: r.u32()?,
-        }),
-        FrameType::Auth => Frame::Auth { proof: r.array()? },
-        FrameType::Initiate => {
-            let operation = OperationId(r.u64()?);
-            let len = r.u32()? as usize;
-            let paradata = r.string(len, usize::MAX)?;
-            let trace = r.str16(MAX_TRACEPARENT_LEN)?;
-            Frame::Initiate(Initiate {
-                stream,
-                operation,
-                accept_zstd: flags & FLAG_ACCEPT_ZSTD != 0,
-                paradata,
-                traceparent: (!trace.is_empty()).then_some(trace),
-            })
-        }
-        FrameType::Initiated => Frame::Initiated {
+        })
+    }
+}
+
+impl Initiate {
+    fn get(r: &mut Reader, flags: u8, stream: StreamId) -> Result<Initiate, WireError> {
+        let operation = OperationId(r.u64()?);
+        let len = r.u32()? as usize;
+        let paradata = r.string(len, usize::MAX)?;
+        let trace = r.str16(MAX_TRACEPARENT_LEN)?;
+        Ok(Initiate {
             stream,
-            zstd: flags & FLAG_ZSTD != 0,
-            expected_bytes: r.u64()?,
-        },
-        FrameType::Chunk => {
-            let seq = r.u64()?;
-            let raw_len = if flags & FLAG_COMPRESSED != 0 {
-                Some(r.u32()?)
-            } else {
-                None
-            };
-            // CHUNK has no trailing extension room: everything after the fields is data.
-            Frame::Chunk(Chunk {
-                stream,
-                seq,
-                raw_len,
-                window_empty: flags & FLAG_WINDOW_EMPTY != 0,
-                data: r.buf,
-            })
-        }
-        FrameType::Progress => Frame::Progress {
+            operation,
+            accept_zstd: flags & FLAG_ACCEPT_ZSTD != 0,
+            paradata,
+            traceparent: (!trace.is_empty()).then_some(trace),
+        })
+    }
+}
+
+impl Chunk {
+    fn get(mut r: Reader, flags: u8, stream: StreamId) -> Result<Chunk, WireError> {
+        let seq = r.u64()?;
+        let raw_len = if flags & FLAG_COMPRESSED != 0 {
+            Some(r.u32()?)
+        } else {
+            None
+        };
+        // CHUNK has no trailing extension room: everything after the fields is data.
+        Ok(Chunk {
             stream,
-            progress: Progress {
-                bytes_sent: r.u64()?,
-                items: r.items()?,
-            },
-        },
-        FrameType::Credit => Frame::Credit {
-            stream,
-            increment: r.u32()?,
-        },
-        FrameType::Cancel => {
-            let operation = r.u64()?;
-            let reason = r.str16(MAX_MESSAGE_LEN)?;
-            let by_operation = flags & FLAG_OPERATION != 0;
-            if by_operation != stream.is_connection() {
-                return Err(WireError::protocol(
-                    "CANCEL names either a stream, or stream 0 with the operation flag",
-                ));
-            }
-            Frame::Cancel {
-                stream,
-                operation: by_operation.then_some(OperationId(operation)),
-                reason,
-            }
-        }
-        FrameType::Cancelled => Frame::Cancelled {
-            stream,
-            bytes_sent: r.u64()?,
-        },
-        FrameType::Complete => Frame::Complete {
-            stream,
-            completion: Completion {
-                bytes: r.u64()?,
-                chunks: r.u64()?,
-                digest: r.u64()?,
-                items: r.items()?,
-            },
-        },
-        FrameType::Error => Frame::Error {
-            stream,
-            code: ErrorCode(r.u16()?),
-            message: r.str16(MAX_MESSAGE_LEN)?,
-        },
-        FrameType::Heartbeat => Frame::Heartbeat { stream },
-        FrameType::GoAway => Frame::GoAway {
-            last_stream: StreamId(r.u32()?),
-            drain_ms: r.u32()?,
-            message: r.str16(MAX_MESSAGE_LEN)?,
-        },
-    };
-    Ok(frame)
+            seq,
+            raw_len,
+            window_empty: flags & FLAG_WINDOW_EMPTY != 0,
+            data: r.buf,
+        })
+    }
+}
+
+fn get_cancel(r: &mut Reader, flags: u8, stream: StreamId) -> Result<Frame, WireError> {
+    let operation = r.u64()?;
+    let reason = r.str16(MAX_MESSAGE_LEN)?;
+    let by_operation = flags & FLAG_OPERATION != 0;
+    if by_operation != stream.is_connection() {
+        return Err(WireError::protocol(
+            "CANCEL names either a stream, or stream 0 with the operation flag",
+        ));
+    }
+    Ok(Frame::Cancel {
+        stream,
+        operation: by_operation.then_some(OperationId(operation)),
+        reason,
+    })
 }
 
 fn put_items(dst: &mut BytesMut, items: &ItemCounts) {

@@ -24,6 +24,9 @@ mod conn;
 mod error;
 pub mod file_range;
 pub mod frame;
+/// Fuzz entry points: for the fuzz targets and the tests that replay their corpus, not part of
+/// the API (feature `fuzz`, or `cfg(fuzzing)` under cargo-fuzz).
+#[cfg(any(fuzzing, feature = "fuzz"))]
 pub mod fuzz;
 mod machine;
 mod server;

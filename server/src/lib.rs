@@ -15,6 +15,9 @@ pub mod admin;
 mod builtin;
 mod config;
 mod engine;
+/// Fuzz entry point for paradata: for the fuzz target and the tests that replay its corpus,
+/// not part of the API (feature `fuzz`, or `cfg(fuzzing)` under cargo-fuzz).
+#[cfg(any(fuzzing, feature = "fuzz"))]
 pub mod fuzz;
 mod packer;
 pub mod paradata;
