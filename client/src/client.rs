@@ -26,8 +26,8 @@ use crate::telemetry;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// `io_uring` was forced and is unavailable.
-    #[error("{0}")]
-    Backend(String),
+    #[error(transparent)]
+    Backend(#[from] nexus_io::BackendError),
     /// An IO thread could not be started.
     #[error("cannot start a client IO thread: {0}")]
     Thread(std::io::Error),

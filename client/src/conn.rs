@@ -1,12 +1,11 @@
 //! One pooled connection: a [`ConnHandle`] any thread can send commands to, and the tasks on
 //! a client IO thread that own the socket and the protocol state (`ClientConnection`).
 //!
-//! Per connection, on its IO thread (one thread, `Rc`, no `RefCell` borrow across `.await`):
-//! - the reader reads into the protocol's buffer and dispatches events to the streams' queues;
-//! - the writer gathers queued frames into one write;
-//! - the timer runs `handle_timeout` (heartbeats, handshake deadline, stream timeouts);
-//! - the command loop applies what handles, operations and the pool ask (initiate, credit,
-//!   cancel, close).
+//! Per connection, on its IO thread (one thread, `Rc`, no `RefCell` borrow across `.await`),
+//! `nexus_io::driver` runs the reader, the writer and the timer, with this file's `Actor` as
+//! their [`Host`]: it dispatches the protocol's events to the streams' queues. Beside them a
+//! command loop applies what handles, operations and the pool ask (initiate, credit, cancel,
+//! close).
 //!
 //! Items reach a stream's handle through `StreamShared::deliver`, which never blocks (see
 //! `stream.rs`); credit comes back as `Consume` commands, one per quarter window read.
@@ -19,27 +18,23 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::Sender;
+use nexus_io::driver::{self, Host, Wakers, WriteBatch};
 use nexus_io::{Backend, Connection};
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::text::Printable;
 use nexus_protocol::{
-    CallError, ClientConnection, ClientEvent, ClientSettings, ErrorCode, OperationId, Outcome,
-    StreamId,
+    CallError, ClientConnection, ClientEvent, ClientSettings, ClientSide, ErrorCode, OperationId,
+    Outcome, StreamId,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
-use tokio::sync::Notify;
 
 use crate::client::Shared;
 use crate::recv::{self, RecvBlocks};
 use crate::stream::{Ended, Item, StreamShared};
 use crate::telemetry;
-
-const MAX_SEGMENTS: usize = 64;
-/// How long a closing connection may take to flush and to see the server's FIN.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// What other threads ask of a connection.
 #[derive(Debug)]
@@ -181,8 +176,9 @@ struct Actor {
     ids: RefCell<HashMap<StreamId, u64>>,
     /// Streams waiting for the handshake, in order.
     waiting: RefCell<Vec<u64>>,
-    wake_writer: Notify,
-    wake_timer: Notify,
+    wakers: Wakers,
+    /// The receive buffer's blocks (see `recv.rs`).
+    blocks: RefCell<RecvBlocks>,
     closing_idle: Cell<bool>,
     bytes_received: metrics::Counter,
     /// Whether this client has a secret, for the hint on an authentication failure.
@@ -241,8 +237,8 @@ pub(crate) async fn run(spawn: Spawn) {
         slots: RefCell::new(HashMap::new()),
         ids: RefCell::new(HashMap::new()),
         waiting: RefCell::new(Vec::new()),
-        wake_writer: Notify::new(),
-        wake_timer: Notify::new(),
+        wakers: Wakers::default(),
+        blocks: RefCell::new(RecvBlocks::default()),
         closing_idle: Cell::new(false),
         bytes_received: telemetry::bytes_received(),
         has_secret,
@@ -250,8 +246,6 @@ pub(crate) async fn run(spawn: Spawn) {
         established: Cell::new(false),
     });
     tracing::debug!(endpoint = %endpoint, connection = handle.id, "Connected.");
-    let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&actor)));
-    let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&actor)));
     let command_actor = Rc::clone(&actor);
     let command_loop = tokio::task::spawn_local(async move {
         while let Some(command) = commands.recv().await {
@@ -259,15 +253,8 @@ pub(crate) async fn run(spawn: Spawn) {
         }
         commands
     });
-    actor.after_change();
-    read_loop(&actor).await;
+    driver::drive(Rc::clone(&actor), WriteBatch::default()).await;
     handle.status.store(DEAD, Ordering::Release);
-    // Flush, half-close, and read until the server's FIN: closing with unread input would
-    // reset the connection (see `nexus_io::Connection::linger`).
-    let deadline = Instant::now() + LINGER;
-    actor.io.linger(&mut writer, deadline).await;
-    writer.abort();
-    timer.abort();
     command_loop.abort();
     // Streams still queued aside end here too; anything sent from now on is refused.
     if let Ok(mut commands) = command_loop.await {
@@ -294,6 +281,123 @@ fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, messag
             handle.stream_done();
             stream.fail(ErrorCode::UNREACHABLE, message);
         }
+    }
+}
+
+impl Host for Actor {
+    type Side = ClientSide;
+
+    fn protocol(&self) -> &RefCell<ClientConnection> {
+        &self.proto
+    }
+
+    fn socket(&self) -> &Connection {
+        &self.io
+    }
+
+    fn wakers(&self) -> &Wakers {
+        &self.wakers
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.handle.endpoint
+    }
+
+    fn before_events(self: &Rc<Self>) {
+        if self.proto.borrow().is_closed() {
+            // Before the streams' ends are handled, so a retry does not pick this connection.
+            self.handle.status.store(DEAD, Ordering::Release);
+        }
+        if self.proto.borrow().is_established() {
+            self.initiate_waiting();
+        }
+    }
+
+    fn on_event(self: &Rc<Self>, event: ClientEvent) {
+        match event {
+            ClientEvent::Established {
+                version,
+                server_name,
+            } => {
+                tracing::debug!(endpoint = %self.handle.endpoint, version, server = %server_name, "Handshake done.");
+                self.established.set(true);
+                let _ = self.handle.status.compare_exchange(
+                    CONNECTING,
+                    ESTABLISHED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                self.initiate_waiting();
+            }
+            ClientEvent::Initiated {
+                stream,
+                expected_bytes,
+            } => {
+                if let Some(slot) = self.slot_of(stream).as_mut() {
+                    slot.initiated = true;
+                    slot.shared
+                        .expected_bytes
+                        .store(expected_bytes, Ordering::Relaxed);
+                }
+            }
+            ClientEvent::Chunk { stream, data } => self.deliver_chunk(stream, data),
+            ClientEvent::Progress { stream, progress } => {
+                if let Some(slot) = self.slot_of(stream).as_mut() {
+                    let shared = &slot.shared;
+                    shared
+                        .items_sent
+                        .store(progress.items.sent, Ordering::Relaxed);
+                    shared
+                        .items_expected
+                        .store(progress.items.expected, Ordering::Relaxed);
+                }
+            }
+            ClientEvent::StreamEnd {
+                stream,
+                outcome,
+                bytes_received,
+            } => {
+                let Some(key) = self.ids.borrow_mut().remove(&stream) else {
+                    return;
+                };
+                self.stream_ended(key, outcome, bytes_received);
+            }
+            ClientEvent::GoAway { message } => {
+                tracing::debug!(endpoint = %self.handle.endpoint, message = %Printable(&message), "Server drains.");
+                self.handle.status.store(DRAINING, Ordering::Release);
+                // Streams not yet sent go to another connection.
+                self.initiate_waiting();
+            }
+            ClientEvent::Closed(error) => {
+                self.handle.status.store(DEAD, Ordering::Release);
+                match error {
+                    Some(e) => {
+                        tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.");
+                        *self.closed_with.borrow_mut() = Some(e);
+                    }
+                    None => {
+                        tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads land in the connection's receive blocks, so chunks are handed out without a
+    /// copy (`recv.rs`).
+    fn prepare_read(&self, buf: &mut BytesMut, pending: Option<usize>) -> usize {
+        self.blocks.borrow_mut().prepare(buf, pending)
+    }
+
+    fn after_read(&self) {
+        if self.proto.borrow().active_streams() == 0 {
+            self.blocks.borrow_mut().release_idle();
+        }
+    }
+
+    /// The pool closes an idle connection with a FIN once its last frames are out.
+    fn close_when_flushed(&self) -> bool {
+        self.closing_idle.get() && self.slots.borrow().is_empty()
     }
 }
 
@@ -366,7 +470,7 @@ impl Actor {
                 }
             }
         }
-        self.after_change();
+        driver::changed(self);
     }
 
     fn cancel(&self, key: u64) {
@@ -394,90 +498,6 @@ impl Actor {
         if let Some(slot) = self.slots.borrow().get(&key) {
             slot.shared.purge_spilled_chunks();
         }
-    }
-
-    /// Handles every protocol event, then wakes the writer and the timer.
-    fn after_change(self: &Rc<Self>) {
-        if self.proto.borrow().is_closed() {
-            // Before the streams' ends are handled, so a retry does not pick this connection.
-            self.handle.status.store(DEAD, Ordering::Release);
-        }
-        if self.proto.borrow().is_established() {
-            self.initiate_waiting();
-        }
-        loop {
-            let event = self.proto.borrow_mut().poll_event();
-            let Some(event) = event else { break };
-            match event {
-                ClientEvent::Established {
-                    version,
-                    server_name,
-                } => {
-                    tracing::debug!(endpoint = %self.handle.endpoint, version, server = %server_name, "Handshake done.");
-                    self.established.set(true);
-                    let _ = self.handle.status.compare_exchange(
-                        CONNECTING,
-                        ESTABLISHED,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    self.initiate_waiting();
-                }
-                ClientEvent::Initiated {
-                    stream,
-                    expected_bytes,
-                } => {
-                    if let Some(slot) = self.slot_of(stream).as_mut() {
-                        slot.initiated = true;
-                        slot.shared
-                            .expected_bytes
-                            .store(expected_bytes, Ordering::Relaxed);
-                    }
-                }
-                ClientEvent::Chunk { stream, data } => self.deliver_chunk(stream, data),
-                ClientEvent::Progress { stream, progress } => {
-                    if let Some(slot) = self.slot_of(stream).as_mut() {
-                        let shared = &slot.shared;
-                        shared
-                            .items_sent
-                            .store(progress.items.sent, Ordering::Relaxed);
-                        shared
-                            .items_expected
-                            .store(progress.items.expected, Ordering::Relaxed);
-                    }
-                }
-                ClientEvent::StreamEnd {
-                    stream,
-                    outcome,
-                    bytes_received,
-                } => {
-                    let Some(key) = self.ids.borrow_mut().remove(&stream) else {
-                        continue;
-                    };
-                    self.stream_ended(key, outcome, bytes_received);
-                }
-                ClientEvent::GoAway { message } => {
-                    tracing::debug!(endpoint = %self.handle.endpoint, message = %Printable(&message), "Server drains.");
-                    self.handle.status.store(DRAINING, Ordering::Release);
-                    // Streams not yet sent go to another connection.
-                    self.initiate_waiting();
-                }
-                ClientEvent::Closed(error) => {
-                    self.handle.status.store(DEAD, Ordering::Release);
-                    match error {
-                        Some(e) => {
-                            tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.");
-                            *self.closed_with.borrow_mut() = Some(e);
-                        }
-                        None => {
-                            tracing::debug!(endpoint = %self.handle.endpoint, "Connection closed.")
-                        }
-                    }
-                }
-            }
-        }
-        self.wake_writer.notify_one();
-        self.wake_timer.notify_one();
     }
 
     fn slot_of(&self, stream: StreamId) -> Option<std::cell::RefMut<'_, Slot>> {
@@ -667,89 +687,5 @@ fn error(code: ErrorCode, message: &str) -> Outcome {
     Outcome::Error {
         code,
         message: message.to_string(),
-    }
-}
-
-async fn read_loop(actor: &Rc<Actor>) {
-    let mut blocks = RecvBlocks::default();
-    loop {
-        let (mut buf, pending) = {
-            let mut proto = actor.proto.borrow_mut();
-            let pending = proto.pending_frame_len();
-            (std::mem::take(proto.input_buffer()), pending)
-        };
-        let max = blocks.prepare(&mut buf, pending);
-        let (result, buf) = actor.io.read_up_to(buf, max).await;
-        {
-            let mut proto = actor.proto.borrow_mut();
-            *proto.input_buffer() = buf;
-            match result {
-                Ok(0) => proto.handle_eof(),
-                Ok(_) => {
-                    proto.process_input(Instant::now());
-                    if proto.active_streams() == 0 {
-                        blocks.release_idle();
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %actor.handle.endpoint, error = %e, "Read failed.");
-                    proto.handle_eof();
-                }
-            }
-        }
-        actor.after_change();
-        if actor.proto.borrow().is_closed() {
-            return;
-        }
-    }
-}
-
-async fn write_loop(actor: Rc<Actor>) {
-    let mut segments: Vec<Bytes> = Vec::with_capacity(MAX_SEGMENTS);
-    loop {
-        {
-            let mut proto = actor.proto.borrow_mut();
-            while segments.len() < MAX_SEGMENTS {
-                let Some(segment) = proto.poll_transmit() else {
-                    break;
-                };
-                segments.push(segment);
-            }
-        }
-        if segments.is_empty() {
-            let idle_close = actor.closing_idle.get() && actor.slots.borrow().is_empty();
-            if actor.proto.borrow().is_closed() || idle_close {
-                // Everything is out: FIN. The server answers with its own, which ends the
-                // reader.
-                actor.io.shutdown_write();
-                return;
-            }
-            actor.wake_writer.notified().await;
-            continue;
-        }
-        let (result, mut written) = actor.io.write_all(segments).await;
-        written.clear();
-        segments = written;
-        if let Err(e) = result {
-            tracing::debug!(endpoint = %actor.handle.endpoint, error = %e, "Write failed.");
-            actor.proto.borrow_mut().handle_eof();
-            actor.after_change();
-            actor.io.shutdown();
-            return;
-        }
-    }
-}
-
-async fn timer_loop(actor: Rc<Actor>) {
-    loop {
-        let deadline = actor.proto.borrow().poll_timeout();
-        let Some(deadline) = deadline else { return };
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                actor.proto.borrow_mut().handle_timeout(Instant::now());
-                actor.after_change();
-            }
-            _ = actor.wake_timer.notified() => {}
-        }
     }
 }

@@ -28,7 +28,7 @@ pub mod transfer;
 
 pub use client::{Client, ClientError, PoolStats, StreamOptions};
 pub use config::ClientConfig;
-pub use nexus_io::{Backend, BackendChoice};
+pub use nexus_io::{Backend, BackendChoice, BackendError, ProbeError};
 pub use nexus_protocol::{ClientSettings, Completion, ErrorCode, ItemCounts, OperationId, Outcome};
 pub use operation::{Operation, OperationOptions, OperationProgress, StreamSummary};
 pub use resume::resume_paradata;

@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+pub mod driver;
+
 /// Which IO backend to use, as configured (`burst.nexus.io.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {
@@ -30,18 +32,47 @@ pub enum BackendChoice {
 }
 
 impl FromStr for BackendChoice {
-    type Err = String;
+    type Err = BackendError;
 
-    fn from_str(text: &str) -> Result<Self, String> {
+    fn from_str(text: &str) -> Result<Self, BackendError> {
         match text {
             "auto" => Ok(BackendChoice::Auto),
             "io_uring" => Ok(BackendChoice::IoUring),
             "epoll" => Ok(BackendChoice::Epoll),
-            other => Err(format!(
-                "unknown IO backend {other:?}; expected auto, io_uring or epoll"
-            )),
+            other => Err(BackendError::Unknown(other.to_string())),
         }
     }
+}
+
+/// Why a backend cannot be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// Not a backend's name.
+    #[error("unknown IO backend {0:?}; expected auto, io_uring or epoll")]
+    Unknown(String),
+    /// io_uring was required and does not work here.
+    #[error("io_uring is unavailable: {0}")]
+    Unavailable(#[source] ProbeError),
+}
+
+/// Why io_uring does not work here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// No ring could be created (no io_uring in the kernel, `kernel.io_uring_disabled`, a
+    /// seccomp profile that blocks `io_uring_setup`).
+    #[error("cannot create a ring: {0}")]
+    Setup(#[source] io::Error),
+    /// A ring was created and a no-op on it failed (a profile that blocks `io_uring_enter`).
+    #[error("a no-op on the ring failed: {0}")]
+    NoOp(#[source] io::Error),
+    /// The scratch thread could not be started.
+    #[error("cannot start the probe thread: {0}")]
+    Thread(#[source] io::Error),
+    /// The probe panicked.
+    #[error("the probe panicked")]
+    Panicked,
 }
 
 /// The backend in use.
@@ -65,12 +96,14 @@ impl fmt::Display for Backend {
 /// Resolves a choice to a backend. `Auto` probes io_uring and falls back to epoll, returning
 /// the reason for the fallback so the caller can log it once; a forced `IoUring` that does
 /// not work is an error naming the reason.
-pub fn select_backend(choice: BackendChoice) -> Result<(Backend, Option<String>), String> {
+pub fn select_backend(
+    choice: BackendChoice,
+) -> Result<(Backend, Option<ProbeError>), BackendError> {
     match choice {
         BackendChoice::Epoll => Ok((Backend::Epoll, None)),
         BackendChoice::IoUring => probe_io_uring()
             .map(|()| (Backend::IoUring, None))
-            .map_err(|reason| format!("io_uring is unavailable: {reason}")),
+            .map_err(BackendError::Unavailable),
         BackendChoice::Auto => match probe_io_uring() {
             Ok(()) => Ok((Backend::IoUring, None)),
             Err(reason) => Ok((Backend::Epoll, Some(reason))),
@@ -82,20 +115,18 @@ pub fn select_backend(choice: BackendChoice) -> Result<(Backend, Option<String>)
 /// catches a kernel without io_uring, `kernel.io_uring_disabled`, and seccomp profiles that
 /// block `io_uring_setup` or `io_uring_enter` (Docker's default does), without touching the
 /// shard threads.
-pub fn probe_io_uring() -> Result<(), String> {
+pub fn probe_io_uring() -> Result<(), ProbeError> {
     let probe = std::thread::Builder::new()
         .name("nexus-uring-probe".into())
         .spawn(|| {
             let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(8))
-                .map_err(|e| format!("cannot create a ring: {e}"))?;
+                .map_err(ProbeError::Setup)?;
             runtime
                 .block_on(tokio_uring::no_op())
-                .map_err(|e| format!("a no-op on the ring failed: {e}"))
+                .map_err(ProbeError::NoOp)
         })
-        .map_err(|e| format!("cannot start the probe thread: {e}"))?;
-    probe
-        .join()
-        .unwrap_or_else(|_| Err("the probe panicked".into()))
+        .map_err(ProbeError::Thread)?;
+    probe.join().unwrap_or(Err(ProbeError::Panicked))
 }
 
 /// Runs `future` to completion on a new runtime of this backend, on the current thread.

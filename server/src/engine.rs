@@ -1,17 +1,16 @@
 //! The stream engine: drives one connection's [`ServerConnection`] with real IO.
 //!
-//! Per connection, on its shard, run three tasks plus one per stream, sharing `ConnState`
-//! through `Rc` (one thread, no locks; no `RefCell` borrow is held across an `.await`):
-//! - the reader reads into the protocol's receive buffer and processes it;
-//! - the writer gathers queued frames (`poll_transmit`) into one `writev` and recycles the
-//!   chunk buffers the socket is done with;
-//! - the timer calls `handle_timeout` at `poll_timeout` (heartbeats, handshake deadline,
-//!   stream timeouts);
-//! - each stream's task asks its producer for a chunk only when the client's window has room,
-//!   so a stream holds at most its window (queued) plus one chunk (being split), whatever the
-//!   client does. The protocol's send queue is served round-robin across streams. A zstd
-//!   stream prepares up to the packer concurrency of chunks ahead, compressed on the packer's
-//!   worker threads (`packer.rs`), and sends them in order.
+//! Per connection, on its shard, `nexus_io::driver` runs the reader, the writer and the timer
+//! (this file is their [`Host`]: it handles the protocol's events, recycles the chunk buffers
+//! the socket is done with and counts the memory held), plus one task per stream, sharing
+//! `ConnState` through `Rc` (one thread, no locks; no `RefCell` borrow is held across an
+//! `.await`).
+//!
+//! Each stream's task asks its producer for a chunk only when the client's window has room, so
+//! a stream holds at most its window (queued) plus one chunk (being split), whatever the
+//! client does. The protocol's send queue is served round-robin across streams. A zstd stream
+//! prepares up to the packer concurrency of chunks ahead, compressed on the packer's worker
+//! threads (`packer.rs`), and sends them in order.
 //!
 //! Protocol decisions stay in `nexus-protocol`; this file only moves bytes and events.
 
@@ -27,22 +26,14 @@ use tracing::Instrument;
 use bytes::Bytes;
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::text::Printable;
-use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, StreamId};
+use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, ServerSide, StreamId};
 use tokio::sync::{oneshot, Notify};
 
 use crate::io;
+use crate::io::driver::{self, Host, Wakers, WriteBatch};
 use crate::shard::ShardContext;
 use crate::source::Producer;
 use crate::stats;
-
-/// Most frame segments gathered into one `writev`.
-const MAX_SEGMENTS: usize = 256;
-/// Most bytes gathered into one `writev`.
-const MAX_WRITE: usize = 8 << 20;
-/// Receive buffer growth step; clients send small frames (CREDIT, CANCEL, INITIATE).
-const READ_RESERVE: usize = 64 << 10;
-/// How long a closing connection may take to flush and to see the client's FIN.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// One connection's shared state.
 pub(crate) struct ConnState {
@@ -51,11 +42,7 @@ pub(crate) struct ConnState {
     peer: SocketAddr,
     proto: RefCell<ServerConnection>,
     streams: RefCell<HashMap<StreamId, Rc<StreamSlot>>>,
-    wake_writer: Notify,
-    wake_timer: Notify,
-    /// A write finished, or the connection closed: a reader held back by unread control
-    /// frames looks again.
-    wake_reader: Notify,
+    wakers: Wakers,
     finished: Cell<bool>,
     /// Stream data this connection holds, as last added to the shard's total.
     held: Cell<usize>,
@@ -108,9 +95,7 @@ pub(crate) fn start(
         peer,
         proto: RefCell::new(proto),
         streams: RefCell::new(HashMap::new()),
-        wake_writer: Notify::new(),
-        wake_timer: Notify::new(),
-        wake_reader: Notify::new(),
+        wakers: Wakers::default(),
         finished: Cell::new(false),
         held: Cell::new(0),
         prepared: Cell::new(0),
@@ -132,19 +117,7 @@ pub(crate) fn start(
 }
 
 async fn run(state: Rc<ConnState>) {
-    let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&state)));
-    let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&state)));
-    read_loop(&state).await;
-    // The protocol is closed now: the writer flushes what is queued (the last COMPLETE, a final
-    // ERROR) and half-closes, while the client's last frames are read and dropped until its
-    // FIN. Closing with unread input would make the kernel reset the connection and drop the
-    // unsent tail.
-    let deadline = Instant::now() + LINGER;
-    if !state.io.linger(&mut writer, deadline).await {
-        tracing::debug!(peer = %state.peer, "The client did not close in time; closing anyway.");
-    }
-    writer.abort();
-    timer.abort();
+    driver::drive(Rc::clone(&state), WriteBatch::default()).await;
     state.halt_all_streams();
     // The connection's buffers go with it: its share of the shard's memory is free.
     state.release_all();
@@ -153,6 +126,112 @@ async fn run(state: Rc<ConnState>) {
     stats::sub(&state.shard.stats.connections_open, 1);
     state.shard.connection_ended.notify_one();
     tracing::debug!(peer = %state.peer, "Connection ended.");
+}
+
+impl Host for ConnState {
+    type Side = ServerSide;
+
+    fn protocol(&self) -> &RefCell<ServerConnection> {
+        &self.proto
+    }
+
+    fn socket(&self) -> &io::Connection {
+        &self.io
+    }
+
+    fn wakers(&self) -> &Wakers {
+        &self.wakers
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn on_event(self: &Rc<Self>, event: ServerEvent) {
+        match event {
+            ServerEvent::Established {
+                version,
+                client_name,
+            } => {
+                if self.shard.config().protocol.secret.is_some() {
+                    self.shard.throttle.succeeded(self.peer.ip());
+                }
+                tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
+            }
+            ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
+            ServerEvent::StreamRefused { code, .. } => {
+                stats::add(&self.shard.stats.streams_rejected, 1);
+                self.shard.stats.stream_failed(code);
+            }
+            ServerEvent::Credit { stream } => {
+                if let Some(slot) = self.streams.borrow().get(&stream) {
+                    slot.credit.notify_one();
+                }
+            }
+            ServerEvent::StreamCancelled { stream } => {
+                stats::add(&self.shard.stats.streams_cancelled, 1);
+                self.halt_stream(stream);
+            }
+            ServerEvent::StreamTimedOut { stream } => {
+                stats::add(&self.shard.stats.streams_timeout, 1);
+                self.shard.stats.stream_failed(ErrorCode::TIMEOUT);
+                if let Some(suppressed) = self.shard.peer_log() {
+                    tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "Stream timed out: no credit from the client.");
+                }
+                self.halt_stream(stream);
+            }
+            ServerEvent::Closed(_) if self.refused => self.halt_all_streams(),
+            ServerEvent::Closed(error) => {
+                if error
+                    .as_ref()
+                    .is_some_and(|e| e.code == ErrorCode::AUTH_FAILED)
+                {
+                    self.shard.throttle.failed(self.peer.ip(), Instant::now());
+                }
+                let reason = error
+                    .as_ref()
+                    .and_then(|e| stats::protocol_error_reason(e.code));
+                match (&error, reason) {
+                    (Some(e), Some(reason)) => {
+                        stats::add(&self.shard.stats.protocol_errors[reason], 1);
+                        // A hostile client must not flood the logs: a few lines per window.
+                        if let Some(suppressed) =
+                            self.shard.protocol_error_log.allow(Instant::now())
+                        {
+                            tracing::warn!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed: protocol error.");
+                        }
+                    }
+                    (Some(e), None) => {
+                        if let Some(suppressed) = self.shard.peer_log() {
+                            tracing::info!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed.");
+                        }
+                    }
+                    (None, _) => {
+                        tracing::debug!(peer = %self.peer, "Connection closed cleanly.")
+                    }
+                }
+                self.halt_all_streams();
+            }
+        }
+    }
+
+    fn after_events(&self) {
+        self.account();
+    }
+
+    fn writing(&self, bytes: usize) {
+        self.in_flight.set(bytes);
+        self.account();
+        stats::bump(&self.shard.traffic().wire_bytes, bytes as u64);
+    }
+
+    fn written(&self, segments: &mut Vec<Bytes>) {
+        for segment in segments.drain(..) {
+            self.shard.recycle(segment);
+        }
+        self.in_flight.set(0);
+        self.account();
+    }
 }
 
 impl ConnState {
@@ -214,97 +293,18 @@ impl ConnState {
         self.proto
             .borrow_mut()
             .go_away(drain, "the server is shutting down");
-        self.after_change();
+        driver::changed(self);
     }
 
     /// Closes the connection with a connection-level ERROR.
     pub(crate) fn close(self: &Rc<Self>, code: ErrorCode, message: &str) {
         self.proto.borrow_mut().close(code, message);
-        self.after_change();
+        driver::changed(self);
     }
 
     fn halt_all_streams(&self) {
         for (_, slot) in self.streams.borrow_mut().drain() {
             slot.halt();
-        }
-    }
-
-    /// Handles every pending protocol event, then wakes the writer and the timer.
-    fn after_change(self: &Rc<Self>) {
-        loop {
-            let event = self.proto.borrow_mut().poll_event();
-            let Some(event) = event else { break };
-            match event {
-                ServerEvent::Established {
-                    version,
-                    client_name,
-                } => {
-                    if self.shard.config().protocol.secret.is_some() {
-                        self.shard.throttle.succeeded(self.peer.ip());
-                    }
-                    tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
-                }
-                ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
-                ServerEvent::StreamRefused { code, .. } => {
-                    stats::add(&self.shard.stats.streams_rejected, 1);
-                    self.shard.stats.stream_failed(code);
-                }
-                ServerEvent::Credit { stream } => {
-                    if let Some(slot) = self.streams.borrow().get(&stream) {
-                        slot.credit.notify_one();
-                    }
-                }
-                ServerEvent::StreamCancelled { stream } => {
-                    stats::add(&self.shard.stats.streams_cancelled, 1);
-                    self.halt_stream(stream);
-                }
-                ServerEvent::StreamTimedOut { stream } => {
-                    stats::add(&self.shard.stats.streams_timeout, 1);
-                    self.shard.stats.stream_failed(ErrorCode::TIMEOUT);
-                    if let Some(suppressed) = self.shard.peer_log() {
-                        tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "Stream timed out: no credit from the client.");
-                    }
-                    self.halt_stream(stream);
-                }
-                ServerEvent::Closed(_) if self.refused => self.halt_all_streams(),
-                ServerEvent::Closed(error) => {
-                    if error
-                        .as_ref()
-                        .is_some_and(|e| e.code == ErrorCode::AUTH_FAILED)
-                    {
-                        self.shard.throttle.failed(self.peer.ip(), Instant::now());
-                    }
-                    let reason = error
-                        .as_ref()
-                        .and_then(|e| stats::protocol_error_reason(e.code));
-                    match (&error, reason) {
-                        (Some(e), Some(reason)) => {
-                            stats::add(&self.shard.stats.protocol_errors[reason], 1);
-                            // A hostile client must not flood the logs: a few lines per window.
-                            if let Some(suppressed) =
-                                self.shard.protocol_error_log.allow(Instant::now())
-                            {
-                                tracing::warn!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed: protocol error.");
-                            }
-                        }
-                        (Some(e), None) => {
-                            if let Some(suppressed) = self.shard.peer_log() {
-                                tracing::info!(peer = %self.peer, code = %e.code, reason = %Printable(&e.message), suppressed, "Connection closed.");
-                            }
-                        }
-                        (None, _) => {
-                            tracing::debug!(peer = %self.peer, "Connection closed cleanly.")
-                        }
-                    }
-                    self.halt_all_streams();
-                }
-            }
-        }
-        self.account();
-        self.wake_writer.notify_one();
-        self.wake_timer.notify_one();
-        if self.proto.borrow().is_closed() {
-            self.wake_reader.notify_one();
         }
     }
 
@@ -380,103 +380,6 @@ impl ConnState {
     }
 }
 
-async fn read_loop(state: &Rc<ConnState>) {
-    loop {
-        if !state.proto.borrow().wants_input() {
-            if state.proto.borrow().is_closed() {
-                return;
-            }
-            // The client leaves too much unread: read nothing more until some of it went
-            // out, then process what is already buffered (the protocol closes the
-            // connection if this lasts).
-            state.wake_reader.notified().await;
-            state.proto.borrow_mut().process_input(Instant::now());
-            state.after_change();
-            continue;
-        }
-        let mut buf = std::mem::take(state.proto.borrow_mut().input_buffer());
-        if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-            buf.reserve(READ_RESERVE);
-        }
-        let (result, buf) = state.io.read(buf).await;
-        {
-            let mut proto = state.proto.borrow_mut();
-            *proto.input_buffer() = buf;
-            match result {
-                Ok(0) => proto.handle_eof(),
-                Ok(_) => proto.process_input(Instant::now()),
-                Err(e) => {
-                    tracing::debug!(peer = %state.peer, error = %e, "Read failed.");
-                    proto.handle_eof();
-                }
-            }
-        }
-        state.after_change();
-        if state.proto.borrow().is_closed() {
-            return;
-        }
-    }
-}
-
-async fn write_loop(state: Rc<ConnState>) {
-    let mut segments: Vec<Bytes> = Vec::with_capacity(MAX_SEGMENTS);
-    loop {
-        let mut total = 0;
-        {
-            let mut proto = state.proto.borrow_mut();
-            while segments.len() < MAX_SEGMENTS && total < MAX_WRITE {
-                let Some(segment) = proto.poll_transmit() else {
-                    break;
-                };
-                total += segment.len();
-                segments.push(segment);
-            }
-        }
-        if segments.is_empty() {
-            if state.proto.borrow().is_closed() {
-                // Everything, including a final ERROR, is out: FIN. The client's FIN ends the
-                // connection (see `run`).
-                state.io.shutdown_write();
-                return;
-            }
-            state.wake_writer.notified().await;
-            continue;
-        }
-        state.in_flight.set(total);
-        state.account();
-        stats::bump(&state.shard.traffic().wire_bytes, total as u64);
-        let (result, mut written) = state.io.write_all(segments).await;
-        for segment in written.drain(..) {
-            state.shard.recycle(segment);
-        }
-        segments = written;
-        state.in_flight.set(0);
-        state.account();
-        state.wake_reader.notify_one();
-        if let Err(e) = result {
-            tracing::debug!(peer = %state.peer, error = %e, "Write failed.");
-            state.proto.borrow_mut().handle_eof();
-            state.after_change();
-            state.io.shutdown();
-            return;
-        }
-    }
-}
-
-async fn timer_loop(state: Rc<ConnState>) {
-    loop {
-        let deadline = state.proto.borrow().poll_timeout();
-        let Some(deadline) = deadline else { return };
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                state.proto.borrow_mut().handle_timeout(Instant::now());
-                state.after_change();
-            }
-            _ = state.wake_timer.notified() => {}
-        }
-    }
-}
-
 async fn run_stream(
     state: Rc<ConnState>,
     slot: Rc<StreamSlot>,
@@ -504,7 +407,7 @@ async fn run_stream(
         }
     }
     state.streams.borrow_mut().remove(&stream);
-    state.after_change();
+    driver::changed(&state);
 }
 
 /// A chunk taken from the producer and counted against the window, not yet queued.
@@ -668,7 +571,7 @@ async fn produce(
             items = now_items;
             state.proto.borrow_mut().set_items(stream, items);
         }
-        state.wake_writer.notify_one();
+        driver::changed(state);
     }
 }
 

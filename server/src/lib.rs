@@ -35,7 +35,9 @@ use nexus_io as io;
 
 pub use builtin::{FileSource, SyntheticSource};
 pub use config::ServerConfig;
-pub use nexus_io::{probe_io_uring, select_backend, Backend, BackendChoice};
+pub use nexus_io::{
+    probe_io_uring, select_backend, Backend, BackendChoice, BackendError, ProbeError,
+};
 pub use paradata::SourceError;
 pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
 pub use server::{Server, StartError};

@@ -24,8 +24,8 @@ pub enum StartError {
     #[error("{0}")]
     Config(String),
     /// `io_uring` was required and is not available.
-    #[error("{0}")]
-    Backend(String),
+    #[error(transparent)]
+    Backend(#[from] nexus_io::BackendError),
     /// The listening socket could not be set up.
     #[error("cannot listen on {address}: {source}")]
     Listen {

@@ -1,0 +1,249 @@
+//! The connection driver: moves bytes between a socket and a protocol state machine
+//! (`nexus_protocol::Connection`), for the server's engine and the client's connections
+//! alike. It owns no protocol decision; its [`Host`] handles the events.
+//!
+//! Three tasks on the connection's thread (one thread, `Rc`, no `RefCell` borrow across an
+//! `.await`):
+//! - the reader reads into the protocol's receive buffer (no copy) and processes it; while
+//!   the protocol does not want input (a server whose client leaves too much unread) it reads
+//!   nothing and waits for the writer;
+//! - the writer gathers queued segments into one vectored write, at most a [`WriteBatch`];
+//! - the timer runs the protocol's timers at its deadline.
+//!
+//! When the protocol closes, the writer flushes and half-closes, and the socket is read and
+//! dropped until the peer's FIN ([`Connection::linger`]), so the close never resets.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nexus_protocol::{Connection as Protocol, Side};
+use tokio::sync::Notify;
+
+use crate::Connection;
+
+/// How much one write gathers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// Most segments per vectored write.
+    pub max_segments: usize,
+    /// Most bytes per write.
+    pub max_bytes: usize,
+}
+
+impl Default for WriteBatch {
+    /// 256 segments (a CHUNK is two) and 8 MiB: large enough that a write is rarely short of
+    /// data at 1 MiB chunks, small enough to keep the round-robin between streams fair.
+    fn default() -> Self {
+        WriteBatch {
+            max_segments: 256,
+            max_bytes: 8 << 20,
+        }
+    }
+}
+
+/// How long a closing connection may take to flush and to see the peer's FIN.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// What wakes the driver's tasks (see [`changed`]).
+#[derive(Debug, Default)]
+pub struct Wakers {
+    writer: Notify,
+    timer: Notify,
+    reader: Notify,
+}
+
+impl Wakers {
+    /// The protocol may have something to send, a new deadline, or has closed.
+    fn changed(&self, closed: bool) {
+        self.writer.notify_one();
+        self.timer.notify_one();
+        if closed {
+            self.reader.notify_one();
+        }
+    }
+}
+
+/// The owner of a driven connection: the server's engine, the client's connection actor.
+pub trait Host: 'static {
+    /// The protocol side.
+    type Side: Side;
+
+    /// The protocol state machine.
+    fn protocol(&self) -> &RefCell<Protocol<Self::Side>>;
+
+    /// The socket.
+    fn socket(&self) -> &Connection;
+
+    /// The driver's wakers.
+    fn wakers(&self) -> &Wakers;
+
+    /// The peer, for log lines.
+    fn peer(&self) -> SocketAddr;
+
+    /// Handles one protocol event.
+    fn on_event(self: &Rc<Self>, event: <Self::Side as Side>::Event);
+
+    /// Before the pending events are handled (see [`changed`]).
+    fn before_events(self: &Rc<Self>) {}
+
+    /// After the pending events were handled, before the driver's tasks are woken.
+    fn after_events(&self) {}
+
+    /// Makes `buf` ready for the next read and returns the most it may take. `pending` is
+    /// the length of the frame the buffer starts with, when known. By default: room for
+    /// 64 KiB more, any amount.
+    fn prepare_read(&self, buf: &mut BytesMut, _pending: Option<usize>) -> usize {
+        if buf.capacity() - buf.len() < 16 << 10 {
+            buf.reserve(64 << 10);
+        }
+        usize::MAX
+    }
+
+    /// After input was processed.
+    fn after_read(&self) {}
+
+    /// The writer is about to write `bytes`.
+    fn writing(&self, _bytes: usize) {}
+
+    /// The socket is done with `segments` (take what may be reused; the vector is reused).
+    fn written(&self, segments: &mut Vec<Bytes>) {
+        segments.clear();
+    }
+
+    /// Whether to close once everything is flushed although the protocol is open (a client's
+    /// idle connection closed by its pool).
+    fn close_when_flushed(&self) -> bool {
+        false
+    }
+}
+
+/// Call after every change to `host`'s protocol (a command, a chunk queued, input, a timer):
+/// handles every pending event, then wakes the writer and the timer (and the reader when the
+/// protocol closed).
+pub fn changed<H: Host>(host: &Rc<H>) {
+    host.before_events();
+    loop {
+        // Not `while let`: the borrow would last through the handler, which may call the
+        // protocol again.
+        let event = host.protocol().borrow_mut().poll_event();
+        let Some(event) = event else { break };
+        host.on_event(event);
+    }
+    host.after_events();
+    let closed = host.protocol().borrow().is_closed();
+    host.wakers().changed(closed);
+}
+
+/// Drives `host`'s connection until its protocol has closed and the socket has been closed
+/// the way TCP expects (bounded by [`LINGER`]). Call on the connection's thread.
+pub async fn drive<H: Host>(host: Rc<H>, batch: WriteBatch) {
+    let mut writer = tokio::task::spawn_local(write_loop(Rc::clone(&host), batch));
+    let timer = tokio::task::spawn_local(timer_loop(Rc::clone(&host)));
+    changed(&host);
+    read_loop(&host).await;
+    // The protocol is closed: the writer flushes what is queued (the last COMPLETE, a final
+    // ERROR) and half-closes, while the peer's last frames are read and dropped until its
+    // FIN. Closing with unread input would make the kernel reset the connection.
+    let deadline = Instant::now() + LINGER;
+    if !host.socket().linger(&mut writer, deadline).await {
+        tracing::debug!(peer = %host.peer(), "The peer did not close in time; closing anyway.");
+    }
+    writer.abort();
+    timer.abort();
+}
+
+async fn read_loop<H: Host>(host: &Rc<H>) {
+    loop {
+        if !host.protocol().borrow().wants_input() {
+            if host.protocol().borrow().is_closed() {
+                return;
+            }
+            // The peer leaves too much unread: read nothing more until some of it went out,
+            // then process what is already buffered (the protocol closes if this lasts).
+            host.wakers().reader.notified().await;
+            host.protocol().borrow_mut().process_input(Instant::now());
+            changed(host);
+            continue;
+        }
+        let (mut buf, pending) = {
+            let mut protocol = host.protocol().borrow_mut();
+            let pending = protocol.pending_frame_len();
+            (std::mem::take(protocol.input_buffer()), pending)
+        };
+        let max = host.prepare_read(&mut buf, pending);
+        let (result, buf) = host.socket().read_up_to(buf, max).await;
+        {
+            let mut protocol = host.protocol().borrow_mut();
+            *protocol.input_buffer() = buf;
+            match result {
+                Ok(0) => protocol.handle_eof(),
+                Ok(_) => protocol.process_input(Instant::now()),
+                Err(e) => {
+                    tracing::debug!(peer = %host.peer(), error = %e, "Read failed.");
+                    protocol.handle_eof();
+                }
+            }
+        }
+        host.after_read();
+        changed(host);
+        if host.protocol().borrow().is_closed() {
+            return;
+        }
+    }
+}
+
+async fn write_loop<H: Host>(host: Rc<H>, batch: WriteBatch) {
+    let mut segments: Vec<Bytes> = Vec::with_capacity(batch.max_segments);
+    loop {
+        let mut total = 0;
+        {
+            let mut protocol = host.protocol().borrow_mut();
+            while segments.len() < batch.max_segments && total < batch.max_bytes {
+                let Some(segment) = protocol.poll_transmit() else {
+                    break;
+                };
+                total += segment.len();
+                segments.push(segment);
+            }
+        }
+        if segments.is_empty() {
+            if host.protocol().borrow().is_closed() || host.close_when_flushed() {
+                // Everything is out: FIN. The peer's FIN ends the connection (see `drive`).
+                host.socket().shutdown_write();
+                return;
+            }
+            host.wakers().writer.notified().await;
+            continue;
+        }
+        host.writing(total);
+        let (result, mut written) = host.socket().write_all(segments).await;
+        host.written(&mut written);
+        written.clear();
+        segments = written;
+        host.wakers().reader.notify_one();
+        if let Err(e) = result {
+            tracing::debug!(peer = %host.peer(), error = %e, "Write failed.");
+            host.protocol().borrow_mut().handle_eof();
+            changed(&host);
+            host.socket().shutdown();
+            return;
+        }
+    }
+}
+
+async fn timer_loop<H: Host>(host: Rc<H>) {
+    loop {
+        let deadline = host.protocol().borrow().poll_timeout();
+        let Some(deadline) = deadline else { return };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                host.protocol().borrow_mut().handle_timeout(Instant::now());
+                changed(&host);
+            }
+            _ = host.wakers().timer.notified() => {}
+        }
+    }
+}
