@@ -6,7 +6,6 @@
 // A command-line tool reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
-mod admin;
 mod logging;
 mod pull;
 
@@ -276,19 +275,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let stats: Arc<OnceLock<Arc<ServerStats>>> = Arc::new(OnceLock::new());
     let admin = match admin_address {
         Some(address) => {
-            let published = Arc::clone(&stats);
-            let started = admin::install_recorder().and_then(|handle| {
-                let render = Arc::new(move || {
-                    if let Some(stats) = published.get() {
-                        admin::publish_server_stats(stats);
-                    }
-                    handle.render()
-                });
-                Admin::start(address, render).map_err(|e| e.to_string())
-            });
+            let started = nexus_server::admin::prometheus(Arc::clone(&stats))
+                .and_then(|render| Admin::start(address, render));
             match started {
                 Ok(admin) => Some(admin),
-                Err(e) => return fail(&e),
+                Err(e) => return fail(&e.to_string()),
             }
         }
         None => None,
@@ -299,11 +290,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let _ = stats.set(server.stats_handle());
-    metrics::gauge!(nexus_config::metric_names::IO_BACKEND, "backend" => server.backend().to_string())
-        .set(1.0);
     if let Some(admin) = &admin {
         admin.set_phase(Phase::Ready);
-        metrics::gauge!(nexus_config::metric_names::SERVER_READY).set(1.0);
     }
     let signal = match signals {
         Some(signals) => signals.wait(),
@@ -320,7 +308,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     );
     if let Some(admin) = &admin {
         admin.set_phase(Phase::Draining);
-        metrics::gauge!(nexus_config::metric_names::SERVER_READY).set(0.0);
     }
     server.shutdown(drain);
     tracing::info!("Stopped.");

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nexus_config::metric_names;
 use nexus_testkit::{ChildGuard, Client, TempDir, PATIENCE};
 
 fn repo(path: &str) -> PathBuf {
@@ -108,7 +107,11 @@ fn prometheus_rules_and_config_pass_promtool_and_name_real_metrics() {
     );
     assert!(ok, "promtool check config:\n{out}{err}");
     // Every metric the rules and the dashboard query is one Nexus exports.
-    let known: Vec<&str> = metric_names::TABLE.iter().map(|row| row.0).collect();
+    let known: Vec<&str> = nexus_server::telemetry::METRICS
+        .iter()
+        .chain(nexus_client::telemetry::METRICS)
+        .map(|row| row.0)
+        .collect();
     let dashboard = read("deploy/grafana/nexus-dashboard.json");
     let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 6));

@@ -469,3 +469,57 @@ fn a_scrape_has_error_codes_process_metrics_first_byte_and_wire_bytes() {
     );
     assert!(scrape.contains("process_cpu_seconds_total "), "{scrape}");
 }
+
+/// Every metric the binary can export: the server's, then the client's.
+fn metric_rows() -> impl Iterator<
+    Item = &'static (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+    ),
+> {
+    nexus_server::telemetry::METRICS
+        .iter()
+        .chain(nexus_client::telemetry::METRICS)
+}
+
+fn metric_markdown() -> String {
+    let mut out = String::from(
+        "| Prometheus metric | type | labels | original name | meaning |\n|---|---|---|---|---|\n",
+    );
+    let or_dash = |text: &str| {
+        if text.is_empty() {
+            "-".to_string()
+        } else {
+            format!("`{text}`")
+        }
+    };
+    for (name, kind, labels, original, meaning) in metric_rows() {
+        let (labels, original) = (or_dash(labels), or_dash(original));
+        out.push_str(&format!(
+            "| `{name}` | {kind} | {labels} | {original} | {meaning} |\n"
+        ));
+    }
+    out
+}
+
+#[test]
+fn the_readme_metric_table_is_the_metric_table() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(path).unwrap();
+    let start = readme.find("<!-- metrics:start -->\n").unwrap() + "<!-- metrics:start -->\n".len();
+    let end = readme.find("<!-- metrics:end -->").unwrap();
+    let expected = metric_markdown();
+    if std::env::var_os("NEXUS_WRITE_TABLES").is_some() {
+        let mut updated = readme.clone();
+        updated.replace_range(start..end, &expected);
+        std::fs::write(path, updated).unwrap();
+        return;
+    }
+    assert!(
+        readme[start..end] == expected,
+        "README.md's metric table is out of date (NEXUS_WRITE_TABLES=1 cargo test -p nexus-cli --test ops the_readme_metric rewrites it):\n{expected}"
+    );
+}

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use crate::config::ClientConfig;
 use crate::conn::{self, Command, ConnHandle, NewStream, Spawn};
 use crate::operation::{Operation, OperationOptions, OperationShared};
-use crate::stream::{StreamHandle, StreamShared};
-use crate::telemetry;
+use crate::stream::{StreamHandle, StreamKey, StreamShared};
+use crate::telemetry::{Counters, StreamStats};
 
 /// Why a client could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     evicted_capacity: AtomicU64,
     evicted_dead: AtomicU64,
     closed: AtomicU64,
+    /// Stream counters, shared with the streams and connections.
+    pub(crate) counters: Arc<Counters>,
     /// Dropping it stops the tender.
     _tender_stop: Mutex<Option<crossbeam_channel::Sender<()>>>,
 }
@@ -165,6 +167,7 @@ impl Client {
             evicted_capacity: AtomicU64::new(0),
             evicted_dead: AtomicU64::new(0),
             closed: AtomicU64::new(0),
+            counters: Arc::default(),
             _tender_stop: Mutex::new(Some(stop_tx)),
             config,
         });
@@ -230,15 +233,21 @@ impl Client {
         options: StreamOptions,
         operation: Option<Arc<OperationShared>>,
     ) -> StreamHandle {
-        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        let key = StreamKey(self.shared.next_key.fetch_add(1, Ordering::Relaxed));
         let request = StreamRequest {
             paradata: paradata.to_string(),
             operation: operation.as_ref().map_or(OperationId(0), |op| op.id),
             accept_zstd: options.accept_zstd,
             traceparent: options.traceparent,
         };
-        let shared = Arc::new(StreamShared::new(key, endpoint, request, operation));
-        telemetry::stream_started();
+        let shared = Arc::new(StreamShared::new(
+            key,
+            endpoint,
+            request,
+            operation,
+            Arc::clone(&self.shared.counters),
+        ));
+        self.shared.counters.stream_started();
         let (tx, rx) = crossbeam_channel::bounded(self.shared.config.queue_size);
         if let Some(op) = &shared.operation {
             op.add(Arc::clone(&shared));
@@ -250,6 +259,11 @@ impl Client {
             retried: false,
         });
         handle
+    }
+
+    /// Stream counters (what `telemetry::publish` exports).
+    pub fn stream_stats(&self) -> StreamStats {
+        self.shared.counters.snapshot()
     }
 
     /// Pool counters.
@@ -269,7 +283,14 @@ impl Client {
     /// Runs the tender's sweep now (it also runs every `tender_interval`): closes idle
     /// connections unused for `pool_stale`, drops dead ones. Returns how many it closed.
     pub fn tend(&self) -> usize {
-        self.shared.sweep(Instant::now())
+        self.tend_at(Instant::now())
+    }
+
+    /// The tender's sweep as if the time were `now`: a connection is stale when it has been
+    /// idle for `pool_stale` at `now`. For tests and for applications that drive the pool's
+    /// ageing from their own clock (with `tender_interval` set long).
+    pub fn tend_at(&self, now: Instant) -> usize {
+        self.shared.sweep(now)
     }
 
     /// Closes every pooled connection; their running streams end with `cancelled`.
@@ -286,7 +307,6 @@ impl Client {
         };
         for connection in connections {
             self.shared.closed.fetch_add(1, Ordering::Relaxed);
-            telemetry::evicted("closed");
             connection.send(Command::Close { idle: false });
         }
     }
@@ -336,7 +356,6 @@ impl Shared {
                 Some(_) => {
                     pool.connections.pop(&key);
                     self.evicted_dead.fetch_add(1, Ordering::Relaxed);
-                    telemetry::evicted("dead");
                     free_stripe = free_stripe.or(Some(stripe));
                 }
                 None => free_stripe = free_stripe.or(Some(stripe)),
@@ -373,7 +392,6 @@ impl Shared {
             let Some(key) = victim else { return };
             if let Some(c) = pool.connections.pop(&key) {
                 self.evicted_capacity.fetch_add(1, Ordering::Relaxed);
-                telemetry::evicted("capacity");
                 c.send(Command::Close { idle: true });
             }
         }
@@ -386,7 +404,6 @@ impl Shared {
         let handle = Arc::new(ConnHandle::new(id, endpoint, tx));
         self.created.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::AcqRel);
-        telemetry::connection_opened();
         let spawn = Spawn {
             handle: Arc::clone(&handle),
             commands: rx,
@@ -403,7 +420,6 @@ impl Shared {
             // The IO thread is gone (its runtime failed): the receiver was dropped with the
             // job, so the handle reports closed and checkout moves on.
             self.open.fetch_sub(1, Ordering::AcqRel);
-            telemetry::connection_closed();
         }
         handle
     }
@@ -411,7 +427,6 @@ impl Shared {
     /// A connection's tasks ended.
     pub(crate) fn connection_ended(&self, connection: &Arc<ConnHandle>) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        telemetry::connection_closed();
         self.remove_dead(connection);
     }
 
@@ -426,7 +441,6 @@ impl Shared {
         if let Some(key) = key {
             pool.connections.pop(&key);
             self.evicted_dead.fetch_add(1, Ordering::Relaxed);
-            telemetry::evicted("dead");
         }
     }
 
@@ -454,13 +468,11 @@ impl Shared {
             if let Some(c) = pool.connections.pop(&key) {
                 if is_stale {
                     self.evicted_stale.fetch_add(1, Ordering::Relaxed);
-                    telemetry::evicted("stale");
                     c.send(Command::Close { idle: true });
                     closed += 1;
                     tracing::debug!(endpoint = %c.endpoint, "Closed a stale pooled connection.");
                 } else {
                     self.evicted_dead.fetch_add(1, Ordering::Relaxed);
-                    telemetry::evicted("dead");
                 }
             }
         }

@@ -33,19 +33,18 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::client::Shared;
 use crate::recv::{self, RecvBlocks};
-use crate::stream::{Ended, Item, StreamShared};
-use crate::telemetry;
+use crate::stream::{Ended, Item, StreamKey, StreamShared};
 
 /// What other threads ask of a connection.
 #[derive(Debug)]
 pub(crate) enum Command {
     Initiate(NewStream),
     Consume {
-        key: u64,
+        key: StreamKey,
         bytes: u64,
     },
     Cancel {
-        key: u64,
+        key: StreamKey,
     },
     CancelOperation(OperationId),
     /// Close: with `idle`, only when no stream runs (a FIN, no error).
@@ -78,17 +77,36 @@ fn finish(shared: &StreamShared, tx: &Sender<Item>, end: Ended) {
 }
 
 fn record_end(shared: &StreamShared, end: &Ended) {
-    telemetry::stream_ended(&end.outcome);
+    shared.counters.stream_ended(&end.outcome);
     *shared.ended.lock() = Some(end.clone());
     if let Some(op) = &shared.operation {
         op.stream_ended(shared, end);
     }
 }
 
-const CONNECTING: u8 = 0;
-const ESTABLISHED: u8 = 1;
-const DRAINING: u8 = 2;
-const DEAD: u8 = 3;
+/// Where a connection is in its life. It only moves forward (a late GOAWAY cannot revive a
+/// dead connection), which is why the order of the variants matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Status {
+    /// Connecting or in the handshake: streams wait for it.
+    Connecting = 0,
+    Established = 1,
+    /// The server sent GOAWAY: running streams finish, new ones go elsewhere.
+    Draining = 2,
+    Dead = 3,
+}
+
+impl Status {
+    fn from_u8(value: u8) -> Status {
+        match value {
+            0 => Status::Connecting,
+            1 => Status::Established,
+            2 => Status::Draining,
+            _ => Status::Dead,
+        }
+    }
+}
 
 /// A connection as the pool and the handles see it.
 #[derive(Debug)]
@@ -112,7 +130,7 @@ impl ConnHandle {
             id,
             endpoint,
             commands,
-            status: AtomicU8::new(CONNECTING),
+            status: AtomicU8::new(Status::Connecting as u8),
             active: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
         }
@@ -133,13 +151,22 @@ impl ConnHandle {
             })
     }
 
+    fn status(&self) -> Status {
+        Status::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    /// Moves the status forward to `to`; never back.
+    fn advance(&self, to: Status) {
+        self.status.fetch_max(to as u8, Ordering::AcqRel);
+    }
+
     /// Whether new streams may go here.
     pub(crate) fn is_usable(&self) -> bool {
-        self.status.load(Ordering::Acquire) < DRAINING && !self.commands.is_closed()
+        self.status() < Status::Draining && !self.commands.is_closed()
     }
 
     pub(crate) fn is_dead(&self) -> bool {
-        self.status.load(Ordering::Acquire) == DEAD || self.commands.is_closed()
+        self.status() == Status::Dead || self.commands.is_closed()
     }
 
     fn stream_done(&self) {
@@ -172,15 +199,14 @@ struct Actor {
     client: Weak<Shared>,
     io: Connection,
     proto: RefCell<ClientConnection>,
-    slots: RefCell<HashMap<u64, Slot>>,
-    ids: RefCell<HashMap<StreamId, u64>>,
+    slots: RefCell<HashMap<StreamKey, Slot>>,
+    ids: RefCell<HashMap<StreamId, StreamKey>>,
     /// Streams waiting for the handshake, in order.
-    waiting: RefCell<Vec<u64>>,
+    waiting: RefCell<Vec<StreamKey>>,
     wakers: Wakers,
     /// The receive buffer's blocks (see `recv.rs`).
     blocks: RefCell<RecvBlocks>,
     closing_idle: Cell<bool>,
-    bytes_received: metrics::Counter,
     /// Whether this client has a secret, for the hint on an authentication failure.
     has_secret: bool,
     /// Why the connection closed, when it closed with an error.
@@ -240,7 +266,6 @@ pub(crate) async fn run(spawn: Spawn) {
         wakers: Wakers::default(),
         blocks: RefCell::new(RecvBlocks::default()),
         closing_idle: Cell::new(false),
-        bytes_received: telemetry::bytes_received(),
         has_secret,
         closed_with: RefCell::new(None),
         established: Cell::new(false),
@@ -254,7 +279,7 @@ pub(crate) async fn run(spawn: Spawn) {
         commands
     });
     driver::drive(Rc::clone(&actor), WriteBatch::default()).await;
-    handle.status.store(DEAD, Ordering::Release);
+    handle.advance(Status::Dead);
     command_loop.abort();
     // Streams still queued aside end here too; anything sent from now on is refused.
     if let Ok(mut commands) = command_loop.await {
@@ -274,7 +299,7 @@ pub(crate) async fn run(spawn: Spawn) {
 fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
     // `unreachable`, not `connection_lost`: nothing was connected, so nothing was lost.
     tracing::debug!(endpoint = %handle.endpoint, reason = %Printable(message), "Cannot connect.");
-    handle.status.store(DEAD, Ordering::Release);
+    handle.advance(Status::Dead);
     commands.close();
     while let Ok(command) = commands.try_recv() {
         if let Command::Initiate(stream) = command {
@@ -306,7 +331,7 @@ impl Host for Actor {
     fn before_events(self: &Rc<Self>) {
         if self.proto.borrow().is_closed() {
             // Before the streams' ends are handled, so a retry does not pick this connection.
-            self.handle.status.store(DEAD, Ordering::Release);
+            self.handle.advance(Status::Dead);
         }
         if self.proto.borrow().is_established() {
             self.initiate_waiting();
@@ -321,12 +346,7 @@ impl Host for Actor {
             } => {
                 tracing::debug!(endpoint = %self.handle.endpoint, version, server = %server_name, "Handshake done.");
                 self.established.set(true);
-                let _ = self.handle.status.compare_exchange(
-                    CONNECTING,
-                    ESTABLISHED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                self.handle.advance(Status::Established);
                 self.initiate_waiting();
             }
             ClientEvent::Initiated {
@@ -364,12 +384,12 @@ impl Host for Actor {
             }
             ClientEvent::GoAway { message } => {
                 tracing::debug!(endpoint = %self.handle.endpoint, message = %Printable(&message), "Server drains.");
-                self.handle.status.store(DRAINING, Ordering::Release);
+                self.handle.advance(Status::Draining);
                 // Streams not yet sent go to another connection.
                 self.initiate_waiting();
             }
             ClientEvent::Closed(error) => {
-                self.handle.status.store(DEAD, Ordering::Release);
+                self.handle.advance(Status::Dead);
                 match error {
                     Some(e) => {
                         tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.");
@@ -429,7 +449,7 @@ impl Actor {
             }
             Command::Cancel { key } => self.cancel(key),
             Command::CancelOperation(operation) => {
-                let keys: Vec<u64> = self
+                let keys: Vec<StreamKey> = self
                     .slots
                     .borrow()
                     .iter()
@@ -473,7 +493,7 @@ impl Actor {
         driver::changed(self);
     }
 
-    fn cancel(&self, key: u64) {
+    fn cancel(&self, key: StreamKey) {
         let id = match self.slots.borrow().get(&key) {
             None => return,
             Some(slot) => slot.id,
@@ -494,7 +514,7 @@ impl Actor {
     }
 
     /// Chunks waiting for a cancelled stream's reader are not delivered.
-    fn purge_chunks(&self, key: u64) {
+    fn purge_chunks(&self, key: StreamKey) {
         if let Some(slot) = self.slots.borrow().get(&key) {
             slot.shared.purge_spilled_chunks();
         }
@@ -549,7 +569,7 @@ impl Actor {
         }
     }
 
-    fn stream_ended(self: &Rc<Self>, key: u64, outcome: Outcome, bytes: u64) {
+    fn stream_ended(self: &Rc<Self>, key: StreamKey, outcome: Outcome, bytes: u64) {
         let retry = match (&outcome, self.slots.borrow().get(&key)) {
             (Outcome::Error { code, .. }, Some(slot)) => {
                 !slot.initiated
@@ -570,7 +590,7 @@ impl Actor {
     }
 
     /// A stream the server never accepted goes to a fresh connection, once.
-    fn retry_or_end(self: &Rc<Self>, key: u64, code: ErrorCode, message: &str) {
+    fn retry_or_end(self: &Rc<Self>, key: StreamKey, code: ErrorCode, message: &str) {
         let retried = self.slots.borrow().get(&key).is_some_and(|s| s.retried);
         let client = self.client.upgrade();
         match (retried, client) {
@@ -604,7 +624,7 @@ impl Actor {
         slot.shared
             .bytes_received
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.bytes_received.increment(data.len() as u64);
+        slot.shared.counters.received(data.len());
         let data = if data.len() < recv::COPY_BELOW {
             Bytes::copy_from_slice(&data)
         } else {
@@ -614,7 +634,7 @@ impl Actor {
     }
 
     /// The stream ended: its marker is queued after its data, the pool learns it is free.
-    fn end(&self, key: u64, outcome: Outcome, bytes: u64) {
+    fn end(&self, key: StreamKey, outcome: Outcome, bytes: u64) {
         let Some(slot) = self.slots.borrow_mut().remove(&key) else {
             return;
         };
@@ -622,8 +642,10 @@ impl Actor {
             outcome,
             bytes_received: bytes,
         };
-        finish(&slot.shared, &slot.tx, end);
+        // Idle before the end marker is queued: a reader that sees the end sees the
+        // connection free (and its idle clock started).
         self.handle.stream_done();
+        finish(&slot.shared, &slot.tx, end);
     }
 
     /// The connection is over. The protocol ended every stream it knew; the streams still
@@ -632,7 +654,7 @@ impl Actor {
     /// cannot clear (authentication, a peer that is not a Nexus server, no common version)
     /// they end with that error, said plainly.
     fn end_remaining(self: &Rc<Self>) {
-        let keys: Vec<u64> = self.slots.borrow().keys().copied().collect();
+        let keys: Vec<StreamKey> = self.slots.borrow().keys().copied().collect();
         let closed_with = self.closed_with.borrow().clone();
         for key in keys {
             match &closed_with {

@@ -23,7 +23,7 @@ mod operation;
 mod recv;
 mod resume;
 mod stream;
-mod telemetry;
+pub mod telemetry;
 pub mod transfer;
 
 pub use client::{Client, ClientError, PoolStats, StreamOptions};
@@ -33,3 +33,4 @@ pub use nexus_protocol::{ClientSettings, Completion, ErrorCode, ItemCounts, Oper
 pub use operation::{Operation, OperationOptions, OperationProgress, StreamSummary};
 pub use resume::resume_paradata;
 pub use stream::{Ended, Item, StreamHandle, StreamProgress};
+pub use telemetry::StreamStats;

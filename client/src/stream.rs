@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use crate::client::Client;
 use crate::conn::{Command, ConnHandle};
 use crate::operation::OperationShared;
+use crate::telemetry::Counters;
 
 /// What a stream's queue yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,10 +88,15 @@ pub struct StreamProgress {
     pub items_expected: Option<u64>,
 }
 
+/// A stream's identity inside one client, for its whole life: unlike the wire's stream id,
+/// it stays the same when the stream is retried on another connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct StreamKey(pub(crate) u64);
+
 /// State one stream shares between its handle, its connection's IO thread and its operation.
 #[derive(Debug)]
 pub(crate) struct StreamShared {
-    pub(crate) key: u64,
+    pub(crate) key: StreamKey,
     pub(crate) endpoint: SocketAddr,
     pub(crate) request: StreamRequest,
     /// The connection the stream runs on; changes once if the stream is retried.
@@ -111,14 +117,17 @@ pub(crate) struct StreamShared {
     waker: Mutex<Option<Waker>>,
     waker_set: AtomicBool,
     pub(crate) operation: Option<Arc<OperationShared>>,
+    /// The client's stream counters.
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl StreamShared {
     pub(crate) fn new(
-        key: u64,
+        key: StreamKey,
         endpoint: SocketAddr,
         request: StreamRequest,
         operation: Option<Arc<OperationShared>>,
+        counters: Arc<Counters>,
     ) -> Self {
         StreamShared {
             key,
@@ -137,6 +146,7 @@ impl StreamShared {
             waker: Mutex::new(None),
             waker_set: AtomicBool::new(false),
             operation,
+            counters,
         }
     }
 

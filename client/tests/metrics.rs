@@ -1,6 +1,7 @@
-//! The client's metrics reach an installed recorder: streams by outcome, bytes received,
-//! active streams and connections back to zero, pool evictions by reason. One test in this
-//! file: the recorder is process-wide.
+//! The client's metrics reach an installed recorder when published (`telemetry::publish`,
+//! as a scrape handler does): streams by outcome, bytes received, active streams and
+//! connections back to zero, pool evictions by reason. One test in this file: the recorder is
+//! process-wide.
 #![allow(clippy::unwrap_used)]
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -20,6 +21,10 @@ fn client_metrics_reach_the_recorder() {
         ..ClientConfig::default()
     })
     .unwrap();
+    let render = || {
+        nexus_client::telemetry::publish(&client);
+        handle.render()
+    };
     let endpoint = server.local_addr();
     let mut done = client.initiate(endpoint, "synthetic:3MiB", StreamOptions::default());
     let mut bytes = 0;
@@ -36,16 +41,16 @@ fn client_metrics_reach_the_recorder() {
     cancelled.cancel();
     wait_until("the cancel to be counted", || {
         sample(
-            &handle.render(),
+            &render(),
             "nexus_client_streams_finished_total{outcome=\"cancelled\"}",
         ) == Some(1.0)
     });
     drop(cancelled);
     client.close();
     wait_until("the connection to close", || {
-        sample(&handle.render(), "nexus_client_connections") == Some(0.0)
+        sample(&render(), "nexus_client_connections") == Some(0.0)
     });
-    let scrape = handle.render();
+    let scrape = render();
     assert_eq!(
         sample(
             &scrape,

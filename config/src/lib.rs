@@ -8,7 +8,6 @@
 //! The environment is passed in as a lookup function, so tests never touch the process
 //! environment. The server and client crates turn [`Values`] into their configurations.
 
-pub mod metric_names;
 mod table;
 
 use std::collections::BTreeMap;

@@ -249,29 +249,6 @@ fn the_deploy_environment_file_lists_every_property() {
 }
 
 #[test]
-fn the_readme_metric_table_is_the_metric_table() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme.find("<!-- metrics:start -->\n").unwrap() + "<!-- metrics:start -->\n".len();
-    let end = readme.find("<!-- metrics:end -->").unwrap();
-    let expected = metric_names::markdown_table();
-    if std::env::var_os("NEXUS_WRITE_TABLES").is_some() {
-        let mut updated = readme.clone();
-        updated.replace_range(start..end, &expected);
-        std::fs::write(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"),
-            updated,
-        )
-        .unwrap();
-        return;
-    }
-    assert!(
-        readme[start..end] == expected,
-        "README.md's metric table is out of date (NEXUS_WRITE_TABLES=1 cargo test -p nexus-config rewrites it):\n{expected}"
-    );
-}
-
-#[test]
 fn sizes_take_units_and_empty_values_mean_the_default() {
     let v = resolve(
         &[],

@@ -2,6 +2,10 @@
 //! `/healthz` (the process answers) and `/readyz` (200 only while serving; 503 while starting
 //! and draining).
 //!
+//! [`prometheus`] installs the process's Prometheus recorder and gives the `/metrics`
+//! renderer for a server: its counters are published just before each scrape
+//! (`crate::telemetry`).
+//!
 //! HTTP/1.1 through hyper, on its own thread and current-thread runtime, away from the
 //! shards: requests are served concurrently (an idle or slow client never delays a probe),
 //! every request's head must arrive within [`HEADER_DEADLINE`], a connection lasts at most
@@ -11,7 +15,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +26,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::telemetry::{self, names};
+use crate::ServerStats;
 
 /// Time a client has to send a request's head.
 pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
@@ -63,6 +71,49 @@ pub enum AdminError {
     /// Its thread or runtime could not start.
     #[error("the admin endpoint cannot start: {0}")]
     Start(std::io::Error),
+    /// The Prometheus recorder could not be installed (one per process).
+    #[error("metrics: {0}")]
+    Recorder(String),
+}
+
+/// How often the exporter's upkeep runs (it drains histogram buckets so memory stays flat).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder (once per process),
+/// with the server's histogram buckets and descriptions, and returns the `/metrics` renderer:
+/// it publishes the server's counters (`telemetry::publish`) once `stats` is set, then
+/// renders. `stats` may be set after the endpoint starts (it starts before the server, so
+/// `/readyz` says "starting").
+pub fn prometheus(stats: Arc<OnceLock<Arc<ServerStats>>>) -> Result<RenderMetrics, AdminError> {
+    let failed = |e: &dyn std::fmt::Display| AdminError::Recorder(e.to_string());
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in [
+        (names::STREAM_DURATION, telemetry::DURATION_BUCKETS),
+        (names::STREAM_SIZE, telemetry::SIZE_BUCKETS),
+        (names::TIME_TO_FIRST_BYTE, telemetry::FIRST_BYTE_BUCKETS),
+    ] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+            .map_err(|e| failed(&e))?;
+    }
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| failed(&e))?;
+    telemetry::describe();
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("nexus-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkeep.run_upkeep();
+        })
+        .map_err(AdminError::Start)?;
+    Ok(Arc::new(move || {
+        if let Some(stats) = stats.get() {
+            telemetry::publish(stats);
+        }
+        handle.render()
+    }))
 }
 
 /// A running admin endpoint; it serves until the process ends.
@@ -160,14 +211,18 @@ fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
+    let phase = shared.phase.load(Ordering::Relaxed);
     match request.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            (shared.metrics)(),
-        ),
+        "/metrics" => {
+            metrics::gauge!(names::READY).set(f64::from(phase == Phase::Ready as u8));
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                (shared.metrics)(),
+            )
+        }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
-        "/readyz" => match shared.phase.load(Ordering::Relaxed) {
+        "/readyz" => match phase {
             1 => reply(StatusCode::OK, TEXT, "ready\n".into()),
             2 => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
             _ => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into()),

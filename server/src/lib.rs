@@ -28,7 +28,7 @@ mod shard;
 mod source;
 mod stats;
 pub mod synthetic;
-mod telemetry;
+pub mod telemetry;
 mod throttle;
 
 use nexus_io as io;

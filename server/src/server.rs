@@ -79,7 +79,7 @@ impl Server {
             })?;
         let config = Arc::new(config);
         let registry = Arc::new(registry);
-        let stats = Arc::new(ServerStats::new(listeners.len()));
+        let stats = Arc::new(ServerStats::new(listeners.len(), backend));
         let packer = Arc::new(Packer::start(listeners.len()).map_err(StartError::Thread)?);
         let throttle = Arc::new(AuthThrottle::new(config.auth_failures_max));
         let (shutdown, _) = watch::channel(None);

@@ -70,6 +70,8 @@ pub struct ServerStats {
     pub(crate) shards: Box<[ShardTraffic]>,
     /// Failed and refused streams by code, in the order of [`stream_error_labels`].
     stream_errors: Box<[AtomicU64]>,
+    /// The IO backend in use.
+    pub(crate) backend: Option<nexus_io::Backend>,
 }
 
 /// A copy of the counters at one moment.
@@ -120,8 +122,9 @@ pub struct StatsSnapshot {
 
 impl ServerStats {
     /// Counters for a server of `shards` shards.
-    pub(crate) fn new(shards: usize) -> ServerStats {
+    pub(crate) fn new(shards: usize, backend: nexus_io::Backend) -> ServerStats {
         ServerStats {
+            backend: Some(backend),
             shards: (0..shards).map(|_| ShardTraffic::default()).collect(),
             stream_errors: stream_error_labels().map(|_| AtomicU64::new(0)).collect(),
             ..ServerStats::default()
