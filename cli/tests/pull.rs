@@ -9,7 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nexus_client::{Client, ClientConfig, ErrorCode, Item, StreamOptions};
-use nexus_testkit::{spawn_nexus_serve, write_pattern_file, ChildGuard, Proxy, TempDir, PATIENCE};
+use nexus_testkit::{
+    json_stdout as report, run_pull, spawn_nexus_serve, stderr_of as stderr, write_pattern_file,
+    ChildGuard, Proxy, TempDir, PATIENCE,
+};
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
@@ -19,22 +22,7 @@ fn serve(root: &Path) -> (ChildGuard, SocketAddr) {
 }
 
 fn pull(args: &[&str]) -> Output {
-    Command::new(NEXUS)
-        .arg("pull")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The `--json` report on stdout.
-fn report(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    run_pull(Path::new(NEXUS), args, &[("RUST_LOG", "warn")])
 }
 
 /// The `state` of every entry of a report.

@@ -1,0 +1,47 @@
+//! HTTP and Prometheus helpers for the admin endpoint, with plain sockets so a test sees the
+//! bytes a scraper would.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use crate::PATIENCE;
+
+/// A plain HTTP/1.1 GET on loopback: the status code and the body.
+pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut socket = TcpStream::connect(address)?;
+    socket.set_read_timeout(Some(PATIENCE))?;
+    write!(
+        socket,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    Ok((status, body))
+}
+
+/// The value of the sample `series` (a metric name with its labels, as printed) in a
+/// Prometheus text scrape.
+pub fn prometheus_sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The value of `series` in a fresh scrape of the admin endpoint at `admin`; 0 when it is not
+/// there yet (a counter that never moved is not printed).
+pub fn scrape_sample(admin: SocketAddr, series: &str) -> f64 {
+    let (status, text) =
+        http_get(admin, "/metrics").unwrap_or_else(|e| panic!("scrape of {admin}: {e}"));
+    assert_eq!(status, 200, "scrape of {admin}: {text}");
+    prometheus_sample(&text, series).unwrap_or(0.0)
+}
