@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nexus_testkit::{
-    free_port, json_stdout as report, run_pull, scrape_sample, spawn_serve, stderr_of as stderr,
-    write_pattern_file, Served, TempDir,
+    entry_states, free_port, json_stdout as report, run_pull, scrape_sample, spawn_serve,
+    stderr_of as stderr, write_pattern_file, Served, TempDir,
 };
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
@@ -308,23 +308,13 @@ fn a_manifest_lists_every_entry_and_keep_going_goes_on() {
     let out = pull(&base, &[]);
     assert_eq!(out.status.code(), Some(1));
     let json = report(&out);
-    let states: Vec<&str> = json["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
+    let states = entry_states(&json);
     assert_eq!(states, ["complete", "failed", "skipped"], "{json}");
     assert_eq!(json["entries"][1]["error"]["code"], "not_found");
     let out = pull(&[&base[..], &["--keep-going"]].concat(), &[]);
     assert_eq!(out.status.code(), Some(1));
     let json = report(&out);
-    let states: Vec<&str> = json["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
+    let states = entry_states(&json);
     assert_eq!(states, ["complete", "failed", "complete"], "{json}");
     assert!(dir.path().join("out2").exists());
 }

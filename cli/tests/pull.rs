@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use nexus_client::{Client, ClientConfig, ErrorCode, Item, StreamOptions};
 use nexus_testkit::{
-    json_stdout as report, run_pull, spawn_nexus_serve, stderr_of as stderr, write_pattern_file,
-    ChildGuard, Proxy, TempDir, PATIENCE,
+    entry_states as states, json_stdout as report, run_pull, spawn_nexus_serve,
+    stderr_of as stderr, write_pattern_file, ChildGuard, Proxy, TempDir, PATIENCE,
 };
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
@@ -23,16 +23,6 @@ fn serve(root: &Path) -> (ChildGuard, SocketAddr) {
 
 fn pull(args: &[&str]) -> Output {
     run_pull(Path::new(NEXUS), args, &[("RUST_LOG", "warn")])
-}
-
-/// The `state` of every entry of a report.
-fn states(report: &serde_json::Value) -> Vec<&str> {
-    report["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect()
 }
 
 #[test]

@@ -24,7 +24,8 @@ pub use driver::{connection_error, exchange_raw, read_frames_until_close, Client
 pub use fake::{default_accept, FakeServer};
 pub use http::{http_get, prometheus_sample, scrape_sample};
 pub use process::{
-    json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_serve, stderr_of, ChildGuard, Served,
+    entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_serve, stderr_of,
+    ChildGuard, Served,
 };
 pub use proxy::Proxy;
 pub use server::{builtin_registry, start_server, start_with, test_config};

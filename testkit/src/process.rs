@@ -150,3 +150,13 @@ pub fn json_stdout(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
+
+/// The `state` of every entry of a `nexus pull --json` report, in order.
+pub fn entry_states(report: &serde_json::Value) -> Vec<&str> {
+    report["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries in {report}"))
+        .iter()
+        .map(|e| e["state"].as_str().unwrap_or("(no state)"))
+        .collect()
+}
