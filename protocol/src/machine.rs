@@ -91,7 +91,11 @@ pub trait Side: sealed::Sealed + Sized + fmt::Debug {
         false
     }
     #[doc(hidden)]
+    /// A frame other than an extension or a connection ERROR, which the core handles.
     fn on_frame(conn: &mut Connection<Self>, frame: Frame, now: Instant) -> Result<(), WireError>;
+    #[doc(hidden)]
+    /// The peer closed the connection with ERROR `err` (in any phase).
+    fn on_peer_error(conn: &mut Connection<Self>, err: WireError);
     #[doc(hidden)]
     /// Closes with a connection ERROR.
     fn fail(conn: &mut Connection<Self>, err: WireError);
@@ -162,7 +166,7 @@ impl<S: Side> Connection<S> {
             }
             match self.core.inbox.next_frame(S::PEER) {
                 Ok(Some(frame)) => {
-                    if let Err(err) = S::on_frame(self, frame, now) {
+                    if let Err(err) = self.on_frame(frame, now) {
                         S::fail(self, err);
                     }
                 }
@@ -173,6 +177,27 @@ impl<S: Side> Connection<S> {
                 self.core.inbox.buf.clear();
                 break;
             }
+        }
+    }
+
+    /// What both sides do alike in every phase (PROTOCOL.md 3): ignore extension frames, and
+    /// close at a connection ERROR from the peer; the rest is the side's.
+    fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), WireError> {
+        match frame {
+            Frame::Extension { .. } => Ok(()),
+            Frame::Error {
+                stream,
+                code,
+                message,
+            } if stream.is_connection() => {
+                let err = WireError::new(
+                    code,
+                    format!("{} closed the connection: {message}", S::PEER),
+                );
+                S::on_peer_error(self, err);
+                Ok(())
+            }
+            frame => S::on_frame(self, frame, now),
         }
     }
 

@@ -237,21 +237,12 @@ impl Side for ClientSide {
         matches!(self.phase, Phase::Established(_))
     }
 
+    fn on_peer_error(conn: &mut ClientConnection, err: WireError) {
+        close_with(conn, Some(err), true);
+    }
+
     fn on_frame(conn: &mut ClientConnection, frame: Frame, now: Instant) -> Result<(), WireError> {
         match (conn.side.phase.kind(), frame) {
-            (_, Frame::Extension { .. }) => Ok(()),
-            (
-                _,
-                Frame::Error {
-                    stream,
-                    code,
-                    message,
-                },
-            ) if stream.is_connection() => {
-                let err = WireError::new(code, format!("server closed the connection: {message}"));
-                close_with(conn, Some(err), true);
-                Ok(())
-            }
             (PhaseKind::AwaitAccept, Frame::Accept(accept)) => {
                 handshake::on_accept(conn, accept, now)
             }

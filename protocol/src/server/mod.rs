@@ -223,23 +223,14 @@ impl Side for ServerSide {
         ServerSide::over_pending_limit(conn)
     }
 
+    fn on_peer_error(conn: &mut ServerConnection, err: WireError) {
+        conn.side.phase = Phase::Closed;
+        conn.side.streams.clear();
+        conn.core.events.push_back(ServerEvent::Closed(Some(err)));
+    }
+
     fn on_frame(conn: &mut ServerConnection, frame: Frame, now: Instant) -> Result<(), WireError> {
         match (conn.side.phase.kind(), frame) {
-            (_, Frame::Extension { .. }) => Ok(()),
-            (
-                _,
-                Frame::Error {
-                    stream,
-                    code,
-                    message,
-                },
-            ) if stream.is_connection() => {
-                conn.side.phase = Phase::Closed;
-                conn.side.streams.clear();
-                let err = WireError::new(code, format!("client closed the connection: {message}"));
-                conn.core.events.push_back(ServerEvent::Closed(Some(err)));
-                Ok(())
-            }
             (PhaseKind::AwaitBind, Frame::Bind(bind)) => handshake::on_bind(conn, bind, now),
             (PhaseKind::AwaitBind, other) => Err(WireError::protocol(format!(
                 "expected BIND first, got {}",
