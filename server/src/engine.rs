@@ -256,7 +256,7 @@ impl ConnState {
         shard.set(shard.get() - before + now);
         let published = &self.shard.traffic().memory_held;
         published.store(shard.get() as u64, std::sync::atomic::Ordering::Relaxed);
-        if now < before {
+        if now < before && self.shard.budget_waiters.get() > 0 {
             self.shard.budget_freed.notify_waiters();
         }
     }
@@ -589,10 +589,13 @@ async fn next_chunk(
     holding: &Holding<'_>,
 ) -> Next {
     let reserve = state.shard.chunk_size();
-    while !state.has_room(reserve) {
-        tokio::select! {
-            _ = state.shard.budget_freed.notified() => {}
-            _ = slot.stop.notified() => return Next::Ended(End::Stopped),
+    if !state.has_room(reserve) {
+        let _waiting = BudgetWaiter::new(&state.shard);
+        while !state.has_room(reserve) {
+            tokio::select! {
+                _ = state.shard.budget_freed.notified() => {}
+                _ = slot.stop.notified() => return Next::Ended(End::Stopped),
+            }
         }
     }
     holding.take(reserve);
@@ -616,11 +619,28 @@ async fn next_chunk(
         }
     };
     // The reservation becomes what really came.
-    if let Next::Data(data) = &next {
-        holding.take(data.len());
-    }
-    holding.hand_on(reserve);
+    let came = match &next {
+        Next::Data(data) => data.len(),
+        _ => 0,
+    };
+    holding.settle(reserve, came);
     next
+}
+
+/// Counts a stream task among those waiting for memory to free, while it lives.
+struct BudgetWaiter<'a>(&'a ShardContext);
+
+impl<'a> BudgetWaiter<'a> {
+    fn new(shard: &'a ShardContext) -> Self {
+        shard.budget_waiters.set(shard.budget_waiters.get() + 1);
+        BudgetWaiter(shard)
+    }
+}
+
+impl Drop for BudgetWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.budget_waiters.set(self.0.budget_waiters.get() - 1);
+    }
 }
 
 /// Bytes a stream task holds outside the protocol (split remainders, chunks taken ahead or at
@@ -649,6 +669,17 @@ impl<'a> Holding<'a> {
     fn hand_on(&self, bytes: usize) {
         self.bytes.set(self.bytes.get() - bytes);
         self.state.unprepare(bytes);
+    }
+
+    /// A reservation of `reserved` bytes turns into the `came` bytes the producer gave: one
+    /// recount instead of a take and a hand-on.
+    fn settle(&self, reserved: usize, came: usize) {
+        self.bytes.set(self.bytes.get() + came - reserved);
+        if came > reserved {
+            self.state.prepare(came - reserved);
+        } else {
+            self.state.unprepare(reserved - came);
+        }
     }
 }
 

@@ -59,6 +59,9 @@ pub struct ShardContext {
     pub(crate) budget: usize,
     /// Notified whenever a connection holds less than before: paused streams look again.
     pub(crate) budget_freed: Notify,
+    /// Stream tasks waiting on `budget_freed`: with none, freeing memory wakes no one (and
+    /// skips `Notify`'s lock, once per chunk).
+    pub(crate) budget_waiters: Cell<usize>,
 }
 
 impl ShardContext {
@@ -204,6 +207,7 @@ pub(crate) fn run(
             held: Cell::new(0),
             budget,
             budget_freed: Notify::new(),
+            budget_waiters: Cell::new(0),
         });
         let listener = io::Listener::from_std(backend, listener)?;
         let drain = loop {
