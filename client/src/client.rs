@@ -325,6 +325,12 @@ impl Shared {
                 Err(back) => {
                     connection.active.fetch_sub(1, Ordering::AcqRel);
                     self.remove_dead(&connection);
+                    // A connection that could not be made, however fast it failed, is the
+                    // answer: the endpoint is unreachable (its caller decides on retries).
+                    if let Some(message) = connection.connect_error() {
+                        back.fail(ErrorCode::UNREACHABLE, message);
+                        return;
+                    }
                     stream = back;
                 }
             }

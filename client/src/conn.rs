@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -118,6 +118,9 @@ pub(crate) struct ConnHandle {
     /// Streams checked out on it and not yet ended.
     pub(crate) active: AtomicUsize,
     pub(crate) last_used: Mutex<Instant>,
+    /// Why the connection could not be made, once it failed to: set before its commands
+    /// close, so a stream refused by the closed channel can say why.
+    connect_error: OnceLock<String>,
 }
 
 impl ConnHandle {
@@ -133,6 +136,7 @@ impl ConnHandle {
             status: AtomicU8::new(Status::Connecting as u8),
             active: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            connect_error: OnceLock::new(),
         }
     }
 
@@ -163,6 +167,11 @@ impl ConnHandle {
     /// Whether new streams may go here.
     pub(crate) fn is_usable(&self) -> bool {
         self.status() < Status::Draining && !self.commands.is_closed()
+    }
+
+    /// Why the connection could not be made, if that is how it ended.
+    pub(crate) fn connect_error(&self) -> Option<&str> {
+        self.connect_error.get().map(String::as_str)
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -299,6 +308,7 @@ pub(crate) async fn run(spawn: Spawn) {
 fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
     // `unreachable`, not `connection_lost`: nothing was connected, so nothing was lost.
     tracing::debug!(endpoint = %handle.endpoint, reason = %Printable(message), "Cannot connect.");
+    let _ = handle.connect_error.set(message.to_string());
     handle.advance(Status::Dead);
     commands.close();
     while let Ok(command) = commands.try_recv() {
