@@ -630,8 +630,20 @@ fn matrix(backend: Backend) {
     const WINDOW: u32 = 256 << 10;
     const SIZE: usize = 1 << 20;
     let root = TempDir::new("client-matrix");
+    // This test is about pooling, not deadlines. It loads the machine on purpose: under a CPU
+    // hog, with the other backend's matrix beside it, a shard gets a few percent of a core
+    // and handshakes took up to 12 s, past the 10 s default; the pool then (rightly) replaced
+    // the timed-out connection, and `created` was 5. So the handshake may take as long as
+    // the test waits for anything.
     let servers: Vec<SocketAddr> = (0..4)
-        .map(|_| server(backend, &root, 64 << 10))
+        .map(|_| {
+            let mut config = ServerConfig {
+                chunk_size: 64 << 10,
+                ..test_config(backend, root.path())
+            };
+            config.protocol.timers.handshake_timeout = PATIENCE;
+            start_with(config, builtin_registry(root.path()))
+        })
         .map(|s| {
             let address = s.local_addr();
             std::mem::forget(s); // lives to the end of the process, like the clients
@@ -646,6 +658,7 @@ fn matrix(backend: Backend) {
                 let mut config = client_config(backend);
                 config.threads = 1;
                 config.protocol.initial_window = WINDOW;
+                config.protocol.timers.handshake_timeout = PATIENCE;
                 let client = Client::new(config).unwrap();
                 let mut handles: Vec<(u64, StreamHandle)> = (0..16)
                     .map(|p| {
