@@ -152,9 +152,16 @@ pub fn block_on<F: Future>(
 }
 
 /// A listening socket of one shard.
-#[allow(missing_docs)] // the variants are the two backends
 pub enum Listener {
-    Uring(tokio_uring::net::TcpListener),
+    /// io_uring, with a second handle on the same (non-blocking) socket for accepting what
+    /// already waits without a trip through the ring.
+    Uring {
+        /// Accepts through the ring when nothing waits.
+        ring: tokio_uring::net::TcpListener,
+        /// The same socket (a duplicate descriptor), for non-blocking `accept`.
+        ready: std::net::TcpListener,
+    },
+    /// epoll: tokio's listener, which accepts what waits before it waits.
     Epoll(tokio::net::TcpListener),
 }
 
@@ -162,16 +169,30 @@ impl Listener {
     /// Adopts a bound, listening, non-blocking std socket. Must run inside the shard's runtime.
     pub fn from_std(backend: Backend, socket: std::net::TcpListener) -> io::Result<Self> {
         Ok(match backend {
-            Backend::IoUring => Listener::Uring(tokio_uring::net::TcpListener::from_std(socket)),
+            Backend::IoUring => {
+                // Non-blocking whatever the caller did: `ready.accept()` must never block the
+                // shard (the flag is shared by both handles; the ring waits either way).
+                socket.set_nonblocking(true)?;
+                Listener::Uring {
+                    ready: socket.try_clone()?,
+                    ring: tokio_uring::net::TcpListener::from_std(socket),
+                }
+            }
             Backend::Epoll => Listener::Epoll(tokio::net::TcpListener::from_std(socket)?),
         })
     }
 
-    /// Accepts one connection, with TCP_NODELAY.
+    /// Accepts one connection, with TCP_NODELAY. A connection already waiting is taken at
+    /// once, without yielding: one io_uring accept per wake-up would take a backlog of N
+    /// connections N turns of a busy shard's scheduler, and their handshakes would wait.
     pub async fn accept(&self) -> io::Result<(Connection, SocketAddr)> {
         match self {
-            Listener::Uring(l) => {
-                let (stream, peer) = l.accept().await?;
+            Listener::Uring { ring, ready } => {
+                let (stream, peer) = match ready.accept() {
+                    Ok((stream, peer)) => (tokio_uring::net::TcpStream::from_std(stream), peer),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => ring.accept().await?,
+                    Err(e) => return Err(e),
+                };
                 stream.set_nodelay(true)?;
                 Ok((Connection::Uring(Rc::new(stream)), peer))
             }
