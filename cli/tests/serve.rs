@@ -32,14 +32,17 @@ fn wait_exit(ChildGuard(child): &mut ChildGuard) -> std::process::ExitStatus {
 #[test]
 fn sigterm_drains_running_streams_and_exits_zero() {
     let dir = TempDir::new("drain");
+    // The drain deadline must outlast the short stream on a loaded machine (64 MiB in 1.5 s
+    // failed under a CPU hog): 16 MiB, four windows, in 5 s, while the stuck stream can never
+    // finish and ends at the deadline.
     let (mut child, address) = serve(
         dir.path(),
-        &[("BURST_NEXUS_SERVER_DRAIN_TIMEOUT_MS", "1500")],
+        &[("BURST_NEXUS_SERVER_DRAIN_TIMEOUT_MS", "5000")],
     );
     let mut client = Client::connect(address);
     // A stream the client stops reading (it cannot finish) and one it reads to the end.
     let stuck = client.initiate("synthetic:1TiB");
-    let short = client.initiate("synthetic:64MiB");
+    let short = client.initiate("synthetic:16MiB");
     let deadline = Instant::now() + PATIENCE;
     // Wait until both run, then signal.
     let mut seen_short = false;
