@@ -438,7 +438,7 @@ fn printing_into_a_closed_pipe_is_quiet() {
 }
 
 /// The README's set-up commands, as a new user runs them: the server command names the
-/// binary (`cargo run` in a workspace with two binaries needs `--bin`), and each first-pull
+/// binary (`--bin nexus`: explicit, though `nexus` is the default members' only binary), and each first-pull
 /// line works against a server whose working directory is the repository root.
 #[test]
 fn the_readmes_first_commands_work() {
