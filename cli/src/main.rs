@@ -17,7 +17,9 @@ use std::sync::{Arc, OnceLock};
 use clap::{Args, Parser, Subcommand};
 use nexus_client::ClientConfig;
 use nexus_server::admin::{Admin, Phase};
-use nexus_server::{FileSource, Registry, Server, ServerConfig, ServerStats, SyntheticSource};
+use nexus_server::{
+    DiscardSink, FileSink, FileSource, Registry, Server, ServerConfig, ServerStats, SyntheticSource,
+};
 
 use nexus_config::{BadValue, Sources, Values};
 
@@ -271,6 +273,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(&format!("burst.nexus.server.root {:?}: {e}", config.root)),
     };
     registry.register(SyntheticSource);
+    registry.register_sink(DiscardSink);
+    match &config.upload_root {
+        None => registry.register_sink(FileSink::disabled()),
+        Some(root) => match FileSink::new(root, config.upload_max_size, config.pipe_size) {
+            Ok(files) => registry.register_sink(files),
+            Err(e) => return fail(&format!("burst.nexus.server.upload.root {root:?}: {e}")),
+        },
+    };
     // The admin endpoint comes up first, so /readyz says "starting" until the server listens.
     let stats: Arc<OnceLock<Arc<ServerStats>>> = Arc::new(OnceLock::new());
     let admin = match admin_address {

@@ -49,6 +49,7 @@ fn rapid_reset(first: u32, count: u32) -> Vec<u8> {
             accept_zstd: false,
             paradata: "synthetic:1GiB".into(),
             traceparent: None,
+            push: None,
         };
         bytes.extend_from_slice(&Frame::Initiate(initiate).to_bytes());
         let cancel = Frame::Cancel {
@@ -174,6 +175,7 @@ fn pin(address: std::net::SocketAddr, streams: u32, paradata: &str) -> TcpStream
             accept_zstd: false,
             paradata: paradata.into(),
             traceparent: None,
+            push: None,
         };
         bytes.extend_from_slice(&Frame::Initiate(initiate).to_bytes());
     }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::config::ClientConfig;
 use crate::conn::{self, Command, ConnHandle, NewStream, Spawn};
 use crate::operation::{Operation, OperationOptions, OperationShared};
+use crate::push::{PushHandle, PushOptions};
 use crate::stream::{StreamHandle, StreamKey, StreamShared};
 use crate::telemetry::{Counters, StreamStats};
 
@@ -221,6 +222,49 @@ impl Client {
         self.initiate_in(endpoint, paradata, options, None)
     }
 
+    /// Starts a push of data into the sink `paradata` names at `endpoint` (`file:PATH`,
+    /// `discard:`), on a pooled connection. Write the data to the handle, then `finish`.
+    pub fn push(&self, endpoint: SocketAddr, paradata: &str, options: PushOptions) -> PushHandle {
+        self.push_in(endpoint, paradata, options, None)
+    }
+
+    pub(crate) fn push_in(
+        &self,
+        endpoint: SocketAddr,
+        paradata: &str,
+        options: PushOptions,
+        operation: Option<Arc<OperationShared>>,
+    ) -> PushHandle {
+        let key = StreamKey(self.shared.next_key.fetch_add(1, Ordering::Relaxed));
+        let request = StreamRequest {
+            paradata: paradata.to_string(),
+            operation: operation.as_ref().map_or(OperationId(0), |op| op.id),
+            accept_zstd: false,
+            traceparent: options.traceparent,
+            push: Some(options.size.unwrap_or(nexus_protocol::UNKNOWN)),
+        };
+        let shared = Arc::new(StreamShared::new(
+            key,
+            endpoint,
+            request,
+            operation,
+            Arc::clone(&self.shared.counters),
+        ));
+        self.shared.counters.stream_started();
+        // Only the end marker ever goes through a push's queue.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if let Some(op) = &shared.operation {
+            op.add(Arc::clone(&shared));
+        }
+        let handle = PushHandle::new(self.clone(), Arc::clone(&shared), rx);
+        self.shared.start(NewStream {
+            shared,
+            tx,
+            retried: false,
+        });
+        handle
+    }
+
     /// A macro operation: streams across endpoints, cancelled, watched and summarised together.
     pub fn operation(&self, options: OperationOptions) -> Operation {
         Operation::new(self.clone(), options)
@@ -239,6 +283,7 @@ impl Client {
             operation: operation.as_ref().map_or(OperationId(0), |op| op.id),
             accept_zstd: options.accept_zstd,
             traceparent: options.traceparent,
+            push: None,
         };
         let shared = Arc::new(StreamShared::new(
             key,

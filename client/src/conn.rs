@@ -47,6 +47,21 @@ pub(crate) enum Command {
         key: StreamKey,
     },
     CancelOperation(OperationId),
+    /// Push data, within the window the push's gate gave out.
+    PushData {
+        key: StreamKey,
+        data: Bytes,
+    },
+    /// The push's data is all sent: queue the client's COMPLETE.
+    PushFinish {
+        key: StreamKey,
+    },
+    /// Fail the stream on the application's finding: CANCEL, and this error as its end.
+    Abort {
+        key: StreamKey,
+        code: ErrorCode,
+        message: String,
+    },
     /// Close: with `idle`, only when no stream runs (a FIN, no error).
     Close {
         idle: bool,
@@ -371,6 +386,13 @@ impl Host for Actor {
                 }
             }
             ClientEvent::Chunk { stream, data } => self.deliver_chunk(stream, data),
+            ClientEvent::Credit { stream, increment } => {
+                if let Some(slot) = self.slot_of(stream).as_ref() {
+                    if let Some(gate) = &slot.shared.push {
+                        gate.grant(u64::from(increment));
+                    }
+                }
+            }
             ClientEvent::Progress { stream, progress } => {
                 if let Some(slot) = self.slot_of(stream).as_mut() {
                     let shared = &slot.shared;
@@ -458,6 +480,17 @@ impl Actor {
                 }
             }
             Command::Cancel { key } => self.cancel(key),
+            Command::PushData { key, data } => self.push_data(key, data),
+            Command::PushFinish { key } => {
+                let id = self.slots.borrow().get(&key).and_then(|s| s.id);
+                if let Some(id) = id {
+                    let result = self.proto.borrow_mut().finish_push(id, Instant::now());
+                    if let Err(e) = result {
+                        self.abort(key, ErrorCode::INTERNAL, &e.to_string());
+                    }
+                }
+            }
+            Command::Abort { key, code, message } => self.abort(key, code, &message),
             Command::CancelOperation(operation) => {
                 let keys: Vec<StreamKey> = self
                     .slots
@@ -523,6 +556,44 @@ impl Actor {
         }
     }
 
+    /// Hands push data to the protocol in pieces it takes (at most a frame each). The handle
+    /// took it from the gate, so it is within the window the server granted.
+    fn push_data(&self, key: StreamKey, mut data: Bytes) {
+        let Some(id) = self.slots.borrow().get(&key).and_then(|s| s.id) else {
+            return;
+        };
+        let now = Instant::now();
+        while !data.is_empty() {
+            let capacity = self.proto.borrow().push_capacity(id);
+            if capacity == 0 {
+                // Cancelled or failed meanwhile: the rest is dropped with the push.
+                return;
+            }
+            let piece = data.split_to(capacity.min(data.len()));
+            let result = self.proto.borrow_mut().send_push_chunk(id, piece, now);
+            if let Err(e) = result {
+                return self.abort(key, ErrorCode::INTERNAL, &e.to_string());
+            }
+        }
+    }
+
+    /// Fails a stream on this side's finding; its end comes as the protocol reports it.
+    fn abort(&self, key: StreamKey, code: ErrorCode, message: &str) {
+        let id = match self.slots.borrow().get(&key) {
+            None => return,
+            Some(slot) => slot.id,
+        };
+        match id {
+            Some(id) => {
+                let _ = self.proto.borrow_mut().abort(id, code, message);
+            }
+            None => {
+                self.waiting.borrow_mut().retain(|k| *k != key);
+                self.end(key, error(code, message), 0);
+            }
+        }
+    }
+
     /// Chunks waiting for a cancelled stream's reader are not delivered.
     fn purge_chunks(&self, key: StreamKey) {
         if let Some(slot) = self.slots.borrow().get(&key) {
@@ -573,6 +644,10 @@ impl Actor {
                 }
                 Err(e @ CallError::ParadataTooLong { .. }) => {
                     self.end(key, error(ErrorCode::BAD_PARADATA, &e.to_string()), 0);
+                }
+                Err(e @ CallError::PushUnsupported(_)) => {
+                    let message = format!("{}: {e}", self.handle.endpoint);
+                    self.end(key, error(ErrorCode::UNSUPPORTED_VERSION, &message), 0);
                 }
                 Err(e) => self.end(key, error(ErrorCode::INTERNAL, &e.to_string()), 0),
             }
@@ -655,6 +730,9 @@ impl Actor {
         // Idle before the end marker is queued: a reader that sees the end sees the
         // connection free (and its idle clock started).
         self.handle.stream_done();
+        if let Some(gate) = &slot.shared.push {
+            gate.close();
+        }
         finish(&slot.shared, &slot.tx, end);
     }
 

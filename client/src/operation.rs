@@ -166,6 +166,18 @@ impl Operation {
             .initiate_in(endpoint, paradata, options, Some(Arc::clone(&self.shared)))
     }
 
+    /// Starts a push as part of the operation: cancelled, watched and summarised with the
+    /// operation's other streams.
+    pub fn push(
+        &self,
+        endpoint: SocketAddr,
+        paradata: &str,
+        options: crate::PushOptions,
+    ) -> crate::PushHandle {
+        self.client
+            .push_in(endpoint, paradata, options, Some(Arc::clone(&self.shared)))
+    }
+
     /// Cancels every stream: one CANCEL per connection; every producer stops and acknowledges,
     /// and no chunk is returned by any handle from now on. Streams started later end at once.
     pub fn cancel_all(&self) {

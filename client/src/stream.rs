@@ -119,6 +119,8 @@ pub(crate) struct StreamShared {
     pub(crate) operation: Option<Arc<OperationShared>>,
     /// The client's stream counters.
     pub(crate) counters: Arc<Counters>,
+    /// A push's window, shared with its handle.
+    pub(crate) push: Option<crate::push::PushGate>,
 }
 
 impl StreamShared {
@@ -129,6 +131,7 @@ impl StreamShared {
         operation: Option<Arc<OperationShared>>,
         counters: Arc<Counters>,
     ) -> Self {
+        let push = request.push.map(|_| crate::push::PushGate::default());
         StreamShared {
             key,
             endpoint,
@@ -145,6 +148,7 @@ impl StreamShared {
             spilled: AtomicUsize::new(0),
             waker: Mutex::new(None),
             waker_set: AtomicBool::new(false),
+            push,
             operation,
             counters,
         }

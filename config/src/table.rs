@@ -110,6 +110,27 @@ pub const PROPERTIES: &[Property] = &[
         "Directory file: paths are relative to; default: the working directory.",
     ),
     p(
+        "burst.nexus.server.upload.root",
+        Path,
+        "",
+        "",
+        "Directory pushes to file: write into (uploads); empty, the default: uploads are disabled and a push to file: gets permission_denied.",
+    ),
+    p(
+        "burst.nexus.server.upload.max.size",
+        Size,
+        "1099511627776",
+        "bytes",
+        "Largest push a file: sink takes; a larger one gets resource_exhausted and nothing of it is kept.",
+    ),
+    p(
+        "burst.nexus.server.push.window",
+        Size,
+        "8388608",
+        "bytes",
+        "Window each push stream gets: the most data one push has in flight or waiting for its sink.",
+    ),
+    p(
         "burst.nexus.server.follow.symlinks",
         Bool,
         "true",

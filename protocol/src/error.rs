@@ -75,6 +75,23 @@ pub enum CallError {
         /// Bytes it produced.
         produced: u64,
     },
+    /// The peer speaks a protocol version without push streams.
+    #[error("the server speaks protocol version {0}, which has no push streams (version 2 and later have them); upgrade the server")]
+    PushUnsupported(u16),
+    /// The push already sent more than the size it declared.
+    #[error("the push goes past the {declared} bytes it declared")]
+    BeyondDeclared {
+        /// Bytes declared in INITIATE.
+        declared: u64,
+    },
+    /// The push ends short of the size it declared.
+    #[error("the push ends after {sent} of the {declared} bytes it declared")]
+    ShortOfDeclared {
+        /// Bytes declared in INITIATE.
+        declared: u64,
+        /// Bytes sent.
+        sent: u64,
+    },
     /// The data is larger than the stream's current send capacity.
     #[error("{len} bytes exceed the send capacity of {capacity}")]
     NoCapacity {

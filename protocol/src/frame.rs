@@ -42,6 +42,9 @@ pub const MAX_TRACEPARENT_LEN: usize = 256;
 
 /// Frame flag on INITIATE: the client accepts zstd-compressed chunks.
 pub const FLAG_ACCEPT_ZSTD: u8 = 0x01;
+/// Frame flag on INITIATE (version 2): a push stream; the client sends the data, the server's
+/// sink takes it. The payload then ends with the `u64` size of the push.
+pub const FLAG_PUSH: u8 = 0x02;
 /// Frame flag on INITIATED: the server may send zstd-compressed chunks on this stream.
 pub const FLAG_ZSTD: u8 = 0x01;
 /// Frame flag on CHUNK: the data is one zstd frame.
@@ -176,6 +179,9 @@ pub struct Initiate {
     pub paradata: String,
     /// An optional W3C `traceparent`.
     pub traceparent: Option<String>,
+    /// `Some(size)` for a push stream (version 2): the client sends `size` bytes
+    /// ([`crate::UNKNOWN`] when it does not know) and the server's sink takes them.
+    pub push: Option<u64>,
 }
 
 /// One piece of stream data.
@@ -447,7 +453,10 @@ impl Initiate {
         dst.put_slice(self.paradata.as_bytes());
         let trace = self.traceparent.as_deref().unwrap_or("");
         put_str16(dst, trace, MAX_TRACEPARENT_LEN);
-        flag(self.accept_zstd, FLAG_ACCEPT_ZSTD)
+        if let Some(size) = self.push {
+            dst.put_u64(size);
+        }
+        flag(self.accept_zstd, FLAG_ACCEPT_ZSTD) | flag(self.push.is_some(), FLAG_PUSH)
     }
 }
 
@@ -730,12 +739,18 @@ impl Initiate {
         let len = r.u32()? as usize;
         let paradata = r.string(len, usize::MAX)?;
         let trace = r.str16(MAX_TRACEPARENT_LEN)?;
+        let push = if flags & FLAG_PUSH != 0 {
+            Some(r.u64()?)
+        } else {
+            None
+        };
         Ok(Initiate {
             stream,
             operation,
             accept_zstd: flags & FLAG_ACCEPT_ZSTD != 0,
             paradata,
             traceparent: (!trace.is_empty()).then_some(trace),
+            push,
         })
     }
 }

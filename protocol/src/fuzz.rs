@@ -50,13 +50,26 @@ pub fn server(data: &[u8], handshake: bool) {
         t += Duration::from_millis(700);
         conn.handle_timeout(t);
         while let Some(event) = conn.poll_event() {
-            if let crate::ServerEvent::StreamRequested(init) = event {
-                let _ = conn.accept(init.stream, u64::MAX, true);
-                let cap = conn.send_capacity(init.stream).min(3000);
-                if cap > 0 {
-                    let data = bytes::Bytes::from(vec![1u8; cap]);
-                    let _ = conn.send_chunk(init.stream, data, None, t);
+            match event {
+                crate::ServerEvent::StreamRequested(init) if init.push.is_some() => {
+                    let _ = conn.accept_push(init.stream, true, t);
                 }
+                crate::ServerEvent::StreamRequested(init) => {
+                    let _ = conn.accept(init.stream, u64::MAX, true);
+                    let cap = conn.send_capacity(init.stream).min(3000);
+                    if cap > 0 {
+                        let data = bytes::Bytes::from(vec![1u8; cap]);
+                        let _ = conn.send_chunk(init.stream, data, None, t);
+                    }
+                }
+                // The sink takes everything at once, and commits every push that ends well.
+                crate::ServerEvent::PushChunk { stream, data } => {
+                    conn.release(stream, data.len(), t)
+                }
+                crate::ServerEvent::PushEnded { stream, .. } => {
+                    let _ = conn.commit(stream);
+                }
+                _ => {}
             }
         }
         assert!(

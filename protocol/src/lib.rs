@@ -44,5 +44,5 @@ pub use machine::{Connection, Side};
 pub use server::{ServerConnection, ServerEvent, ServerSettings, ServerSide};
 pub use types::{
     Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, UNKNOWN, VERSION_MAX,
-    VERSION_MIN,
+    VERSION_MIN, VERSION_PUSH,
 };

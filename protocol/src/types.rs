@@ -4,8 +4,10 @@ use std::fmt;
 
 /// The protocol versions this implementation speaks (PROTOCOL.md, "Versioning").
 pub const VERSION_MIN: u16 = 1;
-/// The highest protocol version this implementation speaks.
-pub const VERSION_MAX: u16 = 1;
+/// The highest protocol version this implementation speaks: 2 adds push streams.
+pub const VERSION_MAX: u16 = 2;
+/// The first version with push streams (INITIATE's PUSH flag).
+pub const VERSION_PUSH: u16 = 2;
 
 /// A stream on one connection. Chosen by the client, strictly increasing, never 0
 /// (0 addresses the connection itself).
@@ -112,6 +114,11 @@ error_codes! {
     /// What the paradata names changed while it was streamed (a file rewritten, truncated or
     /// replaced under the reader): the bytes sent may match no version of it.
     SOURCE_CHANGED = 0x0105, "source_changed";
+    /// The sink failed while taking a push (an I/O error, a full disk, ...): nothing of it
+    /// was kept.
+    SINK_FAILED = 0x0106, "sink_failed";
+    /// The push would replace what its paradata names, and replacing was not asked for.
+    ALREADY_EXISTS = 0x0107, "already_exists";
 }
 
 impl fmt::Debug for ErrorCode {

@@ -86,17 +86,19 @@ fn any_frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<bool>(),
             text(300),
-            proptest::option::of(text(100).prop_filter("non-empty", |s| !s.is_empty()))
+            proptest::option::of(text(100).prop_filter("non-empty", |s| !s.is_empty())),
+            proptest::option::of(any::<u64>())
         )
-            .prop_map(
-                |(stream, op, accept_zstd, paradata, traceparent)| Frame::Initiate(Initiate {
+            .prop_map(|(stream, op, accept_zstd, paradata, traceparent, push)| {
+                Frame::Initiate(Initiate {
                     stream,
                     operation: OperationId(op),
                     accept_zstd,
                     paradata,
                     traceparent,
+                    push,
                 })
-            ),
+            }),
         (stream(), any::<bool>(), any::<u64>()).prop_map(|(stream, zstd, expected_bytes)| {
             Frame::Initiated {
                 stream,

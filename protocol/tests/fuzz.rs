@@ -68,6 +68,7 @@ fn write_seed_corpus() {
             accept_zstd: true,
             paradata: "file:data.bin?offset=0&length=100".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            push: None,
         })
     };
     let seeds: Vec<(&str, Vec<Frame>)> = vec![

@@ -523,6 +523,7 @@ fn credit_of_zero_is_a_protocol_error() {
         accept_zstd: false,
         paradata: "x".into(),
         traceparent: None,
+        push: None,
     });
     server.handle_input(&initiate.to_bytes(), now);
     let credit = Frame::Credit {

@@ -490,6 +490,7 @@ fn initiate_frame(stream: StreamId) -> Frame {
         accept_zstd: false,
         paradata: "x".into(),
         traceparent: None,
+        push: None,
     })
 }
 
@@ -1092,6 +1093,7 @@ fn stream_limit_refuses_the_extra_stream_only() {
             accept_zstd: false,
             paradata: "x".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            push: None,
         });
         server.handle_input(&init.to_bytes(), now);
     }
@@ -1326,6 +1328,7 @@ fn initiate_before_authentication_is_refused() {
         accept_zstd: false,
         paradata: "file:secret".into(),
         traceparent: None,
+        push: None,
     });
     server.handle_input(&init.to_bytes(), now);
     let events: Vec<ServerEvent> = std::iter::from_fn(|| server.poll_event()).collect();

@@ -91,6 +91,8 @@ pub fn prometheus(stats: Arc<OnceLock<Arc<ServerStats>>>) -> Result<RenderMetric
         (names::STREAM_DURATION, telemetry::DURATION_BUCKETS),
         (names::STREAM_SIZE, telemetry::SIZE_BUCKETS),
         (names::TIME_TO_FIRST_BYTE, telemetry::FIRST_BYTE_BUCKETS),
+        (names::PUSH_DURATION, telemetry::DURATION_BUCKETS),
+        (names::PUSH_COMMIT, telemetry::FIRST_BYTE_BUCKETS),
     ] {
         builder = builder
             .set_buckets_for_metric(Matcher::Full(name.into()), buckets)

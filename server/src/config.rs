@@ -25,6 +25,11 @@ pub struct ServerConfig {
     /// Directory `file:` paths are relative to (`burst.nexus.server.root`, default the
     /// working directory).
     pub root: PathBuf,
+    /// Directory pushes to `file:` write into (`burst.nexus.server.upload.root`); `None`, the
+    /// default: uploads are off.
+    pub upload_root: Option<PathBuf>,
+    /// Largest push a `file:` sink takes (`burst.nexus.server.upload.max.size`, 1 TiB).
+    pub upload_max_size: u64,
     /// Follow symlinks under the root that stay under it (`burst.nexus.server.follow.symlinks`,
     /// default true); off, a `file:` path through any symlink is `permission_denied`.
     pub follow_symlinks: bool,
@@ -74,6 +79,8 @@ impl Default for ServerConfig {
             backend: BackendChoice::Auto,
             root: PathBuf::from("."),
             follow_symlinks: true,
+            upload_root: None,
+            upload_max_size: 1 << 40,
             chunk_size: 1 << 20,
             pipe_size: 100,
             max_connections: 10_000,
@@ -101,6 +108,17 @@ impl ServerConfig {
         }),
         bind!("burst.nexus.server.root", parse::<PathBuf>, |c, v| c.root =
             v),
+        bind!(
+            "burst.nexus.server.upload.root",
+            parse::<PathBuf>,
+            |c, v| { c.upload_root = (!v.as_os_str().is_empty()).then_some(v) }
+        ),
+        bind!("burst.nexus.server.upload.max.size", size, |c, v| {
+            c.upload_max_size = v
+        }),
+        bind!("burst.nexus.server.push.window", size_as::<u32>, |c, v| {
+            c.protocol.push_window = v
+        }),
         bind!(
             "burst.nexus.server.follow.symlinks",
             parse::<bool>,

@@ -56,11 +56,37 @@ pub(crate) struct ConnState {
 }
 
 struct StreamSlot {
-    /// Credit arrived.
+    /// Credit arrived (a pull), or data or the client's end (a push).
     credit: Notify,
     /// The stream ended from outside (cancel, timeout, connection closed).
     stop: Notify,
     stopped: Cell<bool>,
+    /// A push's data and end, in order, waiting for its sink.
+    inbox: RefCell<VecDeque<PushItem>>,
+    /// Data bytes in `inbox` and at the sink, counted in the connection's `prepared`.
+    inbox_bytes: Cell<usize>,
+    /// A push: its ends count in the push counters.
+    push: bool,
+}
+
+/// What the protocol hands a push's task.
+enum PushItem {
+    Data(Bytes),
+    /// The client's COMPLETE matched: commit.
+    End,
+}
+
+impl StreamSlot {
+    fn new(push: bool) -> Rc<StreamSlot> {
+        Rc::new(StreamSlot {
+            push,
+            credit: Notify::new(),
+            stop: Notify::new(),
+            stopped: Cell::new(false),
+            inbox: RefCell::new(VecDeque::new()),
+            inbox_bytes: Cell::new(0),
+        })
+    }
 }
 
 impl StreamSlot {
@@ -158,7 +184,38 @@ impl Host for ConnState {
                 }
                 tracing::debug!(peer = %self.peer, version, client = %client_name, "Handshake done.");
             }
+            ServerEvent::StreamRequested(initiate) if initiate.push.is_some() => {
+                self.start_push(initiate)
+            }
             ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
+            ServerEvent::PushChunk { stream, data } => {
+                let len = data.len();
+                stats::bump(&self.shard.traffic().push_bytes, len as u64);
+                if let Some(slot) = self.streams.borrow().get(&stream) {
+                    slot.inbox_bytes.set(slot.inbox_bytes.get() + len);
+                    slot.inbox.borrow_mut().push_back(PushItem::Data(data));
+                    slot.credit.notify_one();
+                    self.prepare(len);
+                }
+            }
+            ServerEvent::PushEnded { stream, .. } => {
+                if let Some(slot) = self.streams.borrow().get(&stream) {
+                    slot.inbox.borrow_mut().push_back(PushItem::End);
+                    slot.credit.notify_one();
+                }
+            }
+            ServerEvent::StreamFailed {
+                stream,
+                code,
+                message,
+            } => {
+                self.shard.stats.stream_failed(code);
+                stats::add(&self.shard.stats.pushes_error, 1);
+                if let Some(suppressed) = self.shard.peer_log() {
+                    tracing::info!(peer = %self.peer, stream = stream.0, code = %code, reason = %Printable(&message), suppressed, "Push failed its checks.");
+                }
+                self.halt_stream(stream);
+            }
             ServerEvent::StreamRefused { code, .. } => {
                 stats::add(&self.shard.stats.streams_rejected, 1);
                 self.shard.stats.stream_failed(code);
@@ -169,14 +226,27 @@ impl Host for ConnState {
                 }
             }
             ServerEvent::StreamCancelled { stream } => {
-                stats::add(&self.shard.stats.streams_cancelled, 1);
+                let stats = &self.shard.stats;
+                match self.is_push(stream) {
+                    true => stats::add(&stats.pushes_cancelled, 1),
+                    false => stats::add(&stats.streams_cancelled, 1),
+                }
                 self.halt_stream(stream);
             }
             ServerEvent::StreamTimedOut { stream } => {
-                stats::add(&self.shard.stats.streams_timeout, 1);
-                self.shard.stats.stream_failed(ErrorCode::TIMEOUT);
+                let stats = &self.shard.stats;
+                let push = self.is_push(stream);
+                match push {
+                    true => stats::add(&stats.pushes_timeout, 1),
+                    false => stats::add(&stats.streams_timeout, 1),
+                }
+                stats.stream_failed(ErrorCode::TIMEOUT);
                 if let Some(suppressed) = self.shard.peer_log() {
-                    tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "Stream timed out: no credit from the client.");
+                    let why = match push {
+                        true => "Push timed out: no data from the client.",
+                        false => "Stream timed out: no credit from the client.",
+                    };
+                    tracing::info!(peer = %self.peer, stream = stream.0, suppressed, "{why}");
                 }
                 self.halt_stream(stream);
             }
@@ -308,6 +378,10 @@ impl ConnState {
         }
     }
 
+    fn is_push(&self, stream: StreamId) -> bool {
+        self.streams.borrow().get(&stream).is_some_and(|s| s.push)
+    }
+
     fn halt_stream(&self, stream: StreamId) {
         if let Some(slot) = self.streams.borrow_mut().remove(&stream) {
             slot.halt();
@@ -364,11 +438,7 @@ impl ConnState {
             tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Stream ended before it started.");
             return;
         }
-        let slot = Rc::new(StreamSlot {
-            credit: Notify::new(),
-            stop: Notify::new(),
-            stopped: Cell::new(false),
-        });
+        let slot = StreamSlot::new(false);
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
@@ -378,6 +448,166 @@ impl ConnState {
             run_stream(Rc::clone(self), slot, stream, opened.producer).instrument(span.clone()),
         );
     }
+}
+
+impl ConnState {
+    fn start_push(self: &Rc<Self>, initiate: nexus_protocol::frame::Initiate) {
+        let stream = initiate.stream;
+        let span = tracing::info_span!("push", stream = stream.0, operation = initiate.operation.0);
+        let _entered = span.enter();
+        let declared = initiate.push.filter(|&n| n != nexus_protocol::UNKNOWN);
+        let window = self.shard.config().protocol.push_window as usize;
+        let refused = if self.shard.held.get() + window > self.shard.budget {
+            Err(crate::SourceError::new(
+                ErrorCode::RESOURCE_EXHAUSTED,
+                "the server holds as much stream data as burst.nexus.server.memory.max allows; try again later",
+            ))
+        } else {
+            self.shard.registry.open_sink(
+                stream,
+                initiate.operation,
+                &initiate.paradata,
+                declared,
+                &self.shard,
+            )
+        };
+        let consumer = match refused {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                stats::add(&self.shard.stats.streams_rejected, 1);
+                self.shard.stats.stream_failed(e.code);
+                if let Some(suppressed) = self.shard.peer_log() {
+                    tracing::info!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), code = %e.code, reason = %Printable(&e.message), suppressed, "Push refused.");
+                }
+                let _ = self.proto.borrow_mut().reject(stream, e.code, &e.message);
+                return;
+            }
+        };
+        let accepted =
+            self.proto
+                .borrow_mut()
+                .accept_push(stream, initiate.accept_zstd, Instant::now());
+        if let Err(e) = accepted {
+            tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Push ended before it started.");
+            return;
+        }
+        let slot = StreamSlot::new(true);
+        self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
+        stats::add(&self.shard.stats.pushes_total, 1);
+        stats::add(&self.shard.stats.pushes_open, 1);
+        self.shard.stream_started();
+        tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), "Push started.");
+        tokio::task::spawn_local(
+            run_push(Rc::clone(self), slot, stream, consumer).instrument(span.clone()),
+        );
+    }
+}
+
+/// Takes one push into its sink until it ends; the consumer is dropped (its abort, unless it
+/// committed) exactly once, here.
+async fn run_push(
+    state: Rc<ConnState>,
+    slot: Rc<StreamSlot>,
+    stream: StreamId,
+    mut consumer: Box<dyn crate::sink::Consumer>,
+) {
+    let started = Instant::now();
+    let (end, bytes) = consume(&state, &slot, stream, consumer.as_mut()).await;
+    drop(consumer);
+    state.unprepare(slot.inbox_bytes.replace(0));
+    slot.inbox.borrow_mut().clear();
+    let stats = &state.shard.stats;
+    stats::sub(&stats.pushes_open, 1);
+    state.shard.stream_ended();
+    state.shard.metrics.push_ended(started.elapsed(), bytes);
+    match end {
+        End::Complete => stats::add(&stats.pushes_complete, 1),
+        End::Error => stats::add(&stats.pushes_error, 1),
+        End::Stopped => {
+            if state.proto.borrow().is_closed() {
+                stats::add(&stats.pushes_error, 1);
+                stats.stream_failed(ErrorCode::CONNECTION_LOST);
+            }
+        }
+    }
+    state.streams.borrow_mut().remove(&stream);
+    driver::changed(&state);
+}
+
+/// Hands a push's data to its consumer in order, returning window as each piece is taken,
+/// and commits at the client's end; returns how it ended and the bytes taken.
+async fn consume(
+    state: &Rc<ConnState>,
+    slot: &StreamSlot,
+    stream: StreamId,
+    consumer: &mut dyn crate::sink::Consumer,
+) -> (End, u64) {
+    let mut taken = 0u64;
+    loop {
+        if slot.stopped.get() {
+            return (End::Stopped, taken);
+        }
+        let next = slot.inbox.borrow_mut().pop_front();
+        let Some(item) = next else {
+            tokio::select! {
+                _ = slot.credit.notified() => {}
+                _ = slot.stop.notified() => {}
+            }
+            continue;
+        };
+        match item {
+            PushItem::Data(data) => {
+                let len = data.len();
+                let written = tokio::select! {
+                    written = consumer.write(data) => written,
+                    _ = slot.stop.notified() => return (End::Stopped, taken),
+                };
+                slot.inbox_bytes.set(slot.inbox_bytes.get() - len);
+                state.unprepare(len);
+                if let Err(e) = written {
+                    sink_failed(state, stream, &e);
+                    return (End::Error, taken);
+                }
+                taken += len as u64;
+                stats::bump(&state.shard.traffic().sink_bytes, len as u64);
+                state
+                    .proto
+                    .borrow_mut()
+                    .release(stream, len, Instant::now());
+                driver::changed(state);
+            }
+            PushItem::End => {
+                let commit_started = Instant::now();
+                let committed = tokio::select! {
+                    committed = consumer.commit() => committed,
+                    _ = slot.stop.notified() => return (End::Stopped, taken),
+                };
+                state.shard.metrics.commit(commit_started.elapsed());
+                if let Err(e) = committed {
+                    sink_failed(state, stream, &e);
+                    return (End::Error, taken);
+                }
+                let result = state.proto.borrow_mut().commit(stream);
+                driver::changed(state);
+                return match result {
+                    Ok(()) => (End::Complete, taken),
+                    // Cancelled or closed while committing: what the client hears is CANCELLED
+                    // or nothing. The data stays, as the commit finished: the client does not
+                    // count on it either way.
+                    Err(_) => (End::Stopped, taken),
+                };
+            }
+        }
+    }
+}
+
+/// Fails a push whose sink refused or broke: its ERROR says why.
+fn sink_failed(state: &ConnState, stream: StreamId, e: &crate::SourceError) {
+    state.shard.stats.stream_failed(e.code);
+    if let Some(suppressed) = state.shard.peer_log() {
+        tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Push failed in its sink.");
+    }
+    let _ = state.proto.borrow_mut().reject(stream, e.code, &e.message);
 }
 
 async fn run_stream(

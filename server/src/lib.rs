@@ -25,11 +25,13 @@ mod pipe;
 pub mod root;
 mod server;
 mod shard;
+pub mod sink;
 mod source;
 mod stats;
 pub mod synthetic;
 pub mod telemetry;
 mod throttle;
+mod upload;
 
 use nexus_io as io;
 
@@ -42,5 +44,7 @@ pub use paradata::SourceError;
 pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
 pub use server::{Server, StartError};
 pub use shard::ShardContext;
+pub use sink::{BlockingConsumer, Consumer, DiscardSink, PushRequest, Sink};
 pub use source::{NextChunk, Opened, Producer, Registry, Source, StreamRequest};
 pub use stats::{stream_error_labels, ServerStats, StatsSnapshot, PROTOCOL_ERROR_CODES};
+pub use upload::FileSink;

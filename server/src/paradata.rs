@@ -43,6 +43,15 @@ pub struct Paradata<'a> {
 impl<'a> Paradata<'a> {
     /// Splits `text`; `known` lists the registered schemes for the error message.
     pub fn parse(text: &'a str, known: &[&str]) -> Result<Paradata<'a>, SourceError> {
+        Paradata::parse_for(text, known, "source")
+    }
+
+    /// [`parse`](Self::parse), where the schemes are those of a `kind` ("source", "sink").
+    pub fn parse_for(
+        text: &'a str,
+        known: &[&str],
+        kind: &str,
+    ) -> Result<Paradata<'a>, SourceError> {
         let Some((scheme, rest)) = text.split_once(':') else {
             return Err(SourceError::new(
                 ErrorCode::UNKNOWN_SOURCE,
@@ -56,7 +65,7 @@ impl<'a> Paradata<'a> {
             return Err(SourceError::new(
                 ErrorCode::UNKNOWN_SOURCE,
                 format!(
-                    "no source for scheme {scheme:?}; known schemes: {}",
+                    "no {kind} for scheme {scheme:?}; known schemes: {}",
                     known.join(", ")
                 ),
             ));

@@ -154,8 +154,9 @@ fn read_flags() -> OFlags {
     OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY
 }
 
-/// The checks that need no file system: a path, relative, without `..`.
-fn check_lexically(relative: &str) -> Result<(), SourceError> {
+/// The checks that need no file system: a path, relative, without `..`, and not into the
+/// partial uploads of an upload root (`.nexus-partial`), whether pulled or pushed.
+pub(crate) fn check_lexically(relative: &str) -> Result<(), SourceError> {
     if relative.is_empty() {
         return Err(SourceError::bad("file: needs a path"));
     }
@@ -164,6 +165,9 @@ fn check_lexically(relative: &str) -> Result<(), SourceError> {
     }
     for component in Path::new(relative).components() {
         match component {
+            Component::Normal(name) if name == crate::upload::PARTIAL_DIR => {
+                return Err(denied(relative, "partial uploads cannot be named"))
+            }
             Component::Normal(_) | Component::CurDir => {}
             Component::ParentDir => return Err(denied(relative, "`..` is not allowed")),
             Component::RootDir | Component::Prefix(_) => {

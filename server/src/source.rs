@@ -20,6 +20,7 @@ use nexus_protocol::{ErrorCode, ItemCounts, OperationId, StreamId};
 
 use crate::paradata::{Paradata, SourceError};
 use crate::shard::ShardContext;
+use crate::sink::{Consumer, PushRequest, Sink};
 
 /// The future a producer returns for its next chunk.
 pub type NextChunk<'a> = Pin<Box<dyn Future<Output = Option<Result<Bytes, SourceError>>> + 'a>>;
@@ -71,10 +72,11 @@ pub struct StreamRequest<'a> {
     pub shard: &'a Rc<ShardContext>,
 }
 
-/// Maps schemes to sources.
+/// Maps schemes to sources (pulls) and to sinks (pushes).
 #[derive(Clone, Default)]
 pub struct Registry {
     sources: BTreeMap<String, Arc<dyn Source>>,
+    sinks: BTreeMap<String, Arc<dyn Sink>>,
 }
 
 impl Registry {
@@ -93,6 +95,43 @@ impl Registry {
     /// The registered schemes, sorted.
     pub fn schemes(&self) -> Vec<&str> {
         self.sources.keys().map(String::as_str).collect()
+    }
+
+    /// Adds a sink, replacing any earlier one for the same scheme. A scheme may have both a
+    /// source and a sink (`file:`): pulls go to the one, pushes to the other.
+    pub fn register_sink(&mut self, sink: impl Sink) -> &mut Self {
+        self.sinks.insert(sink.scheme().to_string(), Arc::new(sink));
+        self
+    }
+
+    /// The registered sink schemes, sorted.
+    pub fn sink_schemes(&self) -> Vec<&str> {
+        self.sinks.keys().map(String::as_str).collect()
+    }
+
+    /// Parses `text` and opens the push with the sink of its scheme. An unknown scheme is
+    /// `unknown_source` naming the known sinks.
+    pub(crate) fn open_sink(
+        &self,
+        stream: StreamId,
+        operation: OperationId,
+        text: &str,
+        declared: Option<u64>,
+        shard: &Rc<ShardContext>,
+    ) -> Result<Box<dyn Consumer>, SourceError> {
+        let schemes = self.sink_schemes();
+        let paradata = Paradata::parse_for(text, &schemes, "sink")?;
+        let sink = self.sinks.get(paradata.scheme).ok_or_else(|| {
+            SourceError::new(ErrorCode::UNKNOWN_SOURCE, "no sink for this scheme")
+        })?;
+        sink.open(&PushRequest {
+            stream,
+            operation,
+            text,
+            paradata: &paradata,
+            declared,
+            shard,
+        })
     }
 
     /// Parses `text` and opens the stream with the source of its scheme. An unknown scheme is

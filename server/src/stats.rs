@@ -48,6 +48,10 @@ pub(crate) struct ShardTraffic {
     pub(crate) wire_bytes: AtomicU64,
     /// Stream data the shard holds now (its budget's use).
     pub(crate) memory_held: AtomicU64,
+    /// Push data received (after decompression), checked by the protocol.
+    pub(crate) push_bytes: AtomicU64,
+    /// Push data the sinks took.
+    pub(crate) sink_bytes: AtomicU64,
 }
 
 /// Live counters of a running server.
@@ -65,6 +69,12 @@ pub struct ServerStats {
     pub(crate) streams_timeout: AtomicU64,
     pub(crate) streams_rejected: AtomicU64,
     pub(crate) producers_dropped: AtomicU64,
+    pub(crate) pushes_open: AtomicU64,
+    pub(crate) pushes_total: AtomicU64,
+    pub(crate) pushes_complete: AtomicU64,
+    pub(crate) pushes_error: AtomicU64,
+    pub(crate) pushes_cancelled: AtomicU64,
+    pub(crate) pushes_timeout: AtomicU64,
     pub(crate) protocol_errors: [AtomicU64; 4],
     pub(crate) packer_peak: AtomicU64,
     pub(crate) shards: Box<[ShardTraffic]>,
@@ -118,6 +128,22 @@ pub struct StatsSnapshot {
     pub memory_held: u64,
     /// Bytes written to sockets: frames as sent (compressed data compressed).
     pub wire_bytes: u64,
+    /// Pushes running now.
+    pub pushes_open: u64,
+    /// Pushes accepted since start.
+    pub pushes_total: u64,
+    /// Pushes committed (the client got COMPLETE).
+    pub pushes_complete: u64,
+    /// Pushes failed: checks, sink errors, lost connections.
+    pub pushes_error: u64,
+    /// Pushes cancelled by their client.
+    pub pushes_cancelled: u64,
+    /// Pushes ended by the stream timeout.
+    pub pushes_timeout: u64,
+    /// Push data bytes received (uncompressed).
+    pub push_bytes: u64,
+    /// Push data bytes the sinks took.
+    pub sink_bytes: u64,
 }
 
 impl ServerStats {
@@ -178,6 +204,14 @@ impl ServerStats {
                 .map(|s| s.memory_held.load(Relaxed))
                 .sum(),
             wire_bytes: self.shards.iter().map(|s| s.wire_bytes.load(Relaxed)).sum(),
+            pushes_open: self.pushes_open.load(Relaxed),
+            pushes_total: self.pushes_total.load(Relaxed),
+            pushes_complete: self.pushes_complete.load(Relaxed),
+            pushes_error: self.pushes_error.load(Relaxed),
+            pushes_cancelled: self.pushes_cancelled.load(Relaxed),
+            pushes_timeout: self.pushes_timeout.load(Relaxed),
+            push_bytes: self.shards.iter().map(|s| s.push_bytes.load(Relaxed)).sum(),
+            sink_bytes: self.shards.iter().map(|s| s.sink_bytes.load(Relaxed)).sum(),
         }
     }
 }

@@ -71,6 +71,20 @@ pub mod names {
     pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
     /// Stream data the server holds now: read from sources, not yet written to sockets.
     pub const MEMORY_HELD: &str = "nexus_server_stream_memory_bytes";
+    /// Push streams running.
+    pub const PUSHES_ACTIVE: &str = "nexus_server_pushes_active";
+    /// Push streams accepted.
+    pub const PUSHES_STARTED: &str = "nexus_server_pushes_started_total";
+    /// Push streams finished, by outcome.
+    pub const PUSHES_FINISHED: &str = "nexus_server_pushes_finished_total";
+    /// Push data received.
+    pub const PUSH_BYTES: &str = "nexus_server_push_bytes_total";
+    /// Push data the sinks took.
+    pub const SINK_BYTES: &str = "nexus_server_sink_bytes_written_total";
+    /// Time to make a push durable.
+    pub const PUSH_COMMIT: &str = "nexus_server_push_commit_seconds";
+    /// Push duration.
+    pub const PUSH_DURATION: &str = "nexus_server_push_duration_seconds";
 }
 
 /// Bucket bounds of [`names::STREAM_DURATION`], in seconds: 1 ms to an hour.
@@ -231,6 +245,55 @@ pub const METRICS: &[(&str, &str, &str, &str, &str)] = &[
         "",
         "Streams refused or failed, by error code (the codes of PROTOCOL.md and SOURCES.md, or other).",
     ),
+    (
+        names::PUSHES_ACTIVE,
+        "gauge",
+        "",
+        "",
+        "Push streams running (client to server, into a sink).",
+    ),
+    (
+        names::PUSHES_STARTED,
+        "counter",
+        "",
+        "",
+        "Push streams accepted.",
+    ),
+    (
+        names::PUSHES_FINISHED,
+        "counter",
+        "outcome",
+        "",
+        "Push streams finished: complete (committed), cancelled, error, timeout.",
+    ),
+    (
+        names::PUSH_BYTES,
+        "counter",
+        "",
+        "",
+        "Push data received, uncompressed, after the protocol's checks.",
+    ),
+    (
+        names::SINK_BYTES,
+        "counter",
+        "",
+        "",
+        "Push data the sinks took (written to files, discarded by discard:).",
+    ),
+    (
+        names::PUSH_COMMIT,
+        "histogram",
+        "",
+        "",
+        "Time a sink took to make a push durable (sync and rename for file:), seconds.",
+    ),
+    (
+        names::PUSH_DURATION,
+        "histogram",
+        "",
+        "",
+        "Push duration, seconds.",
+    ),
     (names::PROCESS_CPU, "counter", "", "", "CPU time of the process, user and system, seconds."),
     (names::PROCESS_RSS, "gauge", "", "", "Resident memory of the process, bytes."),
     (names::PROCESS_OPEN_FDS, "gauge", "", "", "Open file descriptors."),
@@ -263,6 +326,18 @@ pub fn publish(stats: &ServerStats) {
     counter!(names::PRESS_REJECTS).absolute(s.streams_rejected);
     counter!(names::STREAMS_STARTED).absolute(s.streams_total);
     counter!(names::WIRE_BYTES).absolute(s.wire_bytes);
+    gauge!(names::PUSHES_ACTIVE).set(s.pushes_open as f64);
+    counter!(names::PUSHES_STARTED).absolute(s.pushes_total);
+    counter!(names::PUSH_BYTES).absolute(s.push_bytes);
+    counter!(names::SINK_BYTES).absolute(s.sink_bytes);
+    for (outcome, value) in [
+        ("complete", s.pushes_complete),
+        ("cancelled", s.pushes_cancelled),
+        ("error", s.pushes_error),
+        ("timeout", s.pushes_timeout),
+    ] {
+        counter!(names::PUSHES_FINISHED, "outcome" => outcome).absolute(value);
+    }
     for (outcome, value) in [
         ("complete", s.streams_complete),
         ("cancelled", s.streams_cancelled),
@@ -345,6 +420,8 @@ pub(crate) struct ShardMetrics {
     duration: metrics::Histogram,
     size: metrics::Histogram,
     first_byte: metrics::Histogram,
+    push_duration: metrics::Histogram,
+    commit: metrics::Histogram,
 }
 
 impl ShardMetrics {
@@ -353,12 +430,24 @@ impl ShardMetrics {
             duration: metrics::histogram!(names::STREAM_DURATION),
             size: metrics::histogram!(names::STREAM_SIZE),
             first_byte: metrics::histogram!(names::TIME_TO_FIRST_BYTE),
+            push_duration: metrics::histogram!(names::PUSH_DURATION),
+            commit: metrics::histogram!(names::PUSH_COMMIT),
         }
     }
 
     /// A stream's first chunk went to its connection `elapsed` after its INITIATE.
     pub(crate) fn first_byte(&self, elapsed: Duration) {
         self.first_byte.record(elapsed.as_secs_f64());
+    }
+
+    /// A push ended after `elapsed`, its sink having taken `bytes`.
+    pub(crate) fn push_ended(&self, elapsed: Duration, _bytes: u64) {
+        self.push_duration.record(elapsed.as_secs_f64());
+    }
+
+    /// A sink committed a push in `elapsed`.
+    pub(crate) fn commit(&self, elapsed: Duration) {
+        self.commit.record(elapsed.as_secs_f64());
     }
 
     /// A stream ended after `elapsed`, having sent `bytes`.

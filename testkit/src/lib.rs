@@ -28,7 +28,7 @@ pub use process::{
     ChildGuard, Served,
 };
 pub use proxy::Proxy;
-pub use server::{builtin_registry, start_server, start_with, test_config};
+pub use server::{builtin_registry, push_registry, start_server, start_with, test_config};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

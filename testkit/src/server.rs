@@ -27,6 +27,16 @@ pub fn builtin_registry(root: &Path) -> Registry {
     registry
 }
 
+/// The built-in sources for `root`, and the built-in sinks: `discard:`, and `file:` taking
+/// uploads into `upload` (at most `max_size` bytes each).
+pub fn push_registry(root: &Path, upload: &Path, max_size: u64) -> Registry {
+    let mut registry = builtin_registry(root);
+    registry
+        .register_sink(nexus_server::DiscardSink)
+        .register_sink(nexus_server::FileSink::new(upload, max_size, 16).unwrap());
+    registry
+}
+
 /// Starts a server with the built-in sources serving `root`.
 pub fn start_server(backend: Backend, root: &Path) -> Server {
     start_with(test_config(backend, root), builtin_registry(root))

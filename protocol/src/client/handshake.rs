@@ -16,7 +16,12 @@ pub(super) fn on_accept(
     now: Instant,
 ) -> Result<(), WireError> {
     let settings = &conn.side.settings;
-    if !(VERSION_MIN..=VERSION_MAX).contains(&accept.version) {
+    let max = conn
+        .side
+        .settings
+        .max_version
+        .clamp(VERSION_MIN, VERSION_MAX);
+    if !(VERSION_MIN..=max).contains(&accept.version) {
         return Err(WireError::new(
             ErrorCode::UNSUPPORTED_VERSION,
             format!("server chose version {}, not offered", accept.version),

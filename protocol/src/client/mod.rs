@@ -3,12 +3,13 @@
 //! ([`stream`]).
 
 mod handshake;
+mod push;
 mod stream;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::compress;
 use crate::conn::{self, Timers};
@@ -40,6 +41,9 @@ pub struct ClientSettings {
     pub secret: Option<Vec<u8>>,
     /// Sent in BIND.
     pub name: String,
+    /// The highest protocol version offered in BIND (at most [`crate::VERSION_MAX`]); 1
+    /// behaves as a client without push streams.
+    pub max_version: u16,
 }
 
 impl Default for ClientSettings {
@@ -51,6 +55,7 @@ impl Default for ClientSettings {
             timers: Timers::default(),
             secret: None,
             name: concat!("nexus-client/", env!("CARGO_PKG_VERSION")).to_string(),
+            max_version: VERSION_MAX,
         }
     }
 }
@@ -66,6 +71,9 @@ pub struct StreamRequest {
     pub accept_zstd: bool,
     /// An optional W3C `traceparent`.
     pub traceparent: Option<String>,
+    /// `Some(size)` makes it a push (version 2): the client sends `size` bytes
+    /// ([`crate::UNKNOWN`] when it does not know yet) into the server's sink for `paradata`.
+    pub push: Option<u64>,
 }
 
 /// How a stream ended.
@@ -82,7 +90,8 @@ pub enum Outcome {
     },
     /// Cancelled by the application, and acknowledged (or the connection ended).
     Cancelled,
-    /// Nothing arrived within the stream timeout while the server could have sent.
+    /// Nothing arrived within the stream timeout while the server could have sent (for a
+    /// push: while the server held the window closed, or did not commit).
     TimedOut,
 }
 
@@ -111,7 +120,14 @@ pub enum ClientEvent {
         /// The data.
         data: Bytes,
     },
-    /// Server counters.
+    /// The server granted a push more window: [`ClientConnection::push_capacity`] grew.
+    Credit {
+        /// The stream.
+        stream: StreamId,
+        /// Bytes added to the window.
+        increment: u32,
+    },
+    /// Server counters (for a push, `bytes_sent` counts what the server received).
     Progress {
         /// The stream.
         stream: StreamId,
@@ -200,6 +216,18 @@ struct Stream {
     /// What INITIATED announced ([`crate::UNKNOWN`] if nothing): the stream must carry
     /// exactly this.
     expected: u64,
+    /// For a push: `window`, `next_seq`, `bytes` and `digest` then count what the server
+    /// still takes and what was sent.
+    push: Option<PushOut>,
+}
+
+/// A push stream's sending state.
+#[derive(Debug)]
+struct PushOut {
+    /// The size declared in INITIATE ([`crate::UNKNOWN`] if not known).
+    declared: u64,
+    /// The client's COMPLETE is queued: waiting for the server's commit.
+    finished: bool,
 }
 
 /// The client's own state; see [`ClientConnection`].
@@ -213,6 +241,8 @@ pub struct ClientSide {
     streams: HashMap<StreamId, Stream>,
     /// Kept across compressed chunks: no zstd context per chunk.
     unpacker: compress::ChunkDecompressor,
+    /// Where push CHUNK headers are carved from.
+    header_arena: BytesMut,
 }
 
 impl ClientSide {
@@ -294,7 +324,7 @@ impl ClientConnection {
         );
         core.outbox.control(&Frame::Bind(Bind {
             min_version: VERSION_MIN,
-            max_version: VERSION_MAX,
+            max_version: settings.max_version.clamp(VERSION_MIN, VERSION_MAX),
             nonce,
             initial_window: settings.initial_window,
             max_frame_size: settings.max_frame_size,
@@ -311,6 +341,7 @@ impl ClientConnection {
                 draining: false,
                 streams: HashMap::new(),
                 unpacker: compress::ChunkDecompressor::default(),
+                header_arena: BytesMut::new(),
             },
         }
     }

@@ -40,9 +40,16 @@ impl ClientConnection {
         if self.side.next_stream == u32::MAX {
             return Err(CallError::StreamIdsExhausted);
         }
+        if request.push.is_some() && accept.version < crate::types::VERSION_PUSH {
+            return Err(CallError::PushUnsupported(accept.version));
+        }
         let stream = StreamId(self.side.next_stream);
         self.side.next_stream += 1;
-        let window = accept.initial_window.into();
+        // A push's window is the server's to grant (CREDIT after INITIATED).
+        let window = match request.push {
+            Some(_) => 0,
+            None => accept.initial_window.into(),
+        };
         // A traceparent is a value, never truncated: one too long is left out (PROTOCOL.md 3).
         let traceparent = request
             .traceparent
@@ -53,6 +60,7 @@ impl ClientConnection {
             accept_zstd: request.accept_zstd,
             paradata: request.paradata,
             traceparent,
+            push: request.push,
         }));
         self.side.streams.insert(
             stream,
@@ -70,6 +78,10 @@ impl ClientConnection {
                 digest: conn::Digest::default(),
                 last_heard: now,
                 expected: UNKNOWN,
+                push: request.push.map(|declared| super::PushOut {
+                    declared,
+                    finished: false,
+                }),
             },
         );
         self.core.stream_check = earliest(
@@ -97,7 +109,7 @@ impl ClientConnection {
         let Some(s) = self.side.streams.get_mut(&stream) else {
             return;
         };
-        if !matches!(s.state, StreamState::Open | StreamState::Initiating) {
+        if !matches!(s.state, StreamState::Open | StreamState::Initiating) || s.push.is_some() {
             return;
         }
         s.unacknowledged += bytes as u64;
@@ -144,6 +156,10 @@ impl ClientConnection {
             return Err(CallError::WrongState(stream));
         }
         s.state = StreamState::Cancelling;
+        if s.push.is_some() {
+            // Push data not yet written never goes out: the server drops the push anyway.
+            self.core.outbox.discard(stream);
+        }
         // Chunks decoded before the call but not yet polled are dropped too.
         self.core
             .events
@@ -164,12 +180,15 @@ impl ClientConnection {
             return 0;
         }
         let mut covered = 0;
-        for s in self.side.streams.values_mut() {
+        for (&id, s) in self.side.streams.iter_mut() {
             if s.operation == operation
                 && matches!(s.state, StreamState::Open | StreamState::Initiating)
             {
                 s.state = StreamState::Cancelling;
                 covered += 1;
+                if s.push.is_some() {
+                    self.core.outbox.discard(id);
+                }
             }
         }
         if covered > 0 {
@@ -196,7 +215,13 @@ pub(super) fn time_out_silent_streams(conn: &mut ClientConnection, now: Instant)
     let timeout = conn.side.settings.timers.stream_timeout;
     let silent = conn.side.streams.iter().filter_map(|(&id, s)| {
         let live = matches!(s.state, StreamState::Initiating | StreamState::Open);
-        (live && s.window > 0).then_some((id, s.last_heard + timeout))
+        // A pull waits while the server may send; a push while the server holds the window
+        // closed or has its COMPLETE to answer.
+        let waiting = match &s.push {
+            None => s.window > 0,
+            Some(p) => s.state == StreamState::Initiating || s.window == 0 || p.finished,
+        };
+        (live && waiting).then_some((id, s.last_heard + timeout))
     });
     let (timed_out, next) = due_streams(silent, now);
     conn.core.stream_check = next;
@@ -207,7 +232,7 @@ pub(super) fn time_out_silent_streams(conn: &mut ClientConnection, now: Instant)
     }
 }
 
-fn send_cancel(conn: &mut ClientConnection, stream: StreamId, reason: String) {
+pub(super) fn send_cancel(conn: &mut ClientConnection, stream: StreamId, reason: String) {
     conn.core.outbox.control(&Frame::Cancel {
         stream,
         operation: None,
@@ -262,9 +287,16 @@ pub(super) fn report(conn: &mut ClientConnection, stream: StreamId, outcome: Out
     });
 }
 
+/// The server's terminal frame for a stream: report `outcome` as it is, even for a stream
+/// being cancelled, and forget the stream.
+pub(super) fn report_now(conn: &mut ClientConnection, stream: StreamId, outcome: Outcome) {
+    report(conn, stream, outcome);
+    conn.side.streams.remove(&stream);
+}
+
 /// The server's terminal frame for a stream: report `outcome` unless already reported
 /// (a cancelled stream reports `Cancelled` whatever the server's last word was).
-fn finish(conn: &mut ClientConnection, stream: StreamId, outcome: Outcome) {
+pub(super) fn finish(conn: &mut ClientConnection, stream: StreamId, outcome: Outcome) {
     let Some(s) = conn.side.streams.get(&stream) else {
         return;
     };
@@ -311,6 +343,9 @@ pub(super) fn on_frame(
         };
     };
     s.last_heard = now;
+    if s.push.is_some() {
+        return super::push::on_frame(conn, frame, now);
+    }
     let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
     match frame {
         Frame::Initiated {

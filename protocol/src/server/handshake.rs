@@ -16,12 +16,17 @@ pub(super) fn on_bind(
     now: Instant,
 ) -> Result<(), WireError> {
     let settings = &conn.side.settings;
-    let version = bind.max_version.min(VERSION_MAX);
+    let max = conn
+        .side
+        .settings
+        .max_version
+        .clamp(VERSION_MIN, VERSION_MAX);
+    let version = bind.max_version.min(max);
     if version < bind.min_version.max(VERSION_MIN) {
         return Err(WireError::new(
             ErrorCode::UNSUPPORTED_VERSION,
             format!(
-                "client speaks versions {}..={}, server {VERSION_MIN}..={VERSION_MAX}",
+                "client speaks versions {}..={}, server {VERSION_MIN}..={max}",
                 bind.min_version, bind.max_version
             ),
         ));

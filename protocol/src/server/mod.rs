@@ -3,6 +3,7 @@
 //! within each stream's window, round-robin between streams ([`stream`]).
 
 mod handshake;
+mod push;
 mod stream;
 
 use std::collections::HashMap;
@@ -10,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
+use crate::compress;
 use crate::conn::{self, Timers};
 use crate::error::WireError;
 use crate::frame::{Frame, Initiate, NONCE_LEN};
 use crate::machine::{self, Connection, Core, Side};
-use crate::types::{ErrorCode, ItemCounts, OperationId, StreamId};
+use crate::types::{Completion, ErrorCode, ItemCounts, OperationId, StreamId};
 
 /// The server half of one connection, without IO: see [`Connection`] for how to drive it.
 pub type ServerConnection = Connection<ServerSide>;
@@ -47,6 +49,12 @@ pub struct ServerSettings {
     pub secret: Option<Vec<u8>>,
     /// Sent in ACCEPT.
     pub name: String,
+    /// The highest protocol version offered (at most [`crate::VERSION_MAX`]); 1 behaves as a
+    /// server without push streams.
+    pub max_version: u16,
+    /// The window each push stream starts with (sent as CREDIT with INITIATED): the most
+    /// data a pushing client has in flight or waiting for the sink, per stream.
+    pub push_window: u32,
 }
 
 impl Default for ServerSettings {
@@ -62,6 +70,8 @@ impl Default for ServerSettings {
             pending_control_timeout: Duration::from_secs(10),
             secret: None,
             name: concat!("nexus-server/", env!("CARGO_PKG_VERSION")).to_string(),
+            max_version: crate::VERSION_MAX,
+            push_window: 8 << 20,
         }
     }
 }
@@ -97,10 +107,37 @@ pub enum ServerEvent {
         /// The stream.
         stream: StreamId,
     },
-    /// The stream timed out waiting for credit; ERROR `timeout` is queued. Stop its producer.
+    /// The stream timed out (a pull waiting for credit, a push waiting for data); ERROR
+    /// `timeout` is queued. Stop its producer or drop its sink.
     StreamTimedOut {
         /// The stream.
         stream: StreamId,
+    },
+    /// Push data, in order, checked and decompressed: give it to the sink, then call
+    /// [`ServerConnection::release`] with its length once the sink is done with it.
+    PushChunk {
+        /// The stream.
+        stream: StreamId,
+        /// The data.
+        data: bytes::Bytes,
+    },
+    /// The client ended its push, and its counts and digest match what arrived: make the sink
+    /// durable, then call [`ServerConnection::commit`] (or `reject` if it cannot be).
+    PushEnded {
+        /// The stream.
+        stream: StreamId,
+        /// What the client stated, equal to what arrived.
+        completion: Completion,
+    },
+    /// The protocol failed a push (a sequence gap, a bad compressed chunk, a digest or size
+    /// mismatch); its ERROR is queued. Drop the sink without keeping anything.
+    StreamFailed {
+        /// The stream.
+        stream: StreamId,
+        /// The code sent.
+        code: ErrorCode,
+        /// Why.
+        message: String,
     },
     /// The connection is closed; every producer must stop. `None` when it ended cleanly.
     Closed(Option<WireError>),
@@ -162,6 +199,23 @@ struct Stream {
     expected: u64,
     /// The source's counters as last reported, for PROGRESS.
     items: ItemCounts,
+    /// For a push stream, what only it has; `window`, `seq`, `bytes` and `digest` then count
+    /// what the client may still send and what arrived.
+    push: Option<PushIn>,
+}
+
+/// A push stream's receiving state.
+#[derive(Debug)]
+struct PushIn {
+    /// The size the client declared ([`crate::UNKNOWN`] when it did not know).
+    declared: u64,
+    /// Bytes the sink took and that are not yet credited back.
+    released: u64,
+    /// The client's COMPLETE arrived and matched: waiting for the sink to commit.
+    client_done: bool,
+    /// The last frame of the stream, or the moment its window reopened: the stream timeout
+    /// counts from here while the client may send.
+    last_heard: Instant,
 }
 
 /// The server's own state; see [`ServerConnection`].
@@ -179,9 +233,16 @@ pub struct ServerSide {
     blocked_since: Option<Instant>,
     /// Where CHUNK headers are carved from, so sending a chunk does not allocate.
     header_arena: BytesMut,
+    /// Kept across compressed push chunks: no zstd context per chunk.
+    unpacker: compress::ChunkDecompressor,
 }
 
 impl ServerSide {
+    /// The negotiated version, once known.
+    fn version(&self) -> u16 {
+        self.handshake().map_or(0, |h| h.version)
+    }
+
     fn handshake(&self) -> Option<&Handshake> {
         match &self.phase {
             Phase::AwaitAuth(h) | Phase::Established(h) => Some(h),
@@ -244,7 +305,7 @@ impl Side for ServerSide {
                     machine::frame_name(&other)
                 ),
             )),
-            (PhaseKind::Established, frame) => stream::on_frame(conn, frame),
+            (PhaseKind::Established, frame) => stream::on_frame(conn, frame, now),
             (PhaseKind::Closed, _) => Ok(()),
         }
     }
@@ -333,6 +394,7 @@ impl ServerConnection {
                 next_progress: None,
                 blocked_since: None,
                 header_arena: BytesMut::new(),
+                unpacker: compress::ChunkDecompressor::default(),
             },
         }
     }

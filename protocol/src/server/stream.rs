@@ -14,14 +14,26 @@ use crate::machine::{due_streams, frame_name, Side};
 use crate::types::{Completion, ErrorCode, ItemCounts, Progress, StreamId, UNKNOWN};
 
 /// A frame of an established connection.
-pub(super) fn on_frame(conn: &mut ServerConnection, frame: Frame) -> Result<(), WireError> {
+pub(super) fn on_frame(
+    conn: &mut ServerConnection,
+    frame: Frame,
+    now: Instant,
+) -> Result<(), WireError> {
     match frame {
         Frame::Heartbeat { .. } => Ok(()),
         Frame::Initiate(initiate) => {
-            on_initiate(conn, initiate);
+            on_initiate(conn, initiate, now);
             Ok(())
         }
         Frame::Credit { stream, increment } => on_credit(conn, stream, increment),
+        Frame::Chunk(chunk) => {
+            check_known(conn, chunk.stream)?;
+            super::push::on_chunk(conn, chunk, now)
+        }
+        Frame::Complete { stream, completion } => {
+            check_known(conn, stream)?;
+            super::push::on_complete(conn, stream, completion, now)
+        }
         Frame::Cancel {
             stream, operation, ..
         } => {
@@ -56,7 +68,7 @@ pub(super) fn on_frame(conn: &mut ServerConnection, frame: Frame) -> Result<(), 
     }
 }
 
-fn on_initiate(conn: &mut ServerConnection, initiate: Initiate) {
+fn on_initiate(conn: &mut ServerConnection, initiate: Initiate, now: Instant) {
     let stream = initiate.stream;
     let side = &mut conn.side;
     if stream <= side.last_stream {
@@ -92,6 +104,17 @@ fn on_initiate(conn: &mut ServerConnection, initiate: Initiate) {
                 settings.max_paradata
             ),
         ))
+    } else if initiate.push.is_some() && side.version() < crate::types::VERSION_PUSH {
+        // A flag of a later version that a version-1 connection does not define: a client
+        // that sends it anyway gets a clear answer rather than a pull.
+        Some((
+            ErrorCode::UNSUPPORTED_VERSION,
+            format!(
+                "push streams need protocol version {}; this connection speaks {}",
+                crate::types::VERSION_PUSH,
+                side.version()
+            ),
+        ))
     } else {
         None
     };
@@ -106,7 +129,17 @@ fn on_initiate(conn: &mut ServerConnection, initiate: Initiate) {
             .push_back(ServerEvent::StreamRefused { stream, code });
         return;
     }
-    let window = side.handshake().map_or(0, |h| h.initial_window).into();
+    // A pull's window is the client's to grant (BIND); a push's is ours (`accept_push`).
+    let window = match initiate.push {
+        Some(_) => 0,
+        None => side.handshake().map_or(0, |h| h.initial_window).into(),
+    };
+    let push = initiate.push.map(|declared| super::PushIn {
+        declared,
+        released: 0,
+        client_done: false,
+        last_heard: now,
+    });
     side.streams.insert(
         stream,
         Stream {
@@ -121,6 +154,7 @@ fn on_initiate(conn: &mut ServerConnection, initiate: Initiate) {
             starved_since: None,
             expected: UNKNOWN,
             items: ItemCounts::NOT_COUNTED,
+            push,
         },
     );
     conn.core
@@ -143,6 +177,11 @@ fn on_credit(
     let Some(s) = conn.side.streams.get_mut(&stream) else {
         return Ok(()); // The stream ended while the credit was in flight.
     };
+    if s.push.is_some() {
+        return Err(WireError::protocol(format!(
+            "CREDIT from the client on push stream {stream}: the server grants a push's window"
+        )));
+    }
     // A client may grow a stream's window (PROTOCOL.md 6.3), up to what ACCEPT allowed: the
     // window bounds what a stream buffers here.
     let window = s.window + u64::from(increment);
@@ -162,6 +201,10 @@ fn cancel_stream(conn: &mut ServerConnection, stream: StreamId) {
     let Some(s) = conn.side.streams.get(&stream) else {
         return;
     };
+    if s.push.as_ref().is_some_and(|p| p.client_done) {
+        // The push is committing: its COMPLETE or ERROR answers the CANCEL (PROTOCOL.md 6.8).
+        return;
+    }
     let produced = s.bytes;
     // Unsent chunks are dropped: the acknowledgement is the last thing on the stream, and it
     // counts only the data that went out before it.
@@ -173,7 +216,7 @@ fn cancel_stream(conn: &mut ServerConnection, stream: StreamId) {
 }
 
 /// A frame for a stream id the client never opened is a protocol error.
-fn check_known(conn: &ServerConnection, stream: StreamId) -> Result<(), WireError> {
+pub(super) fn check_known(conn: &ServerConnection, stream: StreamId) -> Result<(), WireError> {
     if stream > conn.side.last_stream {
         return Err(WireError::protocol(format!(
             "frame for stream {stream}, never initiated"
@@ -183,7 +226,7 @@ fn check_known(conn: &ServerConnection, stream: StreamId) -> Result<(), WireErro
 }
 
 /// Queues the stream's last frame and forgets the stream.
-fn end_stream(conn: &mut ServerConnection, stream: StreamId, last: &Frame) {
+pub(super) fn end_stream(conn: &mut ServerConnection, stream: StreamId, last: &Frame) {
     conn.side.streams.remove(&stream);
     conn.core.outbox.stream_frame(stream, last);
     conn.close_if_drained();
@@ -194,7 +237,7 @@ fn end_stream(conn: &mut ServerConnection, stream: StreamId, last: &Frame) {
 pub(super) fn heartbeat_idle_streams(conn: &mut ServerConnection) {
     let (side, outbox) = (&mut conn.side, &mut conn.core.outbox);
     for (&id, stream) in &mut side.streams {
-        if !stream.accepted {
+        if !stream.accepted || stream.push.is_some() {
             continue;
         }
         if !stream.sent_since_tick && stream.window > 0 && outbox.is_stream_empty(id) {
@@ -209,13 +252,22 @@ pub(super) fn heartbeat_idle_streams(conn: &mut ServerConnection) {
 pub(super) fn time_out_starved_streams(conn: &mut ServerConnection, now: Instant) {
     let timeout = conn.side.settings.timers.stream_timeout;
     let starved = conn.side.streams.iter().filter_map(|(&id, s)| {
+        if let Some(push) = &s.push {
+            // A push waits for the client's data only while the client may send.
+            let waiting = s.accepted && !push.client_done && s.window > 0;
+            return waiting.then_some((id, push.last_heard + timeout));
+        }
         let since = s.starved_since.filter(|_| s.accepted)?;
         Some((id, since + timeout))
     });
     let (timed_out, next) = due_streams(starved, now);
     conn.core.stream_check = next;
     for id in timed_out {
-        let message = format!("no credit from the client for {} ms", timeout.as_millis());
+        let ms = timeout.as_millis();
+        let message = match conn.side.streams.get(&id).is_some_and(|s| s.push.is_some()) {
+            true => format!("no data from the client for {ms} ms"),
+            false => format!("no credit from the client for {ms} ms"),
+        };
         let last = Frame::Error {
             stream: id,
             code: ErrorCode::TIMEOUT,
@@ -256,7 +308,7 @@ impl ServerConnection {
         zstd: bool,
     ) -> Result<(), CallError> {
         let s = self.stream_mut(stream)?;
-        if s.accepted {
+        if s.accepted || s.push.is_some() {
             return Err(CallError::WrongState(stream));
         }
         s.accepted = true;
@@ -300,7 +352,7 @@ impl ServerConnection {
     pub fn send_capacity(&self, stream: StreamId) -> usize {
         let max_chunk = self.side.handshake().map_or(0, |h| h.max_chunk);
         match self.side.streams.get(&stream) {
-            Some(s) if s.accepted => (s.window as usize).min(max_chunk),
+            Some(s) if s.accepted && s.push.is_none() => (s.window as usize).min(max_chunk),
             _ => 0,
         }
     }
@@ -327,7 +379,7 @@ impl ServerConnection {
         let max_chunk = self.side.handshake().map_or(0, |h| h.max_chunk);
         let stream_timeout = self.side.settings.timers.stream_timeout;
         let s = self.stream_mut(stream)?;
-        if !s.accepted {
+        if !s.accepted || s.push.is_some() {
             return Err(CallError::WrongState(stream));
         }
         if raw.is_empty() || raw.len() > capacity {
@@ -411,7 +463,7 @@ impl ServerConnection {
     /// (`source_failed`), since a short copy must never look complete.
     pub fn complete(&mut self, stream: StreamId, items: ItemCounts) -> Result<(), CallError> {
         let s = self.stream_mut(stream)?;
-        if !s.accepted {
+        if !s.accepted || s.push.is_some() {
             return Err(CallError::WrongState(stream));
         }
         if s.expected != UNKNOWN && s.bytes != s.expected {
@@ -430,7 +482,7 @@ impl ServerConnection {
         Ok(())
     }
 
-    fn stream_mut(&mut self, stream: StreamId) -> Result<&mut Stream, CallError> {
+    pub(super) fn stream_mut(&mut self, stream: StreamId) -> Result<&mut Stream, CallError> {
         if matches!(self.side.phase, Phase::Closed) {
             return Err(CallError::Closed);
         }
