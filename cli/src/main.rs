@@ -1,4 +1,4 @@
-//! The `nexus` command: `serve`, `pull`, `config`, `version`.
+//! The `nexus` command: `serve`, `pull`, `push`, `verify`, `config`, `version`.
 //!
 //! The binary parses arguments and properties, sets up logging and signals, then calls the
 //! libraries.
@@ -6,8 +6,10 @@
 // A command-line tool reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
+mod forward;
 mod logging;
 mod pull;
+mod push;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +42,11 @@ enum Command {
     Serve(ServeArgs),
     /// Pull a stream (or a manifest of streams) from servers.
     Pull(PullCommand),
+    /// Push a file (or stdin, or a manifest of files) into server sinks, optionally
+    /// replicated along a chain of servers.
+    Push(PushCommand),
+    /// Compare the digests of a file across its replicas.
+    Verify(VerifyCommand),
     /// Print the effective configuration and where each value comes from.
     Config(ConfigArgs),
     /// Print the version and the protocol versions spoken.
@@ -105,6 +112,22 @@ struct PullCommand {
     properties: PropertyArgs,
 }
 
+#[derive(Args)]
+struct PushCommand {
+    #[command(flatten)]
+    args: push::PushArgs,
+    #[command(flatten)]
+    properties: PropertyArgs,
+}
+
+#[derive(Args)]
+struct VerifyCommand {
+    #[command(flatten)]
+    args: push::VerifyArgs,
+    #[command(flatten)]
+    properties: PropertyArgs,
+}
+
 fn parse_define(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
@@ -124,6 +147,23 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Pull(args) => pull(args),
+        Command::Push(PushCommand { args, properties }) => {
+            let level = match (args.quiet, args.verbose) {
+                (true, _) => "error",
+                (_, true) => "debug",
+                _ => "warn",
+            };
+            match client(args.backend.clone(), &properties, level) {
+                Ok(client) => push::run(&client, args),
+                Err(code) => code,
+            }
+        }
+        Command::Verify(VerifyCommand { args, properties }) => {
+            match client(args.backend.clone(), &properties, "warn") {
+                Ok(client) => push::verify(&client, args),
+                Err(code) => code,
+            }
+        }
         Command::Config(args) if args.markdown => {
             emit(&nexus_config::markdown_table());
             ExitCode::SUCCESS
@@ -277,7 +317,19 @@ fn serve(args: ServeArgs) -> ExitCode {
     match &config.upload_root {
         None => registry.register_sink(FileSink::disabled()),
         Some(root) => match FileSink::new(root, config.upload_max_size, config.pipe_size) {
-            Ok(files) => registry.register_sink(files),
+            Ok(files) => {
+                // Replicated pushes go on to the next server with a client of this config
+                // (its secret included).
+                let forwarder = ClientConfig::from_values(&values)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| nexus_client::Client::new(c).map_err(|e| e.to_string()));
+                match forwarder {
+                    Ok(client) => registry.register_sink(
+                        files.with_forwarder(Arc::new(forward::ClientForwarder { client })),
+                    ),
+                    Err(e) => return fail(&e),
+                }
+            }
             Err(e) => return fail(&format!("burst.nexus.server.upload.root {root:?}: {e}")),
         },
     };
@@ -322,6 +374,22 @@ fn serve(args: ServeArgs) -> ExitCode {
     server.shutdown(drain);
     tracing::info!("Stopped.");
     ExitCode::SUCCESS
+}
+
+/// A client from the properties (and `--backend`), or the exit code of why not.
+fn client(
+    backend: Option<String>,
+    properties: &PropertyArgs,
+    level: &str,
+) -> Result<nexus_client::Client, ExitCode> {
+    let flags = backend
+        .map(|v| vec![("burst.nexus.io.backend", v)])
+        .unwrap_or_default();
+    resolve(flags, properties, level)
+        .and_then(|v| ClientConfig::from_values(&v))
+        .map_err(|e| e.to_string())
+        .and_then(|config| nexus_client::Client::new(config).map_err(|e| e.to_string()))
+        .map_err(|e| fail(&e))
 }
 
 fn pull(command: PullCommand) -> ExitCode {

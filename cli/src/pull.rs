@@ -222,20 +222,25 @@ pub(crate) fn exit_code(report: &Report, interrupted: bool) -> u8 {
         None => EXIT_STREAM,
         Some(e) => match e.code {
             None => EXIT_OUTPUT,
-            Some(ErrorCode::AUTH_FAILED) => EXIT_AUTH,
-            Some(ErrorCode::INTEGRITY_FAILURE) => EXIT_INTEGRITY,
-            // The connection failed: lost, never made, or the peer not a Nexus server.
-            Some(
-                ErrorCode::CONNECTION_LOST
-                | ErrorCode::TIMEOUT
-                | ErrorCode::UNREACHABLE
-                | ErrorCode::DRAINING
-                | ErrorCode::PROTOCOL_ERROR
-                | ErrorCode::FRAME_TOO_LARGE
-                | ErrorCode::UNSUPPORTED_VERSION,
-            ) => EXIT_CONNECTION,
-            Some(_) => EXIT_STREAM,
+            Some(code) => exit_code_of(code),
         },
+    }
+}
+
+/// The exit code of a stream that failed with `code` (pull and push alike).
+pub(crate) fn exit_code_of(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::AUTH_FAILED => EXIT_AUTH,
+        ErrorCode::INTEGRITY_FAILURE => EXIT_INTEGRITY,
+        // The connection failed: lost, never made, or the peer not a Nexus server.
+        ErrorCode::CONNECTION_LOST
+        | ErrorCode::TIMEOUT
+        | ErrorCode::UNREACHABLE
+        | ErrorCode::DRAINING
+        | ErrorCode::PROTOCOL_ERROR
+        | ErrorCode::FRAME_TOO_LARGE
+        | ErrorCode::UNSUPPORTED_VERSION => EXIT_CONNECTION,
+        _ => EXIT_STREAM,
     }
 }
 

@@ -385,7 +385,11 @@ fn a_short_stream_with_a_matching_complete_is_an_integrity_failure() {
             digest: nexus_testkit::digest(&half),
             items: ItemCounts::default(),
         };
-        frames.push(Frame::Complete { stream, completion });
+        frames.push(Frame::Complete {
+            stream,
+            completion,
+            report: None,
+        });
         frames
     });
     let dir = TempDir::new("pull-short");

@@ -92,6 +92,11 @@ fn finish(shared: &StreamShared, tx: &Sender<Item>, end: Ended) {
 }
 
 fn record_end(shared: &StreamShared, end: &Ended) {
+    // A push's writer waits for window no more, however the push ended (even one that never
+    // reached a server).
+    if let Some(gate) = &shared.push {
+        gate.close();
+    }
     shared.counters.stream_ended(&end.outcome);
     *shared.ended.lock() = Some(end.clone());
     if let Some(op) = &shared.operation {
@@ -390,6 +395,13 @@ impl Host for Actor {
                 if let Some(slot) = self.slot_of(stream).as_ref() {
                     if let Some(gate) = &slot.shared.push {
                         gate.grant(u64::from(increment));
+                    }
+                }
+            }
+            ClientEvent::Report { stream, text } => {
+                if let Some(slot) = self.slot_of(stream).as_ref() {
+                    if let Some(gate) = &slot.shared.push {
+                        gate.set_report(text);
                     }
                 }
             }
@@ -723,16 +735,19 @@ impl Actor {
         let Some(slot) = self.slots.borrow_mut().remove(&key) else {
             return;
         };
+        let report = slot
+            .shared
+            .push
+            .as_ref()
+            .and_then(|gate| gate.take_report());
         let end = Ended {
             outcome,
             bytes_received: bytes,
+            report,
         };
         // Idle before the end marker is queued: a reader that sees the end sees the
         // connection free (and its idle clock started).
         self.handle.stream_done();
-        if let Some(gate) = &slot.shared.push {
-            gate.close();
-        }
         finish(&slot.shared, &slot.tx, end);
     }
 

@@ -34,6 +34,8 @@ struct GateState {
     /// The server accepted the push (its first CREDIT came with INITIATED).
     opened: bool,
     closed: bool,
+    /// The sink's report from the server's COMPLETE.
+    report: Option<String>,
 }
 
 impl PushGate {
@@ -50,6 +52,16 @@ impl PushGate {
     pub(crate) fn close(&self) {
         self.state.lock().closed = true;
         self.changed.notify_all();
+    }
+
+    /// IO thread: the server's COMPLETE carried a report.
+    pub(crate) fn set_report(&self, text: String) {
+        self.state.lock().report = Some(text);
+    }
+
+    /// IO thread: the report, for the push's end.
+    pub(crate) fn take_report(&self) -> Option<String> {
+        self.state.lock().report.take()
     }
 
     /// Handle: waits until the server accepted the push; false if it ended first.

@@ -48,6 +48,9 @@ pub struct Ended {
     pub outcome: Outcome,
     /// Data bytes delivered before the end.
     pub bytes_received: u64,
+    /// A complete push's sink report, when the server sent one (e.g. how each replica of a
+    /// replicated push ended); None for pulls.
+    pub report: Option<String>,
 }
 
 impl Ended {
@@ -71,6 +74,7 @@ impl Ended {
                 message: message.into(),
             },
             bytes_received: bytes,
+            report: None,
         }
     }
 }

@@ -577,6 +577,7 @@ impl Transfer {
                         break handle.ended().unwrap_or(Ended {
                             outcome: Outcome::Cancelled,
                             bytes_received: 0,
+                            report: None,
                         })
                     }
                 }

@@ -226,8 +226,8 @@ impl BlockingConsumer for GatedWriter {
         }
         Ok(())
     }
-    fn commit(&mut self) -> Result<(), SourceError> {
-        Ok(())
+    fn commit(&mut self) -> Result<Option<String>, SourceError> {
+        Ok(None)
     }
     fn abort(&mut self) {}
 }
@@ -314,3 +314,19 @@ fn version_1_server(backend: Backend) {
     assert_eq!(data, b"readable");
 }
 both_backends!(a_version_1_server_still_serves_pulls, version_1_server);
+
+fn unreachable_server(backend: Backend) {
+    // Nothing listens on this port: the push ends with `unreachable`, and a writer waiting
+    // for window is released rather than left waiting forever.
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], nexus_testkit::free_port()).into();
+    let client = client(backend);
+    let mut push = client.push(address, "discard:", PushOptions::default());
+    let written = push.write(Bytes::from(vec![1u8; 1 << 20]));
+    let end = match written {
+        Err(end) => end,
+        Ok(()) => push.finish(),
+    };
+    assert_eq!(error_of(&end.outcome).0, ErrorCode::UNREACHABLE);
+}
+
+both_backends!(a_push_to_nowhere_ends_unreachable, unreachable_server);

@@ -51,6 +51,9 @@ pub const FLAG_ZSTD: u8 = 0x01;
 pub const FLAG_COMPRESSED: u8 = 0x01;
 /// Frame flag on CHUNK: this chunk used up the stream's window; the server waits for CREDIT.
 pub const FLAG_WINDOW_EMPTY: u8 = 0x02;
+/// Frame flag on COMPLETE (version 2, a server's COMPLETE of a push only): the sink's report
+/// follows the counters, a `u16`-length UTF-8 text of at most [`MAX_MESSAGE_LEN`] bytes.
+pub const FLAG_REPORT: u8 = 0x01;
 /// Frame flag on ACCEPT: the server requires AUTH before anything else.
 pub const FLAG_AUTH_REQUIRED: u8 = 0x01;
 /// Frame flag on CANCEL: cancel every stream of the operation on this connection.
@@ -260,6 +263,9 @@ pub enum Frame {
         stream: StreamId,
         /// Counts and digest.
         completion: Completion,
+        /// The sink's report (server's COMPLETE of a push only; flag REPORT), e.g. how each
+        /// replica of a replicated push ended.
+        report: Option<String>,
     },
     /// An error on a stream (stream > 0) or the connection (stream 0).
     Error {
@@ -380,9 +386,15 @@ impl Frame {
                 dst.put_u64(*bytes_sent);
                 (FrameType::Cancelled, 0, *stream)
             }
-            Frame::Complete { stream, completion } => {
-                (FrameType::Complete, put_complete(dst, completion), *stream)
-            }
+            Frame::Complete {
+                stream,
+                completion,
+                report,
+            } => (
+                FrameType::Complete,
+                put_complete(dst, completion, report.as_deref()),
+                *stream,
+            ),
             Frame::Error {
                 stream,
                 code,
@@ -493,12 +505,18 @@ fn put_cancel(dst: &mut BytesMut, operation: Option<OperationId>, reason: &str) 
     flag(operation.is_some(), FLAG_OPERATION)
 }
 
-fn put_complete(dst: &mut BytesMut, completion: &Completion) -> u8 {
+fn put_complete(dst: &mut BytesMut, completion: &Completion, report: Option<&str>) -> u8 {
     dst.put_u64(completion.bytes);
     dst.put_u64(completion.chunks);
     dst.put_u64(completion.digest);
     put_items(dst, &completion.items);
-    0
+    match report {
+        Some(report) => {
+            put_str16(dst, report, MAX_MESSAGE_LEN);
+            FLAG_REPORT
+        }
+        None => 0,
+    }
 }
 
 fn put_error(dst: &mut BytesMut, code: ErrorCode, message: &str) -> u8 {
@@ -684,6 +702,11 @@ pub fn decode_payload(
                 chunks: r.u64()?,
                 digest: r.u64()?,
                 items: r.items()?,
+            },
+            report: if flags & FLAG_REPORT != 0 {
+                Some(r.str16(MAX_MESSAGE_LEN)?)
+            } else {
+                None
             },
         }),
         FrameType::Error => Ok(Frame::Error {

@@ -67,7 +67,7 @@ pub fn server(data: &[u8], handshake: bool) {
                     conn.release(stream, data.len(), t)
                 }
                 crate::ServerEvent::PushEnded { stream, .. } => {
-                    let _ = conn.commit(stream);
+                    let _ = conn.commit(stream, None);
                 }
                 _ => {}
             }

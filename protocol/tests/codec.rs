@@ -140,15 +140,22 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         }),
         (stream(), any::<u64>())
             .prop_map(|(stream, bytes_sent)| Frame::Cancelled { stream, bytes_sent }),
-        (stream(), any::<[u64; 3]>(), items()).prop_map(|(stream, n, items)| Frame::Complete {
-            stream,
-            completion: Completion {
-                bytes: n[0],
-                chunks: n[1],
-                digest: n[2],
-                items
-            }
-        }),
+        (
+            stream(),
+            any::<[u64; 3]>(),
+            items(),
+            proptest::option::of(text(200))
+        )
+            .prop_map(|(stream, n, items, report)| Frame::Complete {
+                stream,
+                completion: Completion {
+                    bytes: n[0],
+                    chunks: n[1],
+                    digest: n[2],
+                    items
+                },
+                report
+            }),
         (any::<u32>(), any::<u16>(), text(200)).prop_map(|(s, code, message)| Frame::Error {
             stream: StreamId(s),
             code: ErrorCode(code),

@@ -130,6 +130,7 @@ fn write_seed_corpus() {
                         chunks: 1,
                         ..Default::default()
                     },
+                    report: None,
                 },
                 Frame::Error {
                     stream: StreamId(2),

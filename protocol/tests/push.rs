@@ -115,7 +115,7 @@ fn a_push_flows_within_the_granted_window_and_completes_only_at_the_commit() {
         .client_events
         .iter()
         .any(|e| matches!(e, ClientEvent::StreamEnd { .. })));
-    p.server.commit(id).unwrap();
+    p.server.commit(id, None).unwrap();
     p.pump();
     let (outcome, _) = p.end_of(id);
     match outcome {
@@ -134,7 +134,7 @@ fn an_empty_push_completes() {
     accept_requested(&mut p);
     p.client.finish_push(id, p.now).unwrap();
     p.pump();
-    p.server.commit(id).unwrap();
+    p.server.commit(id, None).unwrap();
     p.pump();
     assert!(matches!(p.end_of(id).0, Outcome::Complete(c) if c.bytes == 0 && c.chunks == 0));
 }
@@ -242,6 +242,7 @@ fn complete(stream: u32, bytes: u64, chunks: u64, digest: u64) -> Bytes {
             digest,
             items: ItemCounts::NOT_COUNTED,
         },
+        report: None,
     }
     .to_bytes()
 }
@@ -326,7 +327,7 @@ fn a_digest_mismatch_at_the_clients_complete_fails_the_push() {
     assert!(!std::iter::from_fn(|| server.poll_event())
         .any(|e| matches!(e, ServerEvent::PushEnded { .. })));
     assert_eq!(
-        server.commit(StreamId(1)),
+        server.commit(StreamId(1), None),
         Err(CallError::UnknownStream(StreamId(1)))
     );
 }
@@ -549,6 +550,7 @@ fn a_commit_that_states_other_counts_than_were_sent_is_an_integrity_failure() {
             digest: 1,
             items: ItemCounts::NOT_COUNTED,
         },
+        report: None,
     };
     p.client.handle_input(&lie.to_bytes(), p.now);
     while let Some(e) = p.client.poll_event() {
@@ -576,4 +578,68 @@ fn the_frame_codec_round_trips_a_push_initiate() {
     let mut buf = bytes::BytesMut::from(&init.to_bytes()[..]);
     assert_eq!(buf[5], frame::FLAG_ACCEPT_ZSTD | frame::FLAG_PUSH);
     assert_eq!(frame::decode(&mut buf, u32::MAX).unwrap(), Some(init));
+}
+
+#[test]
+fn the_sinks_report_reaches_the_client_with_the_commit() {
+    let mut p = Pair::default_pair();
+    let id = p.initiate_with(push_request("file:r", 3));
+    accept_requested(&mut p);
+    p.client
+        .send_push_chunk(id, Bytes::from_static(b"abc"), p.now)
+        .unwrap();
+    p.client.finish_push(id, p.now).unwrap();
+    p.pump();
+    p.server
+        .commit(id, Some("b:1271 ok\nc:1272 connection_lost gone\n".into()))
+        .unwrap();
+    p.pump();
+    let report = p.client_events.iter().find_map(|e| match e {
+        ClientEvent::Report { stream, text } if *stream == id => Some(text.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        report.as_deref(),
+        Some("b:1271 ok\nc:1272 connection_lost gone\n")
+    );
+    assert!(matches!(p.end_of(id).0, Outcome::Complete(_)));
+}
+
+#[test]
+fn a_report_anywhere_but_a_servers_push_commit_is_a_protocol_error() {
+    // From a client.
+    let (mut server, now) = accepted_push(3);
+    server.handle_input(&chunk(1, 0, b"abc"), now);
+    let with_report = Frame::Complete {
+        stream: StreamId(1),
+        completion: Completion {
+            bytes: 3,
+            chunks: 1,
+            digest: xxhash_rust::xxh3::xxh3_64(b"abc"),
+            items: ItemCounts::NOT_COUNTED,
+        },
+        report: Some("mine".into()),
+    };
+    server.handle_input(&with_report.to_bytes(), now);
+    assert_eq!(
+        connection_error(&server_frames(&mut server)),
+        Some(ErrorCode::PROTOCOL_ERROR)
+    );
+    // From a server, on a pull.
+    let mut p = Pair::default_pair();
+    let id = p.initiate("synthetic:0");
+    p.pump();
+    let pull_report = Frame::Complete {
+        stream: id,
+        completion: Completion {
+            items: ItemCounts::NOT_COUNTED,
+            ..Completion::default()
+        },
+        report: Some("nope".into()),
+    };
+    p.client.handle_input(&pull_report.to_bytes(), p.now);
+    while let Some(e) = p.client.poll_event() {
+        p.client_events.push(e);
+    }
+    assert!(p.client.is_closed(), "{:?}", p.client_events);
 }

@@ -224,6 +224,7 @@ fn a_client_refuses_a_short_stream_whose_complete_matches_what_arrived() {
         &Frame::Complete {
             stream: s,
             completion,
+            report: None,
         },
         now,
     );

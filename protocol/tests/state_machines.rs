@@ -704,6 +704,7 @@ fn digest_mismatch_fails_the_stream() {
         &Frame::Complete {
             stream: s,
             completion,
+            report: None,
         },
     );
     let (outcome, bytes) = p.end_of(s);
@@ -731,6 +732,7 @@ fn count_mismatch_fails_the_stream() {
         &Frame::Complete {
             stream: s,
             completion,
+            report: None,
         },
     );
     assert!(matches!(

@@ -587,7 +587,8 @@ async fn consume(
                     sink_failed(state, stream, &e);
                     return (End::Error, taken);
                 }
-                let result = state.proto.borrow_mut().commit(stream);
+                let report = consumer.report();
+                let result = state.proto.borrow_mut().commit(stream, report);
                 driver::changed(state);
                 return match result {
                     Ok(()) => (End::Complete, taken),

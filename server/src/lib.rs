@@ -22,6 +22,7 @@ pub mod fuzz;
 mod packer;
 pub mod paradata;
 mod pipe;
+pub mod replica;
 pub mod root;
 mod server;
 mod shard;
@@ -42,6 +43,7 @@ pub use nexus_io::{
 };
 pub use paradata::SourceError;
 pub use pipe::{pipe, PipeClosed, PipeProducer, PipeSender};
+pub use replica::{Forward, Forwarder};
 pub use server::{Server, StartError};
 pub use shard::ShardContext;
 pub use sink::{BlockingConsumer, Consumer, DiscardSink, PushRequest, Sink};

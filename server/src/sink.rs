@@ -50,6 +50,12 @@ pub trait Consumer {
     /// Everything arrived and matched its digest: make it durable and visible. An error fails
     /// the push with it, and nothing of it may stay visible.
     fn commit(&mut self) -> Pending<'_>;
+
+    /// After a successful commit: what the sink has to tell the client, sent with the push's
+    /// COMPLETE (at most 4096 bytes of UTF-8; PROTOCOL.md flag REPORT). None by default.
+    fn report(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// One push request as a sink sees it.
@@ -101,8 +107,14 @@ impl Consumer for Discard {
 pub trait BlockingConsumer: Send + 'static {
     /// Writes the next piece of the push.
     fn write(&mut self, data: &[u8]) -> Result<(), SourceError>;
-    /// Makes everything written durable and visible.
-    fn commit(&mut self) -> Result<(), SourceError>;
+    /// [`write`](Self::write) for a consumer that keeps or forwards the buffer itself, which
+    /// saves it a copy. Calls `write` by default.
+    fn write_bytes(&mut self, data: Bytes) -> Result<(), SourceError> {
+        self.write(&data)
+    }
+    /// Makes everything written durable and visible. What it returns is the sink's report
+    /// ([`Consumer::report`]).
+    fn commit(&mut self) -> Result<Option<String>, SourceError>;
     /// Called when the push ends any other way: keep nothing of it. Also runs if `write` or
     /// `commit` failed.
     fn abort(&mut self);
@@ -110,7 +122,7 @@ pub trait BlockingConsumer: Send + 'static {
 
 enum Job {
     Data(Bytes),
-    Commit(oneshot::Sender<Result<(), SourceError>>),
+    Commit(oneshot::Sender<Result<Option<String>, SourceError>>),
 }
 
 /// Runs `consumer` on a thread of its own (named `nexus-sink`), behind a queue of `depth`
@@ -134,7 +146,11 @@ pub fn threaded(
                 format!("cannot start a sink thread: {e}"),
             )
         })?;
-    Ok(Box::new(Threaded { tx, failure }))
+    Ok(Box::new(Threaded {
+        tx,
+        failure,
+        report: None,
+    }))
 }
 
 fn work(
@@ -145,7 +161,7 @@ fn work(
     while let Some(job) = rx.blocking_recv() {
         match job {
             Job::Data(data) => {
-                if let Err(e) = consumer.write(&data) {
+                if let Err(e) = consumer.write_bytes(data) {
                     *failure.lock() = Some(e);
                     break;
                 }
@@ -167,6 +183,7 @@ fn work(
 struct Threaded {
     tx: mpsc::Sender<Job>,
     failure: Arc<Mutex<Option<SourceError>>>,
+    report: Option<String>,
 }
 
 impl Threaded {
@@ -197,9 +214,17 @@ impl Consumer for Threaded {
                 return Err(self.failed());
             }
             match result.await {
-                Ok(result) => result,
+                Ok(Ok(report)) => {
+                    self.report = report;
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(self.failed()),
             }
         })
+    }
+
+    fn report(&mut self) -> Option<String> {
+        self.report.take()
     }
 }

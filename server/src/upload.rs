@@ -23,6 +23,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::paradata::SourceError;
+use crate::replica::{Chain, Forwarder, Replication};
 use crate::root;
 use crate::sink::{self, BlockingConsumer, Consumer, PushRequest, Sink};
 
@@ -39,6 +40,7 @@ pub struct FileSink {
     upload: Option<Arc<UploadRoot>>,
     max_size: u64,
     depth: usize,
+    forwarder: Option<Arc<dyn Forwarder>>,
 }
 
 struct UploadRoot {
@@ -57,7 +59,15 @@ impl FileSink {
             upload: None,
             max_size: 0,
             depth: 1,
+            forwarder: None,
         }
+    }
+
+    /// Takes replicated pushes (`replicas=...`), forwarding them with `forwarder`. Without
+    /// one, such a push is refused.
+    pub fn with_forwarder(mut self, forwarder: Arc<dyn Forwarder>) -> FileSink {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     /// Takes pushes into `root` (which must exist), at most `max_size` bytes each; `depth`
@@ -92,6 +102,7 @@ impl FileSink {
             })),
             max_size,
             depth,
+            forwarder: None,
         })
     }
 
@@ -125,7 +136,11 @@ impl Sink for FileSink {
         };
         let p = request.paradata;
         let mut replace = false;
+        let mut chain = Chain::default();
         for (key, value) in &p.params {
+            if chain.param(key, value)? {
+                continue;
+            }
             match (*key, *value) {
                 ("replace", "true") => replace = true,
                 ("replace", "false") => replace = false,
@@ -136,7 +151,7 @@ impl Sink for FileSink {
                 }
                 (other, _) => {
                     return Err(SourceError::bad(format!(
-                        "unknown parameter {other:?} for a file: push; known: replace"
+                        "unknown parameter {other:?} for a file: push; known: replace, replicas, quorum"
                     )))
                 }
             }
@@ -181,6 +196,20 @@ impl Sink for FileSink {
             Mode::from_raw_mode(0o644),
         )
         .map_err(|e| failed(relative, e))?;
+        let replication = match (chain.replicas.is_empty(), &self.forwarder) {
+            (true, _) => None,
+            (false, None) => {
+                return Err(denied(
+                    relative,
+                    "this server does not forward replicated pushes",
+                ))
+            }
+            (false, Some(forwarder)) => {
+                let next = chain.next_paradata(relative, replace);
+                let forward = forwarder.forward(&chain.replicas[0], &next, request.declared)?;
+                Some(Replication::new(&chain, forward))
+            }
+        };
         let writer = FileWriter {
             upload: Arc::clone(upload),
             file: std::fs::File::from(fd),
@@ -192,6 +221,7 @@ impl Sink for FileSink {
             written: 0,
             max_size: self.max_size,
             done: false,
+            replication,
         };
         sink::threaded(writer, self.depth)
     }
@@ -236,6 +266,8 @@ struct FileWriter {
     max_size: u64,
     /// Committed, or already removed.
     done: bool,
+    /// The replicas behind this one, for a replicated push.
+    replication: Option<Replication>,
 }
 
 impl FileWriter {
@@ -265,7 +297,36 @@ impl BlockingConsumer for FileWriter {
         self.file.write_all(data).map_err(|e| self.io_error(e))
     }
 
-    fn commit(&mut self) -> Result<(), SourceError> {
+    fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), SourceError> {
+        self.write(&data)?;
+        match &mut self.replication {
+            Some(replication) => replication.write(data),
+            None => Ok(()),
+        }
+    }
+
+    fn commit(&mut self) -> Result<Option<String>, SourceError> {
+        // The replicas behind commit first: whatever fails there, this copy is not yet
+        // visible, and (without a quorum) never becomes so.
+        let report = match &mut self.replication {
+            Some(replication) => Some(replication.finish()?),
+            None => None,
+        };
+        self.commit_here()?;
+        Ok(report)
+    }
+
+    fn abort(&mut self) {
+        if !self.done {
+            self.done = true;
+            let _ =
+                rustix::fs::unlinkat(&self.upload.partial, self.temp.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+impl FileWriter {
+    fn commit_here(&mut self) -> Result<(), SourceError> {
         self.file.sync_all().map_err(|e| self.io_error(e))?;
         let (partial, parent) = (self.upload.partial.as_fd(), self.parent.as_fd());
         let placed = match self.replace {
@@ -291,14 +352,6 @@ impl BlockingConsumer for FileWriter {
         }
         // The new name is durable once its directory is.
         rustix::fs::fsync(parent).map_err(|e| self.io_error(e.into()))
-    }
-
-    fn abort(&mut self) {
-        if !self.done {
-            self.done = true;
-            let _ =
-                rustix::fs::unlinkat(&self.upload.partial, self.temp.as_str(), AtFlags::empty());
-        }
     }
 }
 

@@ -134,6 +134,14 @@ pub enum ClientEvent {
         /// The counters.
         progress: Progress,
     },
+    /// The server's COMPLETE of a push carried its sink's report (flag REPORT); the push's
+    /// `StreamEnd` (complete) follows.
+    Report {
+        /// The stream.
+        stream: StreamId,
+        /// The report, as the sink wrote it.
+        text: String,
+    },
     /// The stream ended; nothing more comes for it. Exactly one per initiated stream.
     StreamEnd {
         /// The stream.

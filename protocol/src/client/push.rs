@@ -96,7 +96,9 @@ pub(super) fn on_frame(
             super::stream::finish(conn, id, Outcome::Error { code, message });
             Ok(())
         }
-        Frame::Complete { completion, .. } => {
+        Frame::Complete {
+            completion, report, ..
+        } => {
             let finished = s.push.as_ref().is_some_and(|p| p.finished);
             let outcome = if !finished {
                 Outcome::Error {
@@ -106,6 +108,11 @@ pub(super) fn on_frame(
             } else {
                 verify_commit(s.bytes, s.next_seq, s.digest.value(), &completion)
             };
+            if let (Some(text), Outcome::Complete(_)) = (report, &outcome) {
+                conn.core
+                    .events
+                    .push_back(ClientEvent::Report { stream: id, text });
+            }
             // A push cancelled after its COMPLETE may still be committed: then it is in place,
             // and saying "cancelled" would be wrong (PROTOCOL.md 6.8).
             if s.state == StreamState::Cancelling && finished {
@@ -244,9 +251,14 @@ impl ClientConnection {
             digest: s.digest.value(),
             items: ItemCounts::NOT_COUNTED,
         };
-        self.core
-            .outbox
-            .stream_frame(stream, &Frame::Complete { stream, completion });
+        self.core.outbox.stream_frame(
+            stream,
+            &Frame::Complete {
+                stream,
+                completion,
+                report: None,
+            },
+        );
         self.core.stream_check = earliest(self.core.stream_check, now + timeout);
         Ok(())
     }

@@ -392,7 +392,14 @@ pub(super) fn on_frame(
             finish(conn, id, Outcome::Error { code, message });
             Ok(())
         }
-        Frame::Complete { completion, .. } => {
+        Frame::Complete {
+            completion, report, ..
+        } => {
+            if report.is_some() {
+                return Err(WireError::protocol(format!(
+                    "COMPLETE with a report on pull stream {id}"
+                )));
+            }
             let outcome = if s.state == StreamState::Initiating {
                 Outcome::Error {
                     code: ErrorCode::PROTOCOL_ERROR,

@@ -30,8 +30,17 @@ pub(super) fn on_frame(
             check_known(conn, chunk.stream)?;
             super::push::on_chunk(conn, chunk, now)
         }
-        Frame::Complete { stream, completion } => {
+        Frame::Complete {
+            stream,
+            completion,
+            report,
+        } => {
             check_known(conn, stream)?;
+            if report.is_some() {
+                return Err(WireError::protocol(format!(
+                    "a client's COMPLETE on stream {stream} carries a report"
+                )));
+            }
             super::push::on_complete(conn, stream, completion, now)
         }
         Frame::Cancel {
@@ -478,7 +487,12 @@ impl ServerConnection {
             digest: s.digest.value(),
             items,
         };
-        end_stream(self, stream, &Frame::Complete { stream, completion });
+        let complete = Frame::Complete {
+            stream,
+            completion,
+            report: None,
+        };
+        end_stream(self, stream, &complete);
         Ok(())
     }
 
