@@ -18,6 +18,10 @@
 //! | `backends` | `single`, `mux16` on io_uring | the same on epoll |
 //! | `soak` | one long stream, RSS sampled every second | - (must stay flat) |
 //! | `small` | 4 KiB streams on a warm pooled connection | - (time to first byte) |
+//! | `push` | `nexus push` of a page-cached file into `discard:` | `nexus pull` of the same file |
+//! | `push-file` (in `push`) | the same into the `file:` sink (fsync, rename) | the same pull |
+//! | `replication` | a push along a chain of 3 servers, links capped by `tc tbf` in network namespaces | one push to one server over the same links |
+//! | `replication-fanout` (in `replication`) | 3 pushes from the client at once | the same single push |
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
 //! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--json-out FILE]
@@ -29,6 +33,7 @@
 
 mod baselines;
 mod procs;
+mod push;
 mod report;
 
 use std::net::SocketAddr;
@@ -142,7 +147,7 @@ fn main() {
     std::fs::create_dir_all(&options.scratch).expect("scratch directory");
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -153,6 +158,8 @@ fn main() {
         ("backends", backends),
         ("soak", soak),
         ("small", small),
+        ("push", push::push),
+        ("replication", push::replication),
     ];
     for (name, run) in scenarios {
         if options.wants(name) {

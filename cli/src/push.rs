@@ -31,6 +31,9 @@ use crate::pull::{
 
 /// Bytes read from the file per write to the push.
 const READ_SIZE: usize = 1 << 20;
+/// The read buffer's allocation: several reads, so that one still held by the connection
+/// does not force a new allocation.
+const ARENA: usize = 16 << 20;
 
 #[derive(Args)]
 pub(crate) struct PushArgs {
@@ -242,7 +245,8 @@ fn complain(entry: &Value) {
     }
     // The replicas' states: they explain a quorum missed, or warn of one that failed under
     // a quorum met. (A failed push's error already names the replica that failed.)
-    let failed_push = error.is_some_and(|e| e["code"] != "sink_failed" || entry["quorum"].is_null());
+    let failed_push =
+        error.is_some_and(|e| e["code"] != "sink_failed" || entry["quorum"].is_null());
     for replica in entry["replicas"].as_array().into_iter().flatten() {
         if replica["state"] != "committed" && !failed_push {
             eprintln!(
@@ -370,8 +374,15 @@ fn push_one(operation: &Operation, job: &Job, quorum: Option<usize>, sent: &Atom
         traceparent: None,
     };
     let mut handle = operation.push(job.address, &first_paradata(job, quorum), options);
+    // One arena, taken again once the connection dropped what was cut from it: no fresh
+    // memory (and its page faults) per read.
+    let mut arena = BytesMut::new();
     loop {
-        let mut buf = BytesMut::zeroed(READ_SIZE);
+        if arena.capacity() < READ_SIZE {
+            arena.reserve(ARENA);
+        }
+        arena.resize(READ_SIZE, 0);
+        let mut buf = arena.split_to(READ_SIZE);
         let n = match read_full(&mut input, &mut buf) {
             Ok(n) => n,
             Err(e) => {

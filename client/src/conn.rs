@@ -32,8 +32,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::client::Shared;
-use crate::recv::{self, RecvBlocks};
 use crate::stream::{Ended, Item, StreamKey, StreamShared};
+use nexus_io::recv::{self, RecvBlocks};
 
 /// What other threads ask of a connection.
 #[derive(Debug)]

@@ -21,7 +21,6 @@ mod config;
 mod conn;
 mod operation;
 mod push;
-mod recv;
 mod resume;
 mod stream;
 pub mod telemetry;

@@ -18,6 +18,7 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub mod driver;
+pub mod recv;
 
 /// Which IO backend to use, as configured (`burst.nexus.io.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::text::Printable;
 use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, ServerSide, StreamId};
@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::io;
 use crate::io::driver::{self, Host, Wakers, WriteBatch};
+use crate::io::recv::{self, RecvBlocks};
 use crate::shard::ShardContext;
 use crate::source::Producer;
 use crate::stats;
@@ -53,6 +54,8 @@ pub(crate) struct ConnState {
     in_flight: Cell<usize>,
     /// Refused at accept: its closing ERROR is ours, not the client's doing.
     refused: bool,
+    /// Receive blocks, used while the connection has a push (bulk data coming in).
+    blocks: RefCell<RecvBlocks>,
 }
 
 struct StreamSlot {
@@ -127,6 +130,7 @@ pub(crate) fn start(
         prepared: Cell::new(0),
         in_flight: Cell::new(0),
         refused: refuse.is_some(),
+        blocks: RefCell::new(RecvBlocks::default()),
     });
     if let Some((code, message)) = refuse {
         state.close(code, &message);
@@ -173,6 +177,25 @@ impl Host for ConnState {
         self.peer
     }
 
+    /// A connection with a push reads into receive blocks (no page faults, no frame moved,
+    /// chunks handed to the sink without a copy); one that only pulls takes small frames
+    /// and keeps a small buffer.
+    fn prepare_read(&self, buf: &mut BytesMut, pending: Option<usize>) -> usize {
+        if self.has_push() {
+            return self.blocks.borrow_mut().prepare(buf, pending);
+        }
+        if buf.capacity() - buf.len() < 16 << 10 {
+            buf.reserve(64 << 10);
+        }
+        usize::MAX
+    }
+
+    fn after_read(&self) {
+        if !self.has_push() {
+            self.blocks.borrow_mut().release_idle();
+        }
+    }
+
     fn on_event(self: &Rc<Self>, event: ServerEvent) {
         match event {
             ServerEvent::Established {
@@ -190,6 +213,11 @@ impl Host for ConnState {
             ServerEvent::StreamRequested(initiate) => self.start_stream(initiate),
             ServerEvent::PushChunk { stream, data } => {
                 let len = data.len();
+                // A small chunk must not pin a whole receive block.
+                let data = match len < recv::COPY_BELOW {
+                    true => Bytes::copy_from_slice(&data),
+                    false => data,
+                };
                 stats::bump(&self.shard.traffic().push_bytes, len as u64);
                 if let Some(slot) = self.streams.borrow().get(&stream) {
                     slot.inbox_bytes.set(slot.inbox_bytes.get() + len);
@@ -305,6 +333,11 @@ impl Host for ConnState {
 }
 
 impl ConnState {
+    /// Whether a push is open on the connection.
+    fn has_push(&self) -> bool {
+        self.streams.borrow().values().any(|slot| slot.push)
+    }
+
     pub(crate) fn is_finished(&self) -> bool {
         self.finished.get()
     }

@@ -1,4 +1,4 @@
-//! Receive buffers of a client connection.
+//! Receive buffers of a connection that takes bulk data (a client's pulls, a server's pushes).
 //!
 //! CHUNK data reaches the consumer as slices of the buffer the socket was read into (zero
 //! copy). Two costs hide in a plain growing buffer, and this module removes both:
@@ -18,9 +18,9 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 
 /// Size of a receive block.
-pub(crate) const BLOCK: usize = 4 << 20;
+pub const BLOCK: usize = 4 << 20;
 /// Chunks smaller than this are copied out of the block (see the module documentation).
-pub(crate) const COPY_BELOW: usize = BLOCK / 4;
+pub const COPY_BELOW: usize = BLOCK / 4;
 /// Room kept ahead of any frame start: a default chunk frame (1 MiB of data and its header)
 /// with margin. Larger frames are correct too; they may be moved once.
 const ROOM: usize = (1 << 20) + (64 << 10);
@@ -35,7 +35,7 @@ const KEEP_IDLE: usize = 2;
 /// The blocks of one connection: its current receive buffer lives in the protocol's inbox,
 /// the retired ones here.
 #[derive(Debug, Default)]
-pub(crate) struct RecvBlocks {
+pub struct RecvBlocks {
     retired: VecDeque<BytesMut>,
     /// Blocks allocated, for tests and the curious.
     allocated: u64,
@@ -46,7 +46,7 @@ impl RecvBlocks {
     ///
     /// `pending` is the length of the frame `buf` starts with, when its header is in
     /// (`ClientConnection::pending_frame_len`).
-    pub(crate) fn prepare(&mut self, buf: &mut BytesMut, pending: Option<usize>) -> usize {
+    pub fn prepare(&mut self, buf: &mut BytesMut, pending: Option<usize>) -> usize {
         match pending {
             Some(total) => {
                 let need = total.saturating_sub(buf.len());
@@ -70,7 +70,7 @@ impl RecvBlocks {
 
     /// Lets go of the retired blocks: the free ones now, the ones consumers still hold when
     /// their last chunk is dropped. For a connection with no stream running.
-    pub(crate) fn release_idle(&mut self) {
+    pub fn release_idle(&mut self) {
         self.retired.clear();
     }
 
