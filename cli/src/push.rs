@@ -8,8 +8,8 @@
 //! authentication failed; 130 interrupted.
 
 use std::fs::File;
-use std::io::Read;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -358,15 +358,18 @@ fn push_one(operation: &Operation, job: &Job, quorum: Option<usize>, sent: &Atom
         cancelled: false,
         report: None,
     };
-    let mut input: Box<dyn Read> = if job.file == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        match File::open(&job.file) {
-            Ok(file) => Box::new(file),
-            Err(e) => {
-                done.error = Some((None, format!("cannot open {:?}: {e}", job.file)));
-                return done;
-            }
+    let opened = match job.file.as_str() {
+        "-" => std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from),
+        path => File::open(path),
+    };
+    let input = match opened {
+        Ok(file) => file,
+        Err(e) => {
+            done.error = Some((None, format!("cannot open {:?}: {e}", job.file)));
+            return done;
         }
     };
     let options = PushOptions {
@@ -381,9 +384,7 @@ fn push_one(operation: &Operation, job: &Job, quorum: Option<usize>, sent: &Atom
         if arena.capacity() < READ_SIZE {
             arena.reserve(ARENA);
         }
-        arena.resize(READ_SIZE, 0);
-        let mut buf = arena.split_to(READ_SIZE);
-        let n = match read_full(&mut input, &mut buf) {
+        let n = match read_full(&input, &mut arena) {
             Ok(n) => n,
             Err(e) => {
                 // Dropping the handle cancels the push: the server keeps nothing.
@@ -395,7 +396,7 @@ fn push_one(operation: &Operation, job: &Job, quorum: Option<usize>, sent: &Atom
         if n == 0 {
             break;
         }
-        buf.truncate(n);
+        let buf = arena.split_to(n);
         if let Err(end) = handle.write(buf.freeze()) {
             done.bytes = handle.bytes_sent();
             return ended(done, end.outcome, end.report);
@@ -426,18 +427,26 @@ fn ended(mut done: Done, outcome: Outcome, report: Option<String>) -> Done {
     done
 }
 
-/// Reads until `buf` is full or the input ends (a pipe gives little at a time).
-fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Appends to `arena` (empty, with room for [`READ_SIZE`]) up to `READ_SIZE` bytes of
+/// `input`, until that much or the input ends (a pipe gives little at a time). Reads into
+/// the spare capacity: no pass to zero it first.
+fn read_full(input: &File, arena: &mut BytesMut) -> std::io::Result<usize> {
+    while arena.len() < READ_SIZE {
+        let want = READ_SIZE - arena.len();
+        let spare = &mut arena.spare_capacity_mut()[..want];
+        match rustix::io::read(input, spare) {
+            Ok(([], _)) => break,
+            Ok((init, _)) => {
+                let n = init.len();
+                // SAFETY: `read` initialised the first `n` bytes of the spare capacity (it
+                // returned them as `init`), and `n <= want <= capacity - len`.
+                unsafe { arena.set_len(arena.len() + n) };
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(filled)
+    Ok(arena.len())
 }
 
 /// The JSON entry of one push and its exit code.
