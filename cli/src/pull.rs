@@ -112,7 +112,8 @@ pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
         Ok(transfer) => transfer,
         Err(e) => return usage(&e.to_string()),
     };
-    let interrupted = watch_signals(Arc::clone(&transfer));
+    let cancelled = Arc::clone(&transfer);
+    let interrupted = on_signal(move || cancelled.cancel());
     let show = !args.quiet && !args.no_progress;
     let (bar, ticker) = progress(&transfer, show);
     let report = match args.split {
@@ -279,16 +280,16 @@ fn progress(transfer: &Arc<Transfer>, show: bool) -> (ProgressBar, Arc<AtomicBoo
     (bar, stop)
 }
 
-/// Ctrl-C or SIGTERM cancels every stream of the transfer.
-fn watch_signals(transfer: Arc<Transfer>) -> Arc<AtomicBool> {
+/// Ctrl-C or SIGTERM runs `cancel` (on another thread) and sets the returned flag. Installed
+/// by the caller before its transfer starts.
+pub(crate) fn on_signal(cancel: impl FnOnce() + Send + 'static) -> Arc<AtomicBool> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupted);
-    // Installed here, before the transfer starts; waited for on another thread.
     if let Some(signals) = crate::Signals::install() {
         std::thread::spawn(move || {
             signals.wait();
             flag.store(true, Ordering::Release);
-            transfer.cancel();
+            cancel();
         });
     }
     interrupted

@@ -129,7 +129,9 @@ pub(crate) fn run(client: &Client, args: PushArgs) -> ExitCode {
         cancel_on_error: args.manifest.is_some(),
         id: None,
     }));
-    let interrupted = watch_signals(Arc::clone(&operation));
+    // Ctrl-C or SIGTERM cancels every push.
+    let cancelled = Arc::clone(&operation);
+    let interrupted = crate::pull::on_signal(move || cancelled.cancel_all());
     let sent = Arc::new(AtomicU64::new(0));
     let total = jobs
         .iter()
@@ -595,20 +597,6 @@ fn progress(
         }
     });
     (bar, stop)
-}
-
-/// Ctrl-C or SIGTERM cancels every push.
-fn watch_signals(operation: Arc<Operation>) -> Arc<AtomicBool> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&interrupted);
-    if let Some(signals) = crate::Signals::install() {
-        std::thread::spawn(move || {
-            signals.wait();
-            flag.store(true, Ordering::Release);
-            operation.cancel_all();
-        });
-    }
-    interrupted
 }
 
 /// `nexus verify`: pulls the file from every replica at once (the data is dropped as it

@@ -89,6 +89,61 @@ impl ChunkDecompressor {
     }
 }
 
+/// What the receiver of a stream knows when a CHUNK arrives (either direction).
+pub(crate) struct Expected<'a> {
+    /// The sequence number the chunk must carry.
+    pub(crate) seq: u64,
+    /// Whether compressed chunks were agreed for the stream.
+    pub(crate) zstd: bool,
+    /// Data bytes so far, and the most the stream may carry (`UNKNOWN`: no limit).
+    pub(crate) bytes: u64,
+    pub(crate) limit: u64,
+    /// "stream" or "push", for the messages.
+    pub(crate) kind: &'a str,
+    /// How the limit was set, for the message ("INITIATED announced", "it declared").
+    pub(crate) limit_source: &'a str,
+}
+
+/// The data of a CHUNK that the stream may take (decompressed when it was compressed), or
+/// why it fails the stream with `integrity_failure`: a sequence gap or duplicate, compression
+/// not agreed, an empty chunk, data past the limit, a bad zstd frame. The window is the
+/// caller's (it closes the connection, not the stream).
+pub(crate) fn chunk_data(
+    unpacker: &mut ChunkDecompressor,
+    chunk: crate::frame::Chunk,
+    expected: &Expected<'_>,
+) -> Result<Bytes, String> {
+    let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
+    let kind = expected.kind;
+    if chunk.seq != expected.seq {
+        let what = if chunk.seq < expected.seq {
+            "duplicate"
+        } else {
+            "gap"
+        };
+        return Err(format!(
+            "sequence {what}: expected chunk {}, got {}",
+            expected.seq, chunk.seq
+        ));
+    }
+    if chunk.raw_len.is_some() && !expected.zstd {
+        return Err(format!("compressed CHUNK on a {kind} without compression"));
+    }
+    if chunk.raw_len.is_none() && chunk.data.is_empty() {
+        return Err("empty CHUNK".into());
+    }
+    if expected.limit != crate::types::UNKNOWN && expected.bytes + raw_len > expected.limit {
+        return Err(format!(
+            "the {kind} goes past the {} bytes {}",
+            expected.limit, expected.limit_source
+        ));
+    }
+    match chunk.raw_len {
+        None => Ok(chunk.data),
+        Some(raw) => unpacker.decompress(&chunk.data, raw).map_err(|e| e.message),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

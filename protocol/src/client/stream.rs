@@ -3,6 +3,7 @@
 //! CREDIT as the application consumes (with window growth), CANCEL, GOAWAY, the stream
 //! timeout, and exactly one end reported per stream.
 
+use crate::compress::{chunk_data, Expected};
 use std::time::Instant;
 
 use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamRequest, StreamState};
@@ -447,38 +448,15 @@ fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> 
         // Cancelled or already failed: dropped, never delivered.
         StreamState::Cancelling | StreamState::Reported => return Ok(()),
     }
-    let beyond = s.expected != UNKNOWN && s.bytes + raw_len > s.expected;
-    let failure = if chunk.seq != s.next_seq {
-        let what = if chunk.seq < s.next_seq {
-            "duplicate"
-        } else {
-            "gap"
-        };
-        Some(format!(
-            "sequence {what}: expected chunk {}, got {}",
-            s.next_seq, chunk.seq
-        ))
-    } else if chunk.raw_len.is_some() && !s.zstd {
-        Some("compressed CHUNK on a stream without compression".to_string())
-    } else if chunk.raw_len.is_none() && chunk.data.is_empty() {
-        Some("empty CHUNK".to_string())
-    } else if beyond {
-        Some(format!(
-            "the stream goes past the {} bytes INITIATED announced",
-            s.expected
-        ))
-    } else {
-        None
+    let expected = Expected {
+        seq: s.next_seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        limit: s.expected,
+        kind: "stream",
+        limit_source: "INITIATED announced",
     };
-    let data = match (failure, chunk.raw_len) {
-        (Some(why), _) => Err(why),
-        (None, None) => Ok(chunk.data),
-        (None, Some(raw)) => conn
-            .side
-            .unpacker
-            .decompress(&chunk.data, raw)
-            .map_err(|e| e.message),
-    };
+    let data = chunk_data(&mut conn.side.unpacker, chunk, &expected);
     match data {
         Ok(data) => {
             s.next_seq += 1;

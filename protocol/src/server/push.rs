@@ -5,6 +5,7 @@
 //! and [`commit`](ServerConnection::commit): the server's COMPLETE is the promise that the
 //! data is kept.
 
+use crate::compress::{chunk_data, Expected};
 use std::time::Instant;
 
 use super::{ServerConnection, ServerEvent, Stream};
@@ -46,38 +47,15 @@ pub(super) fn on_chunk(
     }
     s.window -= raw_len;
     push.last_heard = now;
-    let beyond = push.declared != UNKNOWN && s.bytes + raw_len > push.declared;
-    let failure = if chunk.seq != s.seq {
-        let what = if chunk.seq < s.seq {
-            "duplicate"
-        } else {
-            "gap"
-        };
-        Some(format!(
-            "sequence {what}: expected chunk {}, got {}",
-            s.seq, chunk.seq
-        ))
-    } else if chunk.raw_len.is_some() && !s.zstd {
-        Some("compressed CHUNK on a push without compression".to_string())
-    } else if chunk.raw_len.is_none() && chunk.data.is_empty() {
-        Some("empty CHUNK".to_string())
-    } else if beyond {
-        Some(format!(
-            "the push goes past the {} bytes it declared",
-            push.declared
-        ))
-    } else {
-        None
+    let expected = Expected {
+        seq: s.seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        limit: push.declared,
+        kind: "push",
+        limit_source: "it declared",
     };
-    let data = match (failure, chunk.raw_len) {
-        (Some(why), _) => Err(why),
-        (None, None) => Ok(chunk.data),
-        (None, Some(raw)) => conn
-            .side
-            .unpacker
-            .decompress(&chunk.data, raw)
-            .map_err(|e| e.message),
-    };
+    let data = chunk_data(&mut conn.side.unpacker, chunk, &expected);
     match data {
         Ok(data) => {
             let s = stream(conn, id);
