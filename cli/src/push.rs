@@ -29,6 +29,9 @@ use crate::pull::{
     EXIT_CONNECTION, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_STREAM, EXIT_USAGE,
 };
 
+/// After Ctrl-C, how long the pushes have to end before the process exits anyway.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
 /// Bytes read from the file per write to the push.
 const READ_SIZE: usize = 1 << 20;
 /// The read buffer's allocation: several reads, so that one still held by the connection
@@ -129,9 +132,16 @@ pub(crate) fn run(client: &Client, args: PushArgs) -> ExitCode {
         cancel_on_error: args.manifest.is_some(),
         id: None,
     }));
-    // Ctrl-C or SIGTERM cancels every push.
+    // Ctrl-C or SIGTERM cancels every push. A push blocked reading its input (a pipe that
+    // stays open) cannot see that, so the process exits after a grace period: the server
+    // keeps nothing of a push whose connection closed either.
     let cancelled = Arc::clone(&operation);
-    let interrupted = crate::pull::on_signal(move || cancelled.cancel_all());
+    let interrupted = crate::pull::on_signal(move || {
+        cancelled.cancel_all();
+        std::thread::sleep(INTERRUPT_GRACE);
+        eprintln!("nexus push: interrupted; every push was cancelled, nothing of them kept");
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
+    });
     let sent = Arc::new(AtomicU64::new(0));
     let total = jobs
         .iter()

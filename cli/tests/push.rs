@@ -437,3 +437,66 @@ fn a_replica_killed_mid_push_is_reported_under_a_quorum() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
+
+#[test]
+fn ctrl_c_cancels_and_nothing_is_kept() {
+    let dir = TempDir::new("push-interrupt");
+    let server = serve(dir.path(), Backend::Epoll, &[]);
+    // Stdin stays open and quiet after the first data: the push is blocked reading it.
+    let mut child = push_from_pipe(&[&server.address.to_string(), "file:half.bin"]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&vec![7u8; 4 << 20]).unwrap();
+    wait_until("the server to receive data", || received(&server) > 0.0);
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    wait_until("the push to end", || active(&server) == 0.0);
+    assert!(!dir.path().join("half.bin").exists());
+    assert_eq!(partial_files(dir.path()), 0);
+    drop(stdin);
+}
+
+#[test]
+fn a_manifest_pushes_every_line_and_reports_each() {
+    let dir = TempDir::new("push-manifest");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let server = serve(&root, Backend::IoUring, &[]);
+    let mut lines = String::from("# files to upload\n\n");
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let local = dir.path().join(format!("f{i}"));
+        files.push(write_pattern_file(&local, 100_000 * (i + 1), i as u64));
+        lines.push_str(&format!(
+            "{} {} file:m/f{i}\n",
+            local.display(),
+            server.address
+        ));
+    }
+    let manifest = dir.path().join("manifest");
+    std::fs::write(&manifest, &lines).unwrap();
+    let out = push(&["--manifest", manifest.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json = report(&out);
+    assert_eq!(json["entries"].as_array().unwrap().len(), 3);
+    for (i, data) in files.iter().enumerate() {
+        assert_eq!(json["entries"][i]["state"], "complete");
+        assert!(std::fs::read(root.join(format!("m/f{i}"))).unwrap() == *data);
+    }
+    // A line that fails (the file exists now) fails the run, with that line's error.
+    let out = push(&["--manifest", manifest.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let json = report(&out);
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["entries"][0]["error"]["code"], "already_exists");
+    // A malformed line is a usage error naming it.
+    std::fs::write(&manifest, "just-one-field\n").unwrap();
+    let out = push(&["--manifest", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+}
