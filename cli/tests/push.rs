@@ -379,6 +379,12 @@ fn a_chain_of_three_is_byte_exact_and_verify_catches_a_change() {
 
 /// Pushes through the chain from a pipe, kills C once it has data, then ends the data.
 fn kill_the_tail_mid_push(chain: &mut Chain, extra: &[&str]) -> Output {
+    kill_mid_push(chain, 2, extra)
+}
+
+/// Pushes through the chain from a pipe, kills replica `victim` once the tail has data, then
+/// ends the data.
+fn kill_mid_push(chain: &mut Chain, victim: usize, extra: &[&str]) -> Output {
     let replicas = chain.replicas();
     let mut args = vec!["file:blob", "--replicas", &replicas, "--json"];
     args.extend_from_slice(extra);
@@ -387,8 +393,8 @@ fn kill_the_tail_mid_push(chain: &mut Chain, extra: &[&str]) -> Output {
     stdin.write_all(&chain.data[..4 << 20]).unwrap();
     let tail = &chain.servers[2];
     wait_until("the tail to receive data", || received(tail) > 0.0);
-    chain.servers[2].child.0.kill().unwrap();
-    chain.servers[2].child.0.wait().unwrap();
+    chain.servers[victim].child.0.kill().unwrap();
+    chain.servers[victim].child.0.wait().unwrap();
     // The push may have failed already (without a quorum), its stdin closed.
     let _ = stdin.write_all(&chain.data[4 << 20..]);
     drop(stdin);
@@ -499,4 +505,25 @@ fn a_manifest_pushes_every_line_and_reports_each() {
     let out = push(&["--manifest", manifest.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_middle_replica_killed_under_a_quorum_is_routed_around() {
+    let mut chain = Chain::start("push-chain-middle", 8 << 20);
+    let out = kill_mid_push(&mut chain, 1, &["--quorum", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json = report(&out);
+    let replicas = &json["entries"][0]["replicas"];
+    assert_eq!(replicas[0]["state"], "committed", "{json}");
+    assert_eq!(replicas[1]["state"], "connection_lost", "{json}");
+    // A replayed what it held to C, then went on: C has all of it.
+    assert_eq!(replicas[2]["state"], "committed", "{json}");
+    for i in [0, 2] {
+        let root = &chain.roots[i];
+        assert!(
+            std::fs::read(root.join("blob")).unwrap() == chain.data,
+            "{root:?}"
+        );
+        assert_eq!(partial_files(root), 0);
+    }
 }

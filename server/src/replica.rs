@@ -5,10 +5,13 @@
 //! The order of commits keeps anything half-written invisible: a replica commits (fsync, then
 //! the atomic link) only after every replica behind it has committed and said so. Without
 //! `quorum` a failure behind a replica fails it too, and it keeps nothing; with `quorum` it
-//! commits its own copy anyway and reports the failure, and the client counts.
+//! reports the failure, goes on with the replica after the failed one (replaying what it
+//! holds so far), commits its own copy, and the client counts.
 //!
 //! The forwarding itself is a [`Forwarder`], given by the application (the `nexus` command
 //! uses `nexus-client`), so the server crate does not depend on the client.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use nexus_protocol::ErrorCode;
@@ -93,29 +96,65 @@ impl Chain {
     }
 }
 
+/// Where a replicated push goes on from this server.
+pub(crate) struct Route {
+    pub(crate) forwarder: Arc<dyn Forwarder>,
+    /// The replicas after this server, and the quorum.
+    pub(crate) chain: Chain,
+    pub(crate) path: String,
+    pub(crate) replace: bool,
+    pub(crate) declared: Option<u64>,
+    /// This server's copy so far, to replay to a replica that takes a failed one's place.
+    pub(crate) local: std::fs::File,
+}
+
 /// The forwarding half of one replicated push, on its sink thread.
 pub(crate) struct Replication {
-    next: String,
-    /// Every replica must commit (no quorum given).
-    all: bool,
+    route: Route,
+    /// The replica fed now, an index into the chain.
+    at: usize,
     forward: Option<Box<dyn Forward>>,
-    /// The next replica's failure, in quorum mode: reported, not fatal.
-    failure: Option<SourceError>,
+    /// Bytes this server holds (all of them written before they are forwarded).
+    held: u64,
+    /// Report lines of the replicas that failed (quorum).
+    lines: String,
 }
 
 impl Replication {
-    pub(crate) fn new(chain: &Chain, forward: Box<dyn Forward>) -> Replication {
-        Replication {
-            next: chain.replicas[0].clone(),
-            all: chain.quorum.is_none(),
-            forward: Some(forward),
-            failure: None,
+    pub(crate) fn start(route: Route) -> Result<Replication, SourceError> {
+        let mut replication = Replication {
+            route,
+            at: 0,
+            forward: None,
+            held: 0,
+            lines: String::new(),
+        };
+        match replication.open() {
+            Ok(forward) => replication.forward = Some(forward),
+            Err(e) => replication.failed(e)?,
         }
+        Ok(replication)
     }
 
-    /// Forwards a piece; a failure fails the push (all) or drops the rest of the chain
-    /// (quorum).
+    fn next(&self) -> &str {
+        &self.route.chain.replicas[self.at]
+    }
+
+    /// A push to the replica at `at`, with the rest of the chain behind it.
+    fn open(&self) -> Result<Box<dyn Forward>, SourceError> {
+        let rest = Chain {
+            replicas: self.route.chain.replicas[self.at..].to_vec(),
+            quorum: self.route.chain.quorum,
+        };
+        let paradata = rest.next_paradata(&self.route.path, self.route.replace);
+        self.route
+            .forwarder
+            .forward(self.next(), &paradata, self.route.declared)
+    }
+
+    /// Forwards a piece (already written here).
     pub(crate) fn write(&mut self, data: Bytes) -> Result<(), SourceError> {
+        self.held += data.len() as u64;
         let Some(forward) = &mut self.forward else {
             return Ok(());
         };
@@ -127,36 +166,79 @@ impl Replication {
 
     /// Waits for every replica behind this one; returns their report lines.
     pub(crate) fn finish(&mut self) -> Result<String, SourceError> {
-        if let Some(mut forward) = self.forward.take() {
+        loop {
+            let Some(mut forward) = self.forward.take() else {
+                return Ok(self.lines.clone());
+            };
             match forward.finish() {
                 Ok(report) => {
                     let rest = report.unwrap_or_default();
-                    return Ok(format!("{} ok\n{rest}", self.next));
+                    return Ok(format!("{}{} ok\n{rest}", self.lines, self.next()));
                 }
+                // A replica taking its place (quorum) is finished on the next turn.
                 Err(e) => self.failed(e)?,
             }
         }
-        let e = self.failure.as_ref().map_or_else(
-            || format!("{} {} lost", self.next, ErrorCode::SINK_FAILED),
-            |e| format!("{} {} {}", self.next, e.code, one_line(&e.message)),
-        );
-        Ok(format!("{e}\n"))
     }
 
+    /// The replica fed now failed. Without a quorum the push fails. With one, the failure
+    /// goes in the report and the push goes on with the replica after it, which first gets
+    /// everything this server holds so far: a dead replica does not cut off those behind it.
     fn failed(&mut self, e: SourceError) -> Result<(), SourceError> {
-        // Dropping the forward cancels it: the replicas behind keep nothing.
+        // Dropping the forward cancels it: the replicas it fed keep nothing.
         self.forward = None;
-        if self.all {
+        if self.route.chain.quorum.is_none() {
             return Err(SourceError::new(
                 ErrorCode::SINK_FAILED,
-                format!("replica {}: {}: {}", self.next, e.code, e.message),
+                format!("replica {}: {}: {}", self.next(), e.code, e.message),
             ));
         }
-        tracing::warn!(replica = %self.next, error = %e, "A replica failed; the push goes on without it (quorum).");
-        self.failure = Some(e);
+        let mut e = e;
+        loop {
+            tracing::warn!(replica = %self.next(), error = %e, "A replica failed; the push goes on without it (quorum).");
+            self.lines += &format!("{} {} {}\n", self.next(), e.code, one_line(&e.message));
+            self.at += 1;
+            if self.at == self.route.chain.replicas.len() {
+                return Ok(());
+            }
+            match self.open().and_then(|mut forward| {
+                self.replay(forward.as_mut())?;
+                Ok(forward)
+            }) {
+                Ok(forward) => {
+                    self.forward = Some(forward);
+                    return Ok(());
+                }
+                Err(next) => e = next,
+            }
+        }
+    }
+
+    /// Sends what this server holds so far to a new replica.
+    fn replay(&self, forward: &mut dyn Forward) -> Result<(), SourceError> {
+        use std::os::unix::fs::FileExt;
+        let mut offset = 0;
+        while offset < self.held {
+            let n = (self.held - offset).min(REPLAY_PIECE) as usize;
+            let mut piece = vec![0; n];
+            self.route
+                .local
+                .read_exact_at(&mut piece, offset)
+                .map_err(|e| {
+                    SourceError::new(
+                        ErrorCode::SINK_FAILED,
+                        format!("reading back {:?} to replay it: {e}", self.route.path),
+                    )
+                })?;
+            forward.write(Bytes::from(piece))?;
+            offset += n as u64;
+        }
         Ok(())
     }
 }
+
+/// Bytes read back per piece when replaying to a replica.
+const REPLAY_PIECE: u64 = 1 << 20;
 
 fn one_line(text: &str) -> String {
     text.replace(['\n', '\r'], " ")

@@ -23,7 +23,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::paradata::SourceError;
-use crate::replica::{Chain, Forwarder, Replication};
+use crate::replica::{Chain, Forwarder, Replication, Route};
 use crate::root;
 use crate::sink::{self, BlockingConsumer, Consumer, PushRequest, Sink};
 
@@ -192,10 +192,12 @@ impl Sink for FileSink {
         let fd = rustix::fs::openat(
             &upload.partial,
             temp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            // Read too: a replicated push may replay what it holds to a later replica.
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o644),
         )
         .map_err(|e| failed(relative, e))?;
+        let file = std::fs::File::from(fd);
         let replication = match (chain.replicas.is_empty(), &self.forwarder) {
             (true, _) => None,
             (false, None) => {
@@ -205,14 +207,23 @@ impl Sink for FileSink {
                 ))
             }
             (false, Some(forwarder)) => {
-                let next = chain.next_paradata(relative, replace);
-                let forward = forwarder.forward(&chain.replicas[0], &next, request.declared)?;
-                Some(Replication::new(&chain, forward))
+                let copy = file.try_clone().map_err(|e| {
+                    SourceError::new(ErrorCode::SINK_FAILED, format!("{relative:?}: {e}"))
+                })?;
+                let route = Route {
+                    forwarder: Arc::clone(forwarder),
+                    chain,
+                    path: relative.to_string(),
+                    replace,
+                    declared: request.declared,
+                    local: copy,
+                };
+                Some(Replication::start(route)?)
             }
         };
         let writer = FileWriter {
             upload: Arc::clone(upload),
-            file: std::fs::File::from(fd),
+            file,
             temp,
             parent,
             name: (*name).to_string(),
