@@ -171,8 +171,15 @@ impl PushHandle {
     pub fn copy_from(&mut self, mut reader: impl Read, chunk: usize) -> Result<u64, Ended> {
         let chunk = chunk.max(4096);
         let start = self.sent;
+        // One allocation for several reads, taken again once the connection dropped what was
+        // cut from it: no fresh memory (and its page faults) per read.
+        let mut arena = BytesMut::new();
         loop {
-            let mut buf = BytesMut::zeroed(chunk);
+            if arena.capacity() < chunk {
+                arena.reserve(chunk * 8);
+            }
+            arena.resize(chunk, 0);
+            let mut buf = arena.split_to(chunk);
             let n = loop {
                 match reader.read(&mut buf) {
                     Ok(n) => break n,

@@ -71,9 +71,18 @@ fn byte_exact_sizes(backend: Backend) {
         let data = pattern(len, i as u8);
         let name = format!("sub/dir/f{i}.bin");
         let mut push = client.push(server.local_addr(), &format!("file:{name}"), sized(len));
-        // In uneven pieces, so chunks and writes do not line up.
-        for piece in data.chunks(300_001) {
-            push.write(Bytes::copy_from_slice(piece)).unwrap();
+        // Three ways in, each in uneven pieces, so chunks and writes do not line up: writes,
+        // a reader, an iterator of Bytes.
+        match i % 3 {
+            0 => {
+                for piece in data.chunks(300_001) {
+                    push.write(Bytes::copy_from_slice(piece)).unwrap();
+                }
+            }
+            1 => assert_eq!(push.copy_from(&data[..], 70_001).unwrap(), len as u64),
+            _ => push
+                .send_all(data.chunks(123_457).map(Bytes::copy_from_slice))
+                .unwrap(),
         }
         let end = push.finish();
         match &end.outcome {
