@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server with the built-in sources (file:, synthetic:).
+    /// Run the server with the built-in sources (file:, synthetic:) and sinks (file:, discard:).
     Serve(ServeArgs),
     /// Pull a stream (or a manifest of streams) from servers.
     Pull(PullCommand),
