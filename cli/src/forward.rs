@@ -7,6 +7,10 @@ use nexus_client::{Client, ErrorCode, Outcome, PushHandle, PushOptions};
 use nexus_server::{Forward, Forwarder, SourceError};
 
 /// Forwards with one client shared by every shard (a connection per next replica, pooled).
+///
+/// Without a secret a server forwards to loopback addresses only: otherwise any client that
+/// reaches an `--insecure` server could make it connect to, and send data to, any address.
+/// With a secret, the clients are the cluster's and may name any replica.
 pub(crate) struct ClientForwarder {
     pub(crate) client: Client,
 }
@@ -42,6 +46,18 @@ impl Forwarded {
         if self.handle.is_none() {
             let address = parse_endpoint(&self.endpoint)
                 .map_err(|e| SourceError::new(ErrorCode::UNREACHABLE, e))?;
+            let secret = self.client.config().protocol.secret.is_some();
+            if !secret && !address.ip().is_loopback() {
+                return Err(SourceError::new(
+                    ErrorCode::PERMISSION_DENIED,
+                    format!(
+                        "this server forwards to {} only with a secret set \
+                         (burst.nexus.auth.secret, environment BURST_NEXUS_AUTH_SECRET): \
+                         without one it forwards to loopback addresses only",
+                        self.endpoint
+                    ),
+                ));
+            }
             let options = PushOptions {
                 size: self.declared,
                 traceparent: None,

@@ -527,3 +527,34 @@ fn a_middle_replica_killed_under_a_quorum_is_routed_around() {
         assert_eq!(partial_files(root), 0);
     }
 }
+
+#[test]
+fn without_a_secret_a_server_forwards_to_loopback_only() {
+    let dir = TempDir::new("push-forward-guard");
+    let local = dir.path().join("f");
+    write_pattern_file(&local, 1000, 1);
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let server = serve(&root, Backend::Epoll, &[]);
+    // 192.0.2.1 is TEST-NET-1: refused before any connection is tried.
+    let replicas = format!("{},192.0.2.1:1270", server.address);
+    let out = push(&[
+        local.to_str().unwrap(),
+        "file:f",
+        "--replicas",
+        &replicas,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let json = report(&out);
+    let replicas = &json["entries"][0]["replicas"];
+    assert_eq!(replicas[1]["state"], "permission_denied", "{json}");
+    assert!(
+        replicas[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("BURST_NEXUS_AUTH_SECRET"),
+        "{json}"
+    );
+    assert!(!root.join("f").exists());
+}
