@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use lru::LruCache;
 use nexus_io::{select_backend, Backend};
 use nexus_protocol::{ErrorCode, OperationId, StreamRequest};
@@ -20,7 +21,7 @@ use crate::config::ClientConfig;
 use crate::conn::{self, Command, ConnHandle, NewStream, Spawn};
 use crate::operation::{Operation, OperationOptions, OperationShared};
 use crate::push::{PushHandle, PushOptions};
-use crate::stream::{StreamHandle, StreamKey, StreamShared};
+use crate::stream::{Item, StreamHandle, StreamKey, StreamShared};
 use crate::telemetry::{Counters, StreamStats};
 
 /// Why a client could not start.
@@ -235,7 +236,6 @@ impl Client {
         options: PushOptions,
         operation: Option<Arc<OperationShared>>,
     ) -> PushHandle {
-        let key = StreamKey(self.shared.next_key.fetch_add(1, Ordering::Relaxed));
         let request = StreamRequest {
             paradata: paradata.to_string(),
             operation: operation.as_ref().map_or(OperationId(0), |op| op.id),
@@ -243,6 +243,22 @@ impl Client {
             traceparent: options.traceparent,
             push: Some(options.size.unwrap_or(nexus_protocol::UNKNOWN)),
         };
+        // Only the end marker ever goes through a push's queue.
+        let (shared, tx, rx) = self.register(endpoint, request, operation, 1);
+        let handle = PushHandle::new(self.clone(), Arc::clone(&shared), rx);
+        self.start_registered(shared, tx);
+        handle
+    }
+
+    /// A new stream's shared state and queue, counted and added to its operation.
+    fn register(
+        &self,
+        endpoint: SocketAddr,
+        request: StreamRequest,
+        operation: Option<Arc<OperationShared>>,
+        queue: usize,
+    ) -> (Arc<StreamShared>, Sender<Item>, Receiver<Item>) {
+        let key = StreamKey(self.shared.next_key.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(StreamShared::new(
             key,
             endpoint,
@@ -251,18 +267,20 @@ impl Client {
             Arc::clone(&self.shared.counters),
         ));
         self.shared.counters.stream_started();
-        // Only the end marker ever goes through a push's queue.
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = crossbeam_channel::bounded(queue);
         if let Some(op) = &shared.operation {
             op.add(Arc::clone(&shared));
         }
-        let handle = PushHandle::new(self.clone(), Arc::clone(&shared), rx);
+        (shared, tx, rx)
+    }
+
+    /// Hands a registered stream to its connection.
+    fn start_registered(&self, shared: Arc<StreamShared>, tx: Sender<Item>) {
         self.shared.start(NewStream {
             shared,
             tx,
             retried: false,
         });
-        handle
     }
 
     /// A macro operation: streams across endpoints, cancelled, watched and summarised together.
@@ -277,7 +295,6 @@ impl Client {
         options: StreamOptions,
         operation: Option<Arc<OperationShared>>,
     ) -> StreamHandle {
-        let key = StreamKey(self.shared.next_key.fetch_add(1, Ordering::Relaxed));
         let request = StreamRequest {
             paradata: paradata.to_string(),
             operation: operation.as_ref().map_or(OperationId(0), |op| op.id),
@@ -285,24 +302,10 @@ impl Client {
             traceparent: options.traceparent,
             push: None,
         };
-        let shared = Arc::new(StreamShared::new(
-            key,
-            endpoint,
-            request,
-            operation,
-            Arc::clone(&self.shared.counters),
-        ));
-        self.shared.counters.stream_started();
-        let (tx, rx) = crossbeam_channel::bounded(self.shared.config.queue_size);
-        if let Some(op) = &shared.operation {
-            op.add(Arc::clone(&shared));
-        }
+        let queue = self.shared.config.queue_size;
+        let (shared, tx, rx) = self.register(endpoint, request, operation, queue);
         let handle = StreamHandle::new(self.clone(), Arc::clone(&shared), rx);
-        self.shared.start(NewStream {
-            shared,
-            tx,
-            retried: false,
-        });
+        self.start_registered(shared, tx);
         handle
     }
 
