@@ -128,6 +128,34 @@ struct VerifyCommand {
     properties: PropertyArgs,
 }
 
+/// What a client command prints, and its IO backend (`pull`, `push`).
+#[derive(Args)]
+pub(crate) struct ConsoleArgs {
+    /// No progress bar and no summary line; errors only.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub(crate) quiet: bool,
+    /// Say more: what is retried and why, connection events.
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
+    #[arg(long)]
+    pub(crate) backend: Option<String>,
+}
+
+impl ConsoleArgs {
+    /// The log level the flags ask for.
+    fn log_level(&self) -> &'static str {
+        match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (_, true) => "debug",
+            _ => "warn",
+        }
+    }
+}
+
 fn parse_define(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
@@ -148,12 +176,8 @@ fn main() -> ExitCode {
         }
         Command::Pull(args) => pull(args),
         Command::Push(PushCommand { args, properties }) => {
-            let level = match (args.quiet, args.verbose) {
-                (true, _) => "error",
-                (_, true) => "debug",
-                _ => "warn",
-            };
-            match client(args.backend.clone(), &properties, level) {
+            let (backend, level) = (args.console.backend.clone(), args.console.log_level());
+            match client(backend, &properties, level) {
                 Ok(client) => push::run(&client, args),
                 Err(code) => code,
             }
@@ -394,25 +418,11 @@ fn client(
 
 fn pull(command: PullCommand) -> ExitCode {
     let PullCommand { args, properties } = command;
-    let mut flags = Vec::new();
-    if let Some(v) = &args.backend {
-        flags.push(("burst.nexus.io.backend", v.clone()));
+    let (backend, level) = (args.console.backend.clone(), args.console.log_level());
+    match client(backend, &properties, level) {
+        Ok(client) => pull::run(&client, args),
+        Err(code) => code,
     }
-    let level = match (args.quiet, args.verbose) {
-        (true, _) => "error",
-        (_, true) => "debug",
-        _ => "warn",
-    };
-    let config =
-        match resolve(flags, &properties, level).and_then(|v| ClientConfig::from_values(&v)) {
-            Ok(config) => config,
-            Err(e) => return fail(&e.to_string()),
-        };
-    let client = match nexus_client::Client::new(config) {
-        Ok(client) => client,
-        Err(e) => return fail(&e.to_string()),
-    };
-    pull::run(&client, args)
 }
 
 /// `--bind`: an IP address as it is, or a host name resolved to its first address.

@@ -70,18 +70,8 @@ pub(crate) struct PullArgs {
     /// smaller); worth it for compressible data over a slow network.
     #[arg(long)]
     zstd: bool,
-    /// No progress bar and no summary line; errors only.
-    #[arg(short, long, conflicts_with = "verbose")]
-    pub(crate) quiet: bool,
-    /// Say more: what is retried and why, connection events.
-    #[arg(short, long)]
-    pub(crate) verbose: bool,
-    /// No progress bar, even on a terminal.
-    #[arg(long)]
-    no_progress: bool,
-    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
-    #[arg(long)]
-    pub(crate) backend: Option<String>,
+    #[command(flatten)]
+    pub(crate) console: crate::ConsoleArgs,
 }
 
 pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
@@ -114,8 +104,12 @@ pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
     };
     let cancelled = Arc::clone(&transfer);
     let interrupted = on_signal(move || cancelled.cancel());
-    let show = !args.quiet && !args.no_progress;
-    let (bar, ticker) = progress(&transfer, show);
+    let show = !args.console.quiet && !args.console.no_progress;
+    let polled = Arc::clone(&transfer);
+    let (bar, ticker) = progress(show, move || {
+        let p = polled.progress();
+        (p.bytes, p.expected_bytes)
+    });
     let report = match args.split {
         Some(n) => transfer.pull_split(&entries[0], n),
         None => Ok(transfer.pull(&entries)),
@@ -156,7 +150,7 @@ pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
     }
     if interrupted {
         eprintln!("nexus pull: interrupted; every stream was cancelled");
-    } else if code == 0 && !args.quiet && !args.json {
+    } else if code == 0 && !args.console.quiet && !args.json {
         eprintln!("nexus pull: {}", summary(&report));
     }
     ExitCode::from(code)
@@ -245,10 +239,13 @@ pub(crate) fn exit_code_of(code: ErrorCode) -> u8 {
     }
 }
 
-/// A progress bar on stderr when it is a terminal (and `show`), kept up to date from the
-/// transfer's counters until the returned flag is set. Until a size is known it counts bytes
-/// and rate only, never "0 B/0 B".
-fn progress(transfer: &Arc<Transfer>, show: bool) -> (ProgressBar, Arc<AtomicBool>) {
+/// A progress bar on stderr when it is a terminal (and `show`), kept up to date from `poll`
+/// (bytes so far, and the total once known) until the returned flag is set. Until a size is
+/// known it counts bytes and rate only, never "0 B/0 B". For pulls and pushes alike.
+pub(crate) fn progress(
+    show: bool,
+    poll: impl Fn() -> (u64, Option<u64>) + Send + 'static,
+) -> (ProgressBar, Arc<AtomicBool>) {
     let stop = Arc::new(AtomicBool::new(false));
     if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return (ProgressBar::hidden(), stop);
@@ -257,12 +254,12 @@ fn progress(transfer: &Arc<Transfer>, show: bool) -> (ProgressBar, Arc<AtomicBoo
     if let Ok(style) = ProgressStyle::with_template("{spinner} {bytes} {binary_bytes_per_sec}") {
         bar.set_style(style);
     }
-    let (flag, shown, transfer) = (Arc::clone(&stop), bar.clone(), Arc::clone(transfer));
+    let (flag, shown) = (Arc::clone(&stop), bar.clone());
     std::thread::spawn(move || {
         let mut sized = false;
         while !flag.load(Ordering::Acquire) {
-            let progress = transfer.progress();
-            if let (Some(total), false) = (progress.expected_bytes, sized) {
+            let (bytes, total) = poll();
+            if let (Some(total), false) = (total, sized) {
                 sized = true;
                 shown.set_length(total);
                 let template = "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
@@ -270,10 +267,10 @@ fn progress(transfer: &Arc<Transfer>, show: bool) -> (ProgressBar, Arc<AtomicBoo
                     shown.set_style(style);
                 }
             }
-            if let Some(total) = progress.expected_bytes {
+            if let Some(total) = total {
                 shown.set_length(total);
             }
-            shown.set_position(progress.bytes);
+            shown.set_position(bytes);
             std::thread::sleep(Duration::from_millis(100));
         }
     });

@@ -11,13 +11,13 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use clap::Args;
-use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::HumanBytes;
 use nexus_client::transfer::parse_endpoint;
 use nexus_client::{
     Client, ErrorCode, Operation, OperationOptions, Outcome, PushOptions, StreamOptions,
@@ -62,18 +62,8 @@ pub(crate) struct PushArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// No progress bar and no summary line; errors only.
-    #[arg(short, long, conflicts_with = "verbose")]
-    pub(crate) quiet: bool,
-    /// Say more: connection events.
-    #[arg(short, long)]
-    pub(crate) verbose: bool,
-    /// No progress bar, even on a terminal.
-    #[arg(long)]
-    no_progress: bool,
-    /// IO backend: auto, io_uring or epoll (burst.nexus.io.backend).
-    #[arg(long)]
-    pub(crate) backend: Option<String>,
+    #[command(flatten)]
+    pub(crate) console: crate::ConsoleArgs,
 }
 
 #[derive(Args)]
@@ -147,8 +137,9 @@ pub(crate) fn run(client: &Client, args: PushArgs) -> ExitCode {
         .iter()
         .map(|j| local_size(&j.file))
         .sum::<Option<u64>>();
-    let show = !args.quiet && !args.no_progress && !args.json;
-    let (bar, stop) = progress(Arc::clone(&sent), total, show);
+    let show = !args.console.quiet && !args.console.no_progress && !args.json;
+    let polled = Arc::clone(&sent);
+    let (bar, stop) = crate::pull::progress(show, move || (polled.load(Ordering::Relaxed), total));
     let started = Instant::now();
     let quorum = args.quorum;
     let jobs = Arc::new(jobs);
@@ -213,7 +204,7 @@ pub(crate) fn run(client: &Client, args: PushArgs) -> ExitCode {
     }
     if interrupted {
         eprintln!("nexus push: interrupted; every push was cancelled, nothing of them kept");
-    } else if code == 0 && !args.quiet && !args.json {
+    } else if code == 0 && !args.console.quiet && !args.json {
         let rate = HumanBytes((bytes as f64 / seconds.max(1e-9)) as u64);
         let what = match &entries[..] {
             [one] => {
@@ -579,34 +570,6 @@ fn exit_code(code: Option<ErrorCode>) -> u8 {
         None => EXIT_OUTPUT,
         Some(code) => crate::pull::exit_code_of(code),
     }
-}
-
-/// A progress bar on stderr when it is a terminal (and `show`).
-fn progress(
-    sent: Arc<AtomicU64>,
-    total: Option<u64>,
-    show: bool,
-) -> (ProgressBar, Arc<AtomicBool>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return (ProgressBar::hidden(), stop);
-    }
-    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
-    let template = match total {
-        Some(_) => "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        None => "{spinner} {bytes} {binary_bytes_per_sec}",
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style);
-    }
-    let (flag, shown) = (Arc::clone(&stop), bar.clone());
-    std::thread::spawn(move || {
-        while !flag.load(Ordering::Acquire) {
-            shown.set_position(sent.load(Ordering::Relaxed));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-    (bar, stop)
 }
 
 /// `nexus verify`: pulls the file from every replica at once (the data is dropped as it

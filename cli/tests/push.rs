@@ -9,26 +9,20 @@ use std::process::{Child, Command, Output, Stdio};
 
 use nexus_server::Backend;
 use nexus_testkit::{
-    json_stdout as report, scrape_sample, spawn_serve, stderr_of as stderr, wait_until,
-    write_pattern_file, Served, TempDir,
+    json_stdout as report, partial_uploads as partial_files, scrape_sample, spawn_serve,
+    stderr_of as stderr, wait_until, write_pattern_file, Served, TempDir,
 };
 
 const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
-fn backend_name(backend: Backend) -> &'static str {
-    match backend {
-        Backend::IoUring => "io_uring",
-        Backend::Epoll => "epoll",
-    }
-}
-
 /// A server whose root and upload root are `root` (so what is pushed can be pulled back).
 fn serve(root: &Path, backend: Backend, extra: &[(&str, &str)]) -> Served {
     let root = root.to_str().unwrap();
+    let backend = backend.to_string();
     let mut env = vec![
         ("BURST_NEXUS_SERVER_ROOT", root),
         ("BURST_NEXUS_SERVER_UPLOAD_ROOT", root),
-        ("BURST_NEXUS_IO_BACKEND", backend_name(backend)),
+        ("BURST_NEXUS_IO_BACKEND", backend.as_str()),
     ];
     env.extend_from_slice(extra);
     spawn_serve(Path::new(NEXUS), &env)
@@ -58,11 +52,6 @@ fn push_from_pipe(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// Files left in the upload root's partial directory.
-fn partial_files(root: &Path) -> usize {
-    std::fs::read_dir(root.join(".nexus-partial")).map_or(0, |d| d.count())
 }
 
 fn received(served: &Served) -> f64 {

@@ -22,10 +22,7 @@ use nexus_testkit::{
 fn client_config(backend: Backend) -> ClientConfig {
     ClientConfig {
         threads: 2,
-        backend: match backend {
-            Backend::IoUring => BackendChoice::IoUring,
-            Backend::Epoll => BackendChoice::Epoll,
-        },
+        backend: backend.into(),
         ..ClientConfig::default()
     }
 }

@@ -7,9 +7,7 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
-use nexus_client::{
-    BackendChoice, Client, ClientConfig, ClientSettings, Item, Outcome, StreamOptions,
-};
+use nexus_client::{Client, ClientConfig, ClientSettings, Item, Outcome, StreamOptions};
 use nexus_server::{Backend, ServerConfig};
 use nexus_testkit::{
     both_backends, builtin_registry, digest, start_with, synthetic_bytes, test_config, wait_until,
@@ -34,10 +32,7 @@ fn drain_under_crediting_pulls(backend: Backend) {
         let address = server.local_addr();
         let client = Client::new(ClientConfig {
             threads: 1,
-            backend: match backend {
-                Backend::IoUring => BackendChoice::IoUring,
-                Backend::Epoll => BackendChoice::Epoll,
-            },
+            backend: backend.into(),
             protocol: ClientSettings {
                 initial_window: 1 << 20,
                 max_window: 1 << 20,

@@ -2,27 +2,23 @@
 //! built-in sinks, a real client, real sockets and real files.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nexus_client::{BackendChoice, Client, ClientConfig, ErrorCode, Outcome, PushOptions};
+use nexus_client::{Client, ClientConfig, ErrorCode, Outcome, PushOptions};
 use nexus_protocol::ServerSettings;
 use nexus_server::sink::{threaded, BlockingConsumer, Consumer, PushRequest, Sink};
 use nexus_server::{Backend, ServerConfig, SourceError};
 use nexus_testkit::{
-    both_backends, builtin_registry, digest, push_registry, start_with, test_config, wait_until,
-    TempDir,
+    both_backends, builtin_registry, digest, partial_uploads as partial_files, push_registry,
+    start_with, test_config, wait_until, TempDir,
 };
 
 fn client(backend: Backend) -> Client {
     Client::new(ClientConfig {
         threads: 1,
-        backend: match backend {
-            Backend::IoUring => BackendChoice::IoUring,
-            Backend::Epoll => BackendChoice::Epoll,
-        },
+        backend: backend.into(),
         ..ClientConfig::default()
     })
     .unwrap()
@@ -39,12 +35,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
         .collect()
-}
-
-fn partial_files(upload: &Path) -> usize {
-    std::fs::read_dir(upload.join(".nexus-partial"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn error_of(outcome: &Outcome) -> (ErrorCode, String) {

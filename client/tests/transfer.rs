@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use nexus_client::transfer::{Entry, EntryState, Output, RetryPolicy, Transfer, TransferOptions};
-use nexus_client::{BackendChoice, Client, ClientConfig};
+use nexus_client::{Client, ClientConfig};
 use nexus_server::{Backend, ServerConfig};
 use nexus_testkit::{
     both_backends, builtin_registry, start_with, test_config, write_pattern_file, Proxy, TempDir,
@@ -15,10 +15,7 @@ use nexus_testkit::{
 fn client(backend: Backend) -> Client {
     Client::new(ClientConfig {
         threads: 1,
-        backend: match backend {
-            Backend::IoUring => BackendChoice::IoUring,
-            Backend::Epoll => BackendChoice::Epoll,
-        },
+        backend: backend.into(),
         ..ClientConfig::default()
     })
     .unwrap()

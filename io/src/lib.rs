@@ -32,6 +32,16 @@ pub enum BackendChoice {
     Epoll,
 }
 
+/// The choice that picks exactly this backend (no fallback).
+impl From<Backend> for BackendChoice {
+    fn from(backend: Backend) -> BackendChoice {
+        match backend {
+            Backend::IoUring => BackendChoice::IoUring,
+            Backend::Epoll => BackendChoice::Epoll,
+        }
+    }
+}
+
 impl FromStr for BackendChoice {
     type Err = BackendError;
 

@@ -89,6 +89,23 @@ impl ChunkDecompressor {
     }
 }
 
+/// Charges an arriving CHUNK (its uncompressed size) to the stream's window; one larger than
+/// the window is a `flow_control_violation`, which closes the connection.
+pub(crate) fn take_window(window: &mut u64, chunk: &crate::frame::Chunk) -> Result<(), WireError> {
+    let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
+    if raw_len > *window {
+        return Err(WireError::new(
+            ErrorCode::FLOW_CONTROL_VIOLATION,
+            format!(
+                "CHUNK of {raw_len} bytes on stream {} exceeds its window of {window}",
+                chunk.stream
+            ),
+        ));
+    }
+    *window -= raw_len;
+    Ok(())
+}
+
 /// What the receiver of a stream knows when a CHUNK arrives (either direction).
 pub(crate) struct Expected<'a> {
     /// The sequence number the chunk must carry.

@@ -56,6 +56,8 @@ pub(crate) struct ConnState {
     refused: bool,
     /// Receive blocks, used while the connection has a push (bulk data coming in).
     blocks: RefCell<RecvBlocks>,
+    /// Pushes running on the connection (started, their task not yet ended).
+    pushes: Cell<usize>,
 }
 
 struct StreamSlot {
@@ -131,6 +133,7 @@ pub(crate) fn start(
         in_flight: Cell::new(0),
         refused: refuse.is_some(),
         blocks: RefCell::new(RecvBlocks::default()),
+        pushes: Cell::new(0),
     });
     if let Some((code, message)) = refuse {
         state.close(code, &message);
@@ -335,7 +338,7 @@ impl Host for ConnState {
 impl ConnState {
     /// Whether a push is open on the connection.
     fn has_push(&self) -> bool {
-        self.streams.borrow().values().any(|slot| slot.push)
+        self.pushes.get() > 0
     }
 
     pub(crate) fn is_finished(&self) -> bool {
@@ -528,6 +531,7 @@ impl ConnState {
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.pushes_total, 1);
         stats::add(&self.shard.stats.pushes_open, 1);
+        self.pushes.set(self.pushes.get() + 1);
         self.shard.stream_started();
         tracing::debug!(peer = %self.peer, stream = stream.0, paradata = %Printable(&initiate.paradata), "Push started.");
         tokio::task::spawn_local(
@@ -551,6 +555,7 @@ async fn run_push(
     slot.inbox.borrow_mut().clear();
     let stats = &state.shard.stats;
     stats::sub(&stats.pushes_open, 1);
+    state.pushes.set(state.pushes.get() - 1);
     state.shard.stream_ended();
     state.shard.metrics.push_ended(started.elapsed(), bytes);
     match end {
@@ -616,11 +621,13 @@ async fn consume(
                     _ = slot.stop.notified() => return (End::Stopped, taken),
                 };
                 state.shard.metrics.commit(commit_started.elapsed());
-                if let Err(e) = committed {
-                    sink_failed(state, stream, &e);
-                    return (End::Error, taken);
-                }
-                let report = consumer.report();
+                let report = match committed {
+                    Ok(report) => report,
+                    Err(e) => {
+                        sink_failed(state, stream, &e);
+                        return (End::Error, taken);
+                    }
+                };
                 let result = state.proto.borrow_mut().commit(stream, report);
                 driver::changed(state);
                 return match result {

@@ -29,8 +29,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::paradata::{Paradata, SourceError};
 use crate::shard::ShardContext;
 
-/// What a consumer's `write` or `commit` returns.
+/// What a consumer's `write` returns.
 pub type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), SourceError>> + 'a>>;
+
+/// What a consumer's `commit` returns: the sink's report, if it has one, sent to the client
+/// with the push's COMPLETE (at most 4096 bytes of UTF-8; PROTOCOL.md flag REPORT).
+pub type Committing<'a> = Pin<Box<dyn Future<Output = Result<Option<String>, SourceError>> + 'a>>;
 
 /// A kind of push target, named by the scheme of its paradata (`file`, `discard`, ...).
 pub trait Sink: Send + Sync + 'static {
@@ -49,13 +53,7 @@ pub trait Consumer {
 
     /// Everything arrived and matched its digest: make it durable and visible. An error fails
     /// the push with it, and nothing of it may stay visible.
-    fn commit(&mut self) -> Pending<'_>;
-
-    /// After a successful commit: what the sink has to tell the client, sent with the push's
-    /// COMPLETE (at most 4096 bytes of UTF-8; PROTOCOL.md flag REPORT). None by default.
-    fn report(&mut self) -> Option<String> {
-        None
-    }
+    fn commit(&mut self) -> Committing<'_>;
 }
 
 /// One push request as a sink sees it.
@@ -98,8 +96,8 @@ impl Consumer for Discard {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn commit(&mut self) -> Pending<'_> {
-        Box::pin(std::future::ready(Ok(())))
+    fn commit(&mut self) -> Committing<'_> {
+        Box::pin(std::future::ready(Ok(None)))
     }
 }
 
@@ -113,7 +111,7 @@ pub trait BlockingConsumer: Send + 'static {
         self.write(&data)
     }
     /// Makes everything written durable and visible. What it returns is the sink's report
-    /// ([`Consumer::report`]).
+    /// ([`Committing`]).
     fn commit(&mut self) -> Result<Option<String>, SourceError>;
     /// Called when the push ends any other way: keep nothing of it. Also runs if `write` or
     /// `commit` failed.
@@ -146,11 +144,7 @@ pub fn threaded(
                 format!("cannot start a sink thread: {e}"),
             )
         })?;
-    Ok(Box::new(Threaded {
-        tx,
-        failure,
-        report: None,
-    }))
+    Ok(Box::new(Threaded { tx, failure }))
 }
 
 fn work(
@@ -183,7 +177,6 @@ fn work(
 struct Threaded {
     tx: mpsc::Sender<Job>,
     failure: Arc<Mutex<Option<SourceError>>>,
-    report: Option<String>,
 }
 
 impl Threaded {
@@ -207,24 +200,16 @@ impl Consumer for Threaded {
         })
     }
 
-    fn commit(&mut self) -> Pending<'_> {
+    fn commit(&mut self) -> Committing<'_> {
         Box::pin(async move {
             let (done, result) = oneshot::channel();
             if self.tx.send(Job::Commit(done)).await.is_err() {
                 return Err(self.failed());
             }
             match result.await {
-                Ok(Ok(report)) => {
-                    self.report = report;
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(e),
+                Ok(result) => result,
                 Err(_) => Err(self.failed()),
             }
         })
-    }
-
-    fn report(&mut self) -> Option<String> {
-        self.report.take()
     }
 }

@@ -14,7 +14,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -44,7 +44,6 @@ pub struct FileSink {
 }
 
 struct UploadRoot {
-    path: PathBuf,
     dir: OwnedFd,
     partial: OwnedFd,
 }
@@ -95,20 +94,11 @@ impl FileSink {
             tracing::info!(removed, root = %root.display(), "Removed the partial uploads an earlier run left behind.");
         }
         Ok(FileSink {
-            upload: Some(Arc::new(UploadRoot {
-                path: root.to_path_buf(),
-                dir,
-                partial,
-            })),
+            upload: Some(Arc::new(UploadRoot { dir, partial })),
             max_size,
             depth,
             forwarder: None,
         })
-    }
-
-    /// The upload root, when uploads are on.
-    pub fn root(&self) -> Option<&Path> {
-        self.upload.as_ref().map(|u| u.path.as_path())
     }
 }
 

@@ -151,6 +151,12 @@ pub fn bytes(data: &[u8]) -> Bytes {
     Bytes::copy_from_slice(data)
 }
 
+/// Files in an upload root's partial directory (`.nexus-partial/`): pushes being written, or
+/// left by a crash.
+pub fn partial_uploads(upload_root: &Path) -> usize {
+    std::fs::read_dir(upload_root.join(".nexus-partial")).map_or(0, |d| d.count())
+}
+
 /// A port free on 127.0.0.1 a moment ago, for a program that must be told one.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

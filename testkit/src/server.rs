@@ -2,17 +2,14 @@
 
 use std::path::Path;
 
-use nexus_server::{Backend, BackendChoice, Registry, Server, ServerConfig};
+use nexus_server::{Backend, Registry, Server, ServerConfig};
 
 /// The config of a test server: port 0 on 127.0.0.1, two shards, this backend, `root`.
 pub fn test_config(backend: Backend, root: &Path) -> ServerConfig {
     ServerConfig {
         port: 0,
         threads: 2,
-        backend: match backend {
-            Backend::IoUring => BackendChoice::IoUring,
-            Backend::Epoll => BackendChoice::Epoll,
-        },
+        backend: backend.into(),
         root: root.to_path_buf(),
         ..ServerConfig::default()
     }

@@ -7,14 +7,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{ClientConnection, ClientEvent, Outcome, Phase, StreamState};
+use std::collections::HashMap;
+
+use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamState};
 use crate::conn::{earliest, MAX_WINDOW};
 use crate::error::{CallError, WireError};
 use crate::frame::{self, Frame, CHUNK_OVERHEAD_MAX};
 use crate::machine::frame_name;
 use crate::types::{Completion, ErrorCode, ItemCounts, StreamId, UNKNOWN};
 
-/// A frame from the server on a push stream.
+/// A frame from the server on a push stream, besides those a pull takes alike (PROGRESS,
+/// HEARTBEAT, CANCELLED, ERROR: `stream::on_frame`).
 pub(super) fn on_frame(
     conn: &mut ClientConnection,
     frame: Frame,
@@ -76,24 +79,6 @@ pub(super) fn on_frame(
                     increment,
                 });
             }
-            Ok(())
-        }
-        Frame::Progress { progress, .. } => {
-            if live {
-                conn.core.events.push_back(ClientEvent::Progress {
-                    stream: id,
-                    progress,
-                });
-            }
-            Ok(())
-        }
-        Frame::Heartbeat { .. } => Ok(()),
-        Frame::Cancelled { .. } => {
-            super::stream::finish(conn, id, Outcome::Cancelled);
-            Ok(())
-        }
-        Frame::Error { code, message, .. } => {
-            super::stream::finish(conn, id, Outcome::Error { code, message });
             Ok(())
         }
         Frame::Complete {
@@ -179,27 +164,15 @@ impl ClientConnection {
     ) -> Result<(), CallError> {
         let capacity = self.push_capacity(stream);
         let timeout = self.side.settings.timers.stream_timeout;
-        let s = self
-            .side
-            .streams
-            .get_mut(&stream)
-            .ok_or(CallError::UnknownStream(stream))?;
-        let Some(push) = &s.push else {
-            return Err(CallError::WrongState(stream));
-        };
-        if s.state != StreamState::Open || push.finished {
-            return Err(CallError::WrongState(stream));
-        }
+        let (s, declared) = sending(&mut self.side.streams, stream)?;
         if data.is_empty() || data.len() > capacity {
             return Err(CallError::NoCapacity {
                 len: data.len(),
                 capacity,
             });
         }
-        if push.declared != UNKNOWN && s.bytes + data.len() as u64 > push.declared {
-            return Err(CallError::BeyondDeclared {
-                declared: push.declared,
-            });
+        if declared != UNKNOWN && s.bytes + data.len() as u64 > declared {
+            return Err(CallError::BeyondDeclared { declared });
         }
         s.digest.update(&data);
         s.window -= data.len() as u64;
@@ -226,24 +199,16 @@ impl ClientConnection {
     /// the server has made the data durable and stated the same counts and digest.
     pub fn finish_push(&mut self, stream: StreamId, now: Instant) -> Result<(), CallError> {
         let timeout = self.side.settings.timers.stream_timeout;
-        let s = self
-            .side
-            .streams
-            .get_mut(&stream)
-            .ok_or(CallError::UnknownStream(stream))?;
-        let Some(push) = s.push.as_mut() else {
-            return Err(CallError::WrongState(stream));
-        };
-        if s.state != StreamState::Open || push.finished {
-            return Err(CallError::WrongState(stream));
-        }
-        if push.declared != UNKNOWN && s.bytes != push.declared {
+        let (s, declared) = sending(&mut self.side.streams, stream)?;
+        if declared != UNKNOWN && s.bytes != declared {
             return Err(CallError::ShortOfDeclared {
-                declared: push.declared,
+                declared,
                 sent: s.bytes,
             });
         }
-        push.finished = true;
+        if let Some(push) = s.push.as_mut() {
+            push.finished = true;
+        }
         s.last_heard = now;
         let completion = Completion {
             bytes: s.bytes,
@@ -288,9 +253,22 @@ impl ClientConnection {
         super::stream::report(self, stream, Outcome::Error { code, message });
         Ok(())
     }
+}
 
-    /// Data bytes of the push sent so far (queued included).
-    pub fn push_sent(&self, stream: StreamId) -> u64 {
-        self.side.streams.get(&stream).map_or(0, |s| s.bytes)
+/// A push the client may still send on: open, its COMPLETE not yet sent. Returns the stream and
+/// the size it declared.
+fn sending(
+    streams: &mut HashMap<StreamId, Stream>,
+    stream: StreamId,
+) -> Result<(&mut Stream, u64), CallError> {
+    let s = streams
+        .get_mut(&stream)
+        .ok_or(CallError::UnknownStream(stream))?;
+    match &s.push {
+        Some(push) if s.state == StreamState::Open && !push.finished => {
+            let declared = push.declared;
+            Ok((s, declared))
+        }
+        _ => Err(CallError::WrongState(stream)),
     }
 }

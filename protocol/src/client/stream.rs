@@ -3,7 +3,7 @@
 //! CREDIT as the application consumes (with window growth), CANCEL, GOAWAY, the stream
 //! timeout, and exactly one end reported per stream.
 
-use crate::compress::{chunk_data, Expected};
+use crate::compress::{chunk_data, take_window, Expected};
 use std::time::Instant;
 
 use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamRequest, StreamState};
@@ -344,10 +344,32 @@ pub(super) fn on_frame(
         };
     };
     s.last_heard = now;
+    let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
+    // What a pull and a push take alike.
+    let frame = match frame {
+        Frame::Progress { progress, .. } => {
+            if live {
+                conn.core.events.push_back(ClientEvent::Progress {
+                    stream: id,
+                    progress,
+                });
+            }
+            return Ok(());
+        }
+        Frame::Heartbeat { .. } => return Ok(()),
+        Frame::Cancelled { .. } => {
+            finish(conn, id, Outcome::Cancelled);
+            return Ok(());
+        }
+        Frame::Error { code, message, .. } => {
+            finish(conn, id, Outcome::Error { code, message });
+            return Ok(());
+        }
+        other => other,
+    };
     if s.push.is_some() {
         return super::push::on_frame(conn, frame, now);
     }
-    let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
     match frame {
         Frame::Initiated {
             zstd,
@@ -375,24 +397,6 @@ pub(super) fn on_frame(
             Ok(())
         }
         Frame::Chunk(chunk) => on_chunk(conn, chunk),
-        Frame::Progress { progress, .. } => {
-            if live {
-                conn.core.events.push_back(ClientEvent::Progress {
-                    stream: id,
-                    progress,
-                });
-            }
-            Ok(())
-        }
-        Frame::Heartbeat { .. } => Ok(()),
-        Frame::Cancelled { .. } => {
-            finish(conn, id, Outcome::Cancelled);
-            Ok(())
-        }
-        Frame::Error { code, message, .. } => {
-            finish(conn, id, Outcome::Error { code, message });
-            Ok(())
-        }
         Frame::Complete {
             completion, report, ..
         } => {
@@ -426,17 +430,7 @@ fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> 
         .streams
         .get_mut(&id)
         .expect("caller checked the stream exists");
-    let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
-    if raw_len > s.window {
-        return Err(WireError::new(
-            ErrorCode::FLOW_CONTROL_VIOLATION,
-            format!(
-                "CHUNK of {raw_len} bytes on stream {id} exceeds its window of {}",
-                s.window
-            ),
-        ));
-    }
-    s.window -= raw_len;
+    take_window(&mut s.window, &chunk)?;
     s.window_emptied |= chunk.window_empty;
     match s.state {
         StreamState::Open => {}

@@ -5,7 +5,7 @@
 //! and [`commit`](ServerConnection::commit): the server's COMPLETE is the promise that the
 //! data is kept.
 
-use crate::compress::{chunk_data, Expected};
+use crate::compress::{chunk_data, take_window, Expected};
 use std::time::Instant;
 
 use super::{ServerConnection, ServerEvent, Stream};
@@ -30,22 +30,12 @@ pub(super) fn on_chunk(
             "CHUNK from the client on pull stream {id}"
         )));
     };
-    let raw_len = chunk.raw_len.map_or(chunk.data.len(), |n| n as usize) as u64;
-    if raw_len > s.window {
-        return Err(WireError::new(
-            ErrorCode::FLOW_CONTROL_VIOLATION,
-            format!(
-                "CHUNK of {raw_len} bytes on push stream {id} exceeds its window of {}",
-                s.window
-            ),
-        ));
-    }
+    take_window(&mut s.window, &chunk)?;
     if push.client_done {
         return Err(WireError::protocol(format!(
             "CHUNK after the client's COMPLETE on stream {id}"
         )));
     }
-    s.window -= raw_len;
     push.last_heard = now;
     let expected = Expected {
         seq: s.seq,
@@ -260,13 +250,5 @@ impl ServerConnection {
         };
         super::stream::end_stream(self, stream, &complete);
         Ok(())
-    }
-
-    /// Whether the stream is a push.
-    pub fn is_push(&self, stream: StreamId) -> bool {
-        self.side
-            .streams
-            .get(&stream)
-            .is_some_and(|s| s.push.is_some())
     }
 }
