@@ -29,6 +29,7 @@ pub mod frame;
 #[cfg(any(fuzzing, feature = "fuzz"))]
 pub mod fuzz;
 mod machine;
+mod receive;
 mod server;
 pub mod size;
 pub mod text;

@@ -14,6 +14,7 @@ use crate::conn::{earliest, MAX_WINDOW};
 use crate::error::{CallError, WireError};
 use crate::frame::{self, Frame, CHUNK_OVERHEAD_MAX};
 use crate::machine::frame_name;
+use crate::receive::{completion_mismatch, Expected};
 use crate::types::{Completion, ErrorCode, ItemCounts, StreamId, UNKNOWN};
 
 /// A frame from the server on a push stream, besides those a pull takes alike (PROGRESS,
@@ -91,7 +92,7 @@ pub(super) fn on_frame(
                     message: "the server committed a push before the client's COMPLETE".into(),
                 }
             } else {
-                verify_commit(s.bytes, s.next_seq, s.digest.value(), &completion)
+                verify_commit(s, &completion)
             };
             if let (Some(text), Outcome::Complete(_)) = (report, &outcome) {
                 conn.core
@@ -115,22 +116,23 @@ pub(super) fn on_frame(
 }
 
 /// The server's COMPLETE must state what was sent.
-fn verify_commit(bytes: u64, chunks: u64, digest: u64, c: &Completion) -> Outcome {
-    let message = if c.bytes != bytes {
-        format!("the server committed {} bytes, sent {bytes}", c.bytes)
-    } else if c.chunks != chunks {
-        format!("the server committed {} chunks, sent {chunks}", c.chunks)
-    } else if c.digest != digest {
-        format!(
-            "digest mismatch: the server committed {:016x}, sent data hashes to {digest:016x}",
-            c.digest
-        )
-    } else {
-        return Outcome::Complete(*c);
+fn verify_commit(s: &Stream, c: &Completion) -> Outcome {
+    let expected = Expected {
+        seq: s.next_seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        // The client held itself to its declared size when it sent.
+        limit: UNKNOWN,
+        kind: "push",
+        limit_source: "",
     };
-    Outcome::Error {
-        code: ErrorCode::INTEGRITY_FAILURE,
-        message,
+    let says = "the server committed";
+    match completion_mismatch(c, s.digest.value(), &expected, says, "sent") {
+        None => Outcome::Complete(*c),
+        Some(message) => Outcome::Error {
+            code: ErrorCode::INTEGRITY_FAILURE,
+            message,
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 //! CREDIT as the application consumes (with window growth), CANCEL, GOAWAY, the stream
 //! timeout, and exactly one end reported per stream.
 
-use crate::compress::{chunk_data, take_window, Expected};
+use crate::receive::{chunk_data, completion_mismatch, take_window, Expected};
 use std::time::Instant;
 
 use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamRequest, StreamState};
@@ -471,26 +471,19 @@ fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> 
 }
 
 fn verify_completion(s: &Stream, c: &Completion) -> Outcome {
-    let digest = s.digest.value();
-    let message = if s.expected != UNKNOWN && s.bytes != s.expected {
-        format!(
-            "the stream ended after {} of the {} bytes INITIATED announced",
-            s.bytes, s.expected
-        )
-    } else if c.bytes != s.bytes {
-        format!("COMPLETE says {} bytes, received {}", c.bytes, s.bytes)
-    } else if c.chunks != s.next_seq {
-        format!("COMPLETE says {} chunks, received {}", c.chunks, s.next_seq)
-    } else if c.digest != digest {
-        format!(
-            "digest mismatch: COMPLETE says {:016x}, received data hashes to {digest:016x}",
-            c.digest
-        )
-    } else {
-        return Outcome::Complete(*c);
+    let expected = Expected {
+        seq: s.next_seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        limit: s.expected,
+        kind: "stream",
+        limit_source: "INITIATED announced",
     };
-    Outcome::Error {
-        code: ErrorCode::INTEGRITY_FAILURE,
-        message,
+    match completion_mismatch(c, s.digest.value(), &expected, "COMPLETE says", "received") {
+        None => Outcome::Complete(*c),
+        Some(message) => Outcome::Error {
+            code: ErrorCode::INTEGRITY_FAILURE,
+            message,
+        },
     }
 }

@@ -5,14 +5,14 @@
 //! and [`commit`](ServerConnection::commit): the server's COMPLETE is the promise that the
 //! data is kept.
 
-use crate::compress::{chunk_data, take_window, Expected};
+use crate::receive::{chunk_data, completion_mismatch, take_window, Expected};
 use std::time::Instant;
 
 use super::{ServerConnection, ServerEvent, Stream};
 use crate::conn::earliest;
 use crate::error::{CallError, WireError};
 use crate::frame::{Chunk, Frame};
-use crate::types::{Completion, ErrorCode, StreamId, UNKNOWN};
+use crate::types::{Completion, ErrorCode, StreamId};
 
 /// A CHUNK from the client: only on an accepted push stream, within the window it was granted.
 pub(super) fn on_chunk(
@@ -91,30 +91,16 @@ pub(super) fn on_complete(
         )));
     }
     push.last_heard = now;
-    let digest = s.digest.value();
-    let mismatch = if push.declared != UNKNOWN && s.bytes != push.declared {
-        Some(format!(
-            "the push ended after {} of the {} bytes it declared",
-            s.bytes, push.declared
-        ))
-    } else if completion.bytes != s.bytes {
-        Some(format!(
-            "COMPLETE says {} bytes, received {}",
-            completion.bytes, s.bytes
-        ))
-    } else if completion.chunks != s.seq {
-        Some(format!(
-            "COMPLETE says {} chunks, received {}",
-            completion.chunks, s.seq
-        ))
-    } else if completion.digest != digest {
-        Some(format!(
-            "digest mismatch: COMPLETE says {:016x}, received data hashes to {digest:016x}",
-            completion.digest
-        ))
-    } else {
-        None
+    let expected = Expected {
+        seq: s.seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        limit: push.declared,
+        kind: "push",
+        limit_source: "it declared",
     };
+    let digest = s.digest.value();
+    let mismatch = completion_mismatch(&completion, digest, &expected, "COMPLETE says", "received");
     match mismatch {
         Some(why) => fail(conn, id, ErrorCode::INTEGRITY_FAILURE, why),
         None => {
