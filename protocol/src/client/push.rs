@@ -17,8 +17,8 @@ use crate::machine::frame_name;
 use crate::receive::{completion_mismatch, Expected};
 use crate::types::{Completion, ErrorCode, ItemCounts, StreamId, UNKNOWN};
 
-/// A frame from the server on a push stream, besides those a pull takes alike (PROGRESS,
-/// HEARTBEAT, CANCELLED, ERROR: `stream::on_frame`).
+/// A frame from the server on a push stream, besides those a pull takes alike (INITIATED,
+/// PROGRESS, HEARTBEAT, CANCELLED, ERROR: `stream::on_frame`).
 pub(super) fn on_frame(
     conn: &mut ClientConnection,
     frame: Frame,
@@ -33,27 +33,6 @@ pub(super) fn on_frame(
         .expect("the caller found the stream");
     let live = matches!(s.state, StreamState::Open | StreamState::Initiating);
     match frame {
-        Frame::Initiated { zstd, .. } => {
-            if s.state == StreamState::Initiating {
-                if zstd && !s.accept_zstd {
-                    return Err(WireError::protocol(format!(
-                        "INITIATED with compression on push {id}, which did not offer it"
-                    )));
-                }
-                s.state = StreamState::Open;
-                s.zstd = zstd;
-                let expected_bytes = s.push.as_ref().map_or(UNKNOWN, |p| p.declared);
-                conn.core.events.push_back(ClientEvent::Initiated {
-                    stream: id,
-                    expected_bytes,
-                });
-            } else if live {
-                return Err(WireError::protocol(format!(
-                    "second INITIATED on stream {id}"
-                )));
-            }
-            Ok(())
-        }
         Frame::Credit { increment, .. } => {
             if increment == 0 {
                 return Err(WireError::protocol(format!("CREDIT of 0 on stream {id}")));

@@ -356,6 +356,33 @@ pub(super) fn on_frame(
             }
             return Ok(());
         }
+        Frame::Initiated {
+            zstd,
+            expected_bytes,
+            ..
+        } => {
+            if s.state == StreamState::Initiating {
+                if zstd && !s.accept_zstd {
+                    return Err(WireError::protocol(format!(
+                        "INITIATED with compression on stream {id}, which did not accept it"
+                    )));
+                }
+                s.state = StreamState::Open;
+                s.zstd = zstd;
+                // A push's size is the one the client declared.
+                let expected_bytes = s.push.as_ref().map_or(expected_bytes, |p| p.declared);
+                s.expected = expected_bytes;
+                conn.core.events.push_back(ClientEvent::Initiated {
+                    stream: id,
+                    expected_bytes,
+                });
+            } else if live {
+                return Err(WireError::protocol(format!(
+                    "second INITIATED on stream {id}"
+                )));
+            }
+            return Ok(());
+        }
         Frame::Heartbeat { .. } => return Ok(()),
         Frame::Cancelled { .. } => {
             finish(conn, id, Outcome::Cancelled);
@@ -371,31 +398,6 @@ pub(super) fn on_frame(
         return super::push::on_frame(conn, frame, now);
     }
     match frame {
-        Frame::Initiated {
-            zstd,
-            expected_bytes,
-            ..
-        } => {
-            if s.state == StreamState::Initiating {
-                if zstd && !s.accept_zstd {
-                    return Err(WireError::protocol(format!(
-                        "INITIATED with compression on stream {id}, which did not accept it"
-                    )));
-                }
-                s.state = StreamState::Open;
-                s.zstd = zstd;
-                s.expected = expected_bytes;
-                conn.core.events.push_back(ClientEvent::Initiated {
-                    stream: id,
-                    expected_bytes,
-                });
-            } else if live {
-                return Err(WireError::protocol(format!(
-                    "second INITIATED on stream {id}"
-                )));
-            }
-            Ok(())
-        }
         Frame::Chunk(chunk) => on_chunk(conn, chunk),
         Frame::Complete {
             completion, report, ..
@@ -442,14 +444,7 @@ fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> 
         // Cancelled or already failed: dropped, never delivered.
         StreamState::Cancelling | StreamState::Reported => return Ok(()),
     }
-    let expected = Expected {
-        seq: s.next_seq,
-        zstd: s.zstd,
-        bytes: s.bytes,
-        limit: s.expected,
-        kind: "stream",
-        limit_source: "INITIATED announced",
-    };
+    let expected = pull_expected(s);
     let data = chunk_data(&mut conn.side.unpacker, chunk, &expected);
     match data {
         Ok(data) => {
@@ -471,19 +466,24 @@ fn on_chunk(conn: &mut ClientConnection, chunk: Chunk) -> Result<(), WireError> 
 }
 
 fn verify_completion(s: &Stream, c: &Completion) -> Outcome {
-    let expected = Expected {
-        seq: s.next_seq,
-        zstd: s.zstd,
-        bytes: s.bytes,
-        limit: s.expected,
-        kind: "stream",
-        limit_source: "INITIATED announced",
-    };
+    let expected = pull_expected(s);
     match completion_mismatch(c, s.digest.value(), &expected, "COMPLETE says", "received") {
         None => Outcome::Complete(*c),
         Some(message) => Outcome::Error {
             code: ErrorCode::INTEGRITY_FAILURE,
             message,
         },
+    }
+}
+
+/// What a pull's next CHUNK (or its COMPLETE) is checked against.
+fn pull_expected(s: &Stream) -> Expected<'static> {
+    Expected {
+        seq: s.next_seq,
+        zstd: s.zstd,
+        bytes: s.bytes,
+        limit: s.expected,
+        kind: "stream",
+        limit_source: "INITIATED announced",
     }
 }

@@ -37,14 +37,7 @@ pub(super) fn on_chunk(
         )));
     }
     push.last_heard = now;
-    let expected = Expected {
-        seq: s.seq,
-        zstd: s.zstd,
-        bytes: s.bytes,
-        limit: push.declared,
-        kind: "push",
-        limit_source: "it declared",
-    };
+    let expected = expected(s.seq, s.zstd, s.bytes, push.declared);
     let data = chunk_data(&mut conn.side.unpacker, chunk, &expected);
     match data {
         Ok(data) => {
@@ -91,14 +84,7 @@ pub(super) fn on_complete(
         )));
     }
     push.last_heard = now;
-    let expected = Expected {
-        seq: s.seq,
-        zstd: s.zstd,
-        bytes: s.bytes,
-        limit: push.declared,
-        kind: "push",
-        limit_source: "it declared",
-    };
+    let expected = expected(s.seq, s.zstd, s.bytes, push.declared);
     let digest = s.digest.value();
     let mismatch = completion_mismatch(&completion, digest, &expected, "COMPLETE says", "received");
     match mismatch {
@@ -236,5 +222,17 @@ impl ServerConnection {
         };
         super::stream::end_stream(self, stream, &complete);
         Ok(())
+    }
+}
+
+/// What a push's next CHUNK (or the client's COMPLETE) is checked against.
+fn expected(seq: u64, zstd: bool, bytes: u64, declared: u64) -> Expected<'static> {
+    Expected {
+        seq,
+        zstd,
+        bytes,
+        limit: declared,
+        kind: "push",
+        limit_source: "it declared",
     }
 }
