@@ -10,7 +10,8 @@
 //! shards: requests are served concurrently (an idle or slow client never delays a probe),
 //! every request's head must arrive within [`HEADER_DEADLINE`], a connection lasts at most
 //! [`CONNECTION_DEADLINE`], and at most [`MAX_CONNECTIONS`] are open at once (more are closed
-//! at once). GET and HEAD only; HEAD answers without a body.
+//! at once). GET and HEAD for its own paths; an embedder adds more (any method, with a
+//! bounded body) through [`Routes`]: the workflow's `/runs` and `POST /sensors/NAME`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,9 +20,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -85,15 +87,24 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// renders. `stats` may be set after the endpoint starts (it starts before the server, so
 /// `/readyz` says "starting").
 pub fn prometheus(stats: Arc<OnceLock<Arc<ServerStats>>>) -> Result<RenderMetrics, AdminError> {
+    prometheus_with(stats, &[])
+}
+
+/// [`prometheus`], with the histogram buckets of an embedder's metrics too (name, buckets).
+pub fn prometheus_with(
+    stats: Arc<OnceLock<Arc<ServerStats>>>,
+    histograms: &[(&str, &[f64])],
+) -> Result<RenderMetrics, AdminError> {
     let failed = |e: &dyn std::fmt::Display| AdminError::Recorder(e.to_string());
     let mut builder = PrometheusBuilder::new();
-    for (name, buckets) in [
+    let ours = [
         (names::STREAM_DURATION, telemetry::DURATION_BUCKETS),
         (names::STREAM_SIZE, telemetry::SIZE_BUCKETS),
         (names::TIME_TO_FIRST_BYTE, telemetry::FIRST_BYTE_BUCKETS),
         (names::PUSH_DURATION, telemetry::DURATION_BUCKETS),
         (names::PUSH_COMMIT, telemetry::FIRST_BYTE_BUCKETS),
-    ] {
+    ];
+    for &(name, buckets) in ours.iter().chain(histograms) {
         builder = builder
             .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
             .map_err(|e| failed(&e))?;
@@ -118,6 +129,36 @@ pub fn prometheus(stats: Arc<OnceLock<Arc<ServerStats>>>) -> Result<RenderMetric
     }))
 }
 
+/// A request for an embedder's route: method, path, query, headers and the whole body
+/// (at most [`Routes::body_limit`] bytes; a larger one is answered 413 without reaching it).
+#[derive(Debug)]
+pub struct RouteRequest {
+    /// The method.
+    pub method: Method,
+    /// The path (`/runs`).
+    pub path: String,
+    /// The query string, without `?`.
+    pub query: Option<String>,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// A response: status, content type, body.
+pub type RouteResponse = (StatusCode, &'static str, String);
+
+/// More paths for the admin endpoint, from an embedder. Called on the admin thread: answer
+/// quickly (a database read or write, not a transfer).
+pub trait Routes: Send + Sync {
+    /// Whether this embedder serves `path` (its body is read only then).
+    fn serves(&self, path: &str) -> bool;
+    /// The largest body read.
+    fn body_limit(&self) -> usize;
+    /// The answer.
+    fn respond(&self, request: RouteRequest) -> RouteResponse;
+}
+
 /// A running admin endpoint; it serves until the process ends.
 pub struct Admin {
     phase: Arc<AtomicU8>,
@@ -127,11 +168,21 @@ pub struct Admin {
 struct Shared {
     phase: Arc<AtomicU8>,
     metrics: RenderMetrics,
+    routes: Option<Arc<dyn Routes>>,
 }
 
 impl Admin {
     /// Listens on `address` (port 0 picks one) in phase [`Phase::Starting`].
     pub fn start(address: SocketAddr, metrics: RenderMetrics) -> Result<Admin, AdminError> {
+        Admin::start_with(address, metrics, None)
+    }
+
+    /// As [`start`](Self::start), serving `routes` too.
+    pub fn start_with(
+        address: SocketAddr,
+        metrics: RenderMetrics,
+        routes: Option<Arc<dyn Routes>>,
+    ) -> Result<Admin, AdminError> {
         let bind_error = |source| AdminError::Bind { address, source };
         let listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
@@ -140,6 +191,7 @@ impl Admin {
         let shared = Arc::new(Shared {
             phase: Arc::clone(&phase),
             metrics,
+            routes,
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -191,8 +243,8 @@ async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&shared, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(route(&shared, request).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -202,6 +254,35 @@ async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
             drop(slot);
         });
     }
+}
+
+async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let path = request.uri().path().to_string();
+    let Some(routes) = shared.routes.as_ref().filter(|r| r.serves(&path)) else {
+        return respond(shared, &request);
+    };
+    let limit = routes.body_limit();
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                TEXT,
+                format!("the body is larger than {limit} bytes\n"),
+            )
+        }
+        Err(e) => return reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
+    };
+    let (status, content_type, text) = routes.respond(RouteRequest {
+        method: parts.method,
+        path,
+        query: parts.uri.query().map(str::to_string),
+        headers: parts.headers,
+        body,
+    });
+    reply(status, content_type, text)
 }
 
 fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {

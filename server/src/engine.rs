@@ -72,6 +72,12 @@ struct StreamSlot {
     inbox_bytes: Cell<usize>,
     /// A push: its ends count in the push counters.
     push: bool,
+    /// Its paradata, kept only when a stream watcher wants to hear how streams end.
+    watched: Option<String>,
+    /// Why it failed, for the watcher.
+    failure: RefCell<Option<String>>,
+    /// The digest of a complete stream, for the watcher.
+    digest: Cell<Option<u64>>,
 }
 
 /// What the protocol hands a push's task.
@@ -82,9 +88,12 @@ enum PushItem {
 }
 
 impl StreamSlot {
-    fn new(push: bool) -> Rc<StreamSlot> {
+    fn new(push: bool, watched: Option<String>) -> Rc<StreamSlot> {
         Rc::new(StreamSlot {
             push,
+            watched,
+            failure: RefCell::new(None),
+            digest: Cell::new(None),
             credit: Notify::new(),
             stop: Notify::new(),
             stopped: Cell::new(false),
@@ -103,6 +112,7 @@ impl StreamSlot {
 }
 
 /// How a stream's task ended, for the counters.
+#[derive(Clone, Copy)]
 enum End {
     Complete,
     Error,
@@ -474,7 +484,12 @@ impl ConnState {
             tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Stream ended before it started.");
             return;
         }
-        let slot = StreamSlot::new(false);
+        let watched = self
+            .shard
+            .registry
+            .watcher()
+            .map(|_| initiate.paradata.clone());
+        let slot = StreamSlot::new(false, watched);
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
@@ -527,7 +542,12 @@ impl ConnState {
             tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Push ended before it started.");
             return;
         }
-        let slot = StreamSlot::new(true);
+        let watched = self
+            .shard
+            .registry
+            .watcher()
+            .map(|_| initiate.paradata.clone());
+        let slot = StreamSlot::new(true, watched);
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.pushes_total, 1);
         stats::add(&self.shard.stats.pushes_open, 1);
@@ -558,6 +578,7 @@ async fn run_push(
     state.pushes.set(state.pushes.get() - 1);
     state.shard.stream_ended();
     state.shard.metrics.push_ended(started.elapsed(), bytes);
+    report_end(&state, &slot, end, bytes);
     match end {
         End::Complete => stats::add(&stats.pushes_complete, 1),
         End::Error => stats::add(&stats.pushes_error, 1),
@@ -631,7 +652,10 @@ async fn consume(
                 let result = state.proto.borrow_mut().commit(stream, report);
                 driver::changed(state);
                 return match result {
-                    Ok(()) => (End::Complete, taken),
+                    Ok(digest) => {
+                        slot.digest.set(Some(digest));
+                        (End::Complete, taken)
+                    }
                     // Cancelled or closed while committing: what the client hears is CANCELLED
                     // or nothing. The data stays, as the commit finished: the client does not
                     // count on it either way.
@@ -642,8 +666,42 @@ async fn consume(
     }
 }
 
+/// Tells the registry's stream watcher, if any, how a stream ended.
+fn report_end(state: &ConnState, slot: &StreamSlot, end: End, bytes: u64) {
+    let (Some(watcher), Some(paradata)) = (state.shard.registry.watcher(), &slot.watched) else {
+        return;
+    };
+    let closed = state.proto.borrow().is_closed();
+    let (outcome, error) = match end {
+        End::Complete => ("complete", None),
+        End::Error => ("error", slot.failure.borrow_mut().take()),
+        End::Stopped if closed => ("error", Some("connection_lost".to_string())),
+        End::Stopped => ("cancelled", None),
+    };
+    watcher(crate::source::StreamEnded {
+        push: slot.push,
+        paradata: paradata.clone(),
+        peer: state.peer,
+        outcome,
+        error,
+        bytes,
+        digest: slot.digest.get(),
+    });
+}
+
+/// Keeps why a stream failed, for the stream watcher.
+fn note_failure(state: &ConnState, stream: StreamId, code: ErrorCode, message: &str) {
+    if state.shard.registry.watcher().is_none() {
+        return;
+    }
+    if let Some(slot) = state.streams.borrow().get(&stream) {
+        *slot.failure.borrow_mut() = Some(format!("{code}: {message}"));
+    }
+}
+
 /// Fails a push whose sink refused or broke: its ERROR says why.
 fn sink_failed(state: &ConnState, stream: StreamId, e: &crate::SourceError) {
+    note_failure(state, stream, e.code, &e.message);
     state.shard.stats.stream_failed(e.code);
     if let Some(suppressed) = state.shard.peer_log() {
         tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Push failed in its sink.");
@@ -665,6 +723,7 @@ async fn run_stream(
     stats::sub(&stats.streams_open, 1);
     state.shard.stream_ended();
     state.shard.metrics.stream_ended(started.elapsed(), bytes);
+    report_end(&state, &slot, end, bytes);
     match end {
         End::Complete => stats::add(&stats.streams_complete, 1),
         End::Error => stats::add(&stats.streams_error, 1),
@@ -772,7 +831,10 @@ async fn produce(
             if exhausted {
                 let result = state.proto.borrow_mut().complete(stream, producer.items());
                 return match result {
-                    Ok(()) => (End::Complete, sent),
+                    Ok(digest) => {
+                        slot.digest.set(Some(digest));
+                        (End::Complete, sent)
+                    }
                     Err(e @ CallError::ShortOfAnnounced { .. }) => {
                         fail_in_source(state, stream, &e.to_string());
                         (End::Error, sent)
@@ -880,6 +942,9 @@ async fn next_chunk(
             Some(Ok(data)) => break Next::Data(data),
             None => break Next::Exhausted,
             Some(Err(e)) => {
+                if slot.watched.is_some() {
+                    *slot.failure.borrow_mut() = Some(format!("{}: {}", e.code, e.message));
+                }
                 state.shard.stats.stream_failed(e.code);
                 if let Some(suppressed) = state.shard.peer_log() {
                     tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Stream failed in its source.");
@@ -962,6 +1027,7 @@ impl Drop for Holding<'_> {
 
 /// Fails a stream whose source broke a promise (its announced size): `source_failed`.
 fn fail_in_source(state: &ConnState, stream: StreamId, why: &str) {
+    note_failure(state, stream, ErrorCode::SOURCE_FAILED, why);
     state.shard.stats.stream_failed(ErrorCode::SOURCE_FAILED);
     if let Some(suppressed) = state.shard.peer_log() {
         tracing::warn!(peer = %state.peer, stream = stream.0, reason = %why, suppressed, "Stream failed in its source.");

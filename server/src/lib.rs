@@ -47,6 +47,8 @@ pub use replica::{Forward, Forwarder};
 pub use server::{Server, StartError};
 pub use shard::ShardContext;
 pub use sink::{BlockingConsumer, Consumer, DiscardSink, PushRequest, Sink};
-pub use source::{NextChunk, Opened, Producer, Registry, Source, StreamRequest};
+pub use source::{
+    NextChunk, Opened, Producer, Registry, Source, StreamEnded, StreamRequest, StreamWatcher,
+};
 pub use stats::{stream_error_labels, ServerStats, StatsSnapshot, PROTOCOL_ERROR_CODES};
 pub use upload::FileSink;

@@ -9,7 +9,7 @@
 //! producer stops within one chunk. A sender dropped without [`finish`](PipeSender::finish)
 //! fails the stream with `source_failed`: a crashed producer never looks like a complete one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -23,14 +23,17 @@ use crate::source::{NextChunk, Producer};
 pub fn pipe(depth: usize) -> (PipeSender, PipeProducer) {
     let (tx, rx) = crossbeam_channel::bounded(depth.max(1));
     let ready = Arc::new(Notify::new());
+    let alive = Arc::new(());
     (
         PipeSender {
             tx: Some(tx),
             ready: Arc::clone(&ready),
+            reader: Arc::downgrade(&alive),
         },
         PipeProducer {
             rx,
             ready,
+            _alive: alive,
             items: ItemCounts::default(),
             done: false,
         },
@@ -52,9 +55,16 @@ pub struct PipeClosed;
 pub struct PipeSender {
     tx: Option<Sender<Piece>>,
     ready: Arc<Notify>,
+    reader: Weak<()>,
 }
 
 impl PipeSender {
+    /// Whether the stream has ended on the server side (a producer that waits for data
+    /// of its own, with nothing to send, looks here to stop).
+    pub fn is_closed(&self) -> bool {
+        self.reader.strong_count() == 0
+    }
+
     /// Queues a chunk, blocking while the queue is full.
     pub fn send(&self, chunk: Bytes) -> Result<(), PipeClosed> {
         self.put(Piece::Chunk(chunk))
@@ -95,6 +105,8 @@ impl Drop for PipeSender {
 pub struct PipeProducer {
     rx: Receiver<Piece>,
     ready: Arc<Notify>,
+    /// Gone when the producer is dropped: [`PipeSender::is_closed`].
+    _alive: Arc<()>,
     items: ItemCounts,
     done: bool,
 }

@@ -72,11 +72,35 @@ pub struct StreamRequest<'a> {
     pub shard: &'a Rc<ShardContext>,
 }
 
+/// A stream that ended on this server, for a [`Registry::watch_streams`] watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEnded {
+    /// A push (into a sink) or a pull (from a source).
+    pub push: bool,
+    /// Its paradata.
+    pub paradata: String,
+    /// The client.
+    pub peer: std::net::SocketAddr,
+    /// `complete`, `error` or `cancelled`.
+    pub outcome: &'static str,
+    /// Why it failed (`code: message`), when it did and the server knows.
+    pub error: Option<String>,
+    /// Data bytes sent (pull) or taken (push).
+    pub bytes: u64,
+    /// The xxh3-64 of the data, when it completed.
+    pub digest: Option<u64>,
+}
+
+/// Called on the shard's thread as each stream ends: it must only hand the report on (a
+/// channel send), never block.
+pub type StreamWatcher = Arc<dyn Fn(StreamEnded) + Send + Sync>;
+
 /// Maps schemes to sources (pulls) and to sinks (pushes).
 #[derive(Clone, Default)]
 pub struct Registry {
     sources: BTreeMap<String, Arc<dyn Source>>,
     sinks: BTreeMap<String, Arc<dyn Sink>>,
+    watcher: Option<StreamWatcher>,
 }
 
 impl Registry {
@@ -90,6 +114,17 @@ impl Registry {
         self.sources
             .insert(source.scheme().to_string(), Arc::new(source));
         self
+    }
+
+    /// Calls `watcher` with every stream that ends (the workflow's `streams` sensor). It
+    /// runs on the shard's thread: it must hand the report on, never block.
+    pub fn watch_streams(&mut self, watcher: StreamWatcher) -> &mut Self {
+        self.watcher = Some(watcher);
+        self
+    }
+
+    pub(crate) fn watcher(&self) -> Option<&StreamWatcher> {
+        self.watcher.as_ref()
     }
 
     /// The registered schemes, sorted.

@@ -203,8 +203,8 @@ impl ServerConnection {
     /// Ends a push successfully: the sink holds all of it durably. Queues COMPLETE with the
     /// counts and digest of what arrived. Only after the client's COMPLETE
     /// ([`ServerEvent::PushEnded`]). `report`, when given, goes with it (flag REPORT): what
-    /// the sink has to say, e.g. how each replica ended.
-    pub fn commit(&mut self, stream: StreamId, report: Option<String>) -> Result<(), CallError> {
+    /// the sink has to say, e.g. how each replica ended. Returns the digest committed.
+    pub fn commit(&mut self, stream: StreamId, report: Option<String>) -> Result<u64, CallError> {
         let s = self.stream_mut(stream)?;
         if !s.push.as_ref().is_some_and(|p| p.client_done) {
             return Err(CallError::WrongState(stream));
@@ -215,13 +215,14 @@ impl ServerConnection {
             digest: s.digest.value(),
             items: s.items,
         };
+        let digest = completion.digest;
         let complete = Frame::Complete {
             stream,
             completion,
             report,
         };
         super::stream::end_stream(self, stream, &complete);
-        Ok(())
+        Ok(digest)
     }
 }
 

@@ -465,12 +465,12 @@ impl ServerConnection {
 
     /// Ends the stream successfully: queues COMPLETE with the byte and chunk counts and the
     /// digest of all data sent, plus the source's item counters. COMPLETE carries no data and
-    /// never waits for window.
+    /// never waits for window. Returns the digest sent.
     ///
     /// A stream that sent fewer bytes than INITIATED announced is refused with
     /// [`CallError::ShortOfAnnounced`] and nothing is queued: the caller fails it
     /// (`source_failed`), since a short copy must never look complete.
-    pub fn complete(&mut self, stream: StreamId, items: ItemCounts) -> Result<(), CallError> {
+    pub fn complete(&mut self, stream: StreamId, items: ItemCounts) -> Result<u64, CallError> {
         let s = self.stream_mut(stream)?;
         if !s.accepted || s.push.is_some() {
             return Err(CallError::WrongState(stream));
@@ -487,13 +487,14 @@ impl ServerConnection {
             digest: s.digest.value(),
             items,
         };
+        let digest = completion.digest;
         let complete = Frame::Complete {
             stream,
             completion,
             report: None,
         };
         end_stream(self, stream, &complete);
-        Ok(())
+        Ok(digest)
     }
 
     pub(super) fn stream_mut(&mut self, stream: StreamId) -> Result<&mut Stream, CallError> {
