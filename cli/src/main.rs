@@ -1,4 +1,4 @@
-//! The `nexus` command: `serve`, `pull`, `push`, `verify`, `config`, `version`.
+//! The `nexus` command: `serve`, `pull`, `push`, `verify`, `run`, `runs`, `config`, `version`.
 //!
 //! The binary parses arguments and properties, sets up logging and signals, then calls the
 //! libraries.
@@ -10,6 +10,7 @@ mod forward;
 mod logging;
 mod pull;
 mod push;
+mod run;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,11 @@ enum Command {
     Push(PushCommand),
     /// Compare the digests of a file across its replicas.
     Verify(VerifyCommand),
+    /// Run a workflow: sensors raise events, rules move streams (RULES.toml); --check only
+    /// checks the file.
+    Run(run::RunArgs),
+    /// List workflow runs from the state database.
+    Runs(run::RunsArgs),
     /// Print the effective configuration and where each value comes from.
     Config(ConfigArgs),
     /// Print the version and the protocol versions spoken.
@@ -100,6 +106,10 @@ struct ServeArgs {
     /// default 127.0.0.1:1271; '' for none). Each server on a machine needs its own.
     #[arg(long, value_name = "HOST:PORT")]
     admin: Option<String>,
+    /// Run the workflow of this rules file in the server process (as `nexus run` does);
+    /// streams served here are events of its `streams` sensor.
+    #[arg(long, value_name = "RULES.toml")]
+    rules: Option<PathBuf>,
     #[command(flatten)]
     properties: PropertyArgs,
 }
@@ -198,6 +208,8 @@ fn main() -> ExitCode {
         }
         Command::Config(args) => show_config(&args.properties),
         Command::Serve(args) => serve(args),
+        Command::Run(args) => run::run(args),
+        Command::Runs(args) => run::runs(args),
     }
 }
 
@@ -212,6 +224,7 @@ fn show_config(properties: &PropertyArgs) -> ExitCode {
     let checked = ServerConfig::from_values(&values)
         .map(drop)
         .and_then(|()| ClientConfig::from_values(&values).map(drop))
+        .and_then(|()| nexus_workflow::WorkflowConfig::from_values(&values).map(drop))
         .and_then(|()| admin_address(&values).map(drop));
     if let Err(e) = checked {
         return fail(&e.to_string());
@@ -357,12 +370,46 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(e) => return fail(&format!("burst.nexus.server.upload.root {root:?}: {e}")),
         },
     };
-    // The admin endpoint comes up first, so /readyz says "starting" until the server listens.
+    // The recorder first: what the workflow records as it starts (resumed runs) is kept.
     let stats: Arc<OnceLock<Arc<ServerStats>>> = Arc::new(OnceLock::new());
-    let admin = match admin_address {
-        Some(address) => {
-            let started = nexus_server::admin::prometheus(Arc::clone(&stats))
-                .and_then(|render| Admin::start(address, render));
+    let render = match admin_address {
+        Some(_) => match nexus_server::admin::prometheus_with(
+            Arc::clone(&stats),
+            nexus_workflow::telemetry::HISTOGRAMS,
+        ) {
+            Ok(render) => {
+                nexus_workflow::telemetry::describe();
+                Some(render)
+            }
+            Err(e) => return fail(&e.to_string()),
+        },
+        None => None,
+    };
+    let workflow = match &args.rules {
+        Some(rules) => match run::start(&values, rules) {
+            Ok(workflow) => Some(workflow),
+            Err(e) => return fail(&e),
+        },
+        None => None,
+    };
+    if let Some(workflow) = &workflow {
+        registry.register(nexus_workflow::serve::EventsSource::new(Arc::clone(
+            workflow,
+        )));
+        registry.watch_streams(nexus_workflow::serve::stream_watcher(workflow));
+    }
+    let routes = match &workflow {
+        Some(w) => match run::routes(&values, w) {
+            Ok(routes) => Some(routes),
+            Err(e) => return fail(&e),
+        },
+        None => None,
+    };
+    // The admin endpoint comes up before the server, so /readyz says "starting" until the
+    // server listens.
+    let admin = match admin_address.zip(render) {
+        Some((address, render)) => {
+            let started = Admin::start_with(address, render, routes);
             match started {
                 Ok(admin) => Some(admin),
                 Err(e) => return fail(&e.to_string()),
@@ -396,6 +443,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin.set_phase(Phase::Draining);
     }
     server.shutdown(drain);
+    if let Some(workflow) = workflow {
+        workflow.stop();
+    }
     tracing::info!("Stopped.");
     ExitCode::SUCCESS
 }
@@ -514,6 +564,11 @@ mod tests {
             .iter()
             .map(|b| b.name)
             .chain(ClientConfig::PROPERTIES.iter().map(|b| b.name))
+            .chain(
+                nexus_workflow::WorkflowConfig::PROPERTIES
+                    .iter()
+                    .map(|b| b.name),
+            )
             .chain([
                 "burst.nexus.admin.address",
                 "burst.nexus.log.format",

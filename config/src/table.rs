@@ -383,6 +383,48 @@ pub const PROPERTIES: &[Property] = &[
         "ms",
         "Time allowed for a client's TCP connect.",
     ),
+    p(
+        "burst.nexus.workflow.state",
+        Path,
+        "nexus-workflow.db",
+        "",
+        "The workflow's SQLite database (event log, checkpoints, runs): nexus run, nexus serve --rules and nexus runs use it; a relative path is from the working directory.",
+    ),
+    p(
+        "burst.nexus.workflow.rule.concurrency",
+        Integer,
+        "4",
+        "runs",
+        "Runs of one rule at once, unless the rule sets concurrency.",
+    ),
+    p(
+        "burst.nexus.workflow.step.retries",
+        Integer,
+        "3",
+        "retries",
+        "Times a failed workflow step is tried again, unless the step sets retries.",
+    ),
+    p(
+        "burst.nexus.workflow.step.backoff.ms",
+        Millis,
+        "1000",
+        "ms",
+        "Wait before a step's first retry, doubling after each (at most 5 min), unless the step sets backoff.",
+    ),
+    p(
+        "burst.nexus.workflow.step.timeout.ms",
+        Millis,
+        "3600000",
+        "ms",
+        "Longest one try of a workflow step, unless the step sets timeout.",
+    ),
+    p(
+        "burst.nexus.workflow.http.body.max",
+        Size,
+        "1MiB",
+        "bytes",
+        "Largest body POST /sensors/NAME on the admin endpoint takes (413 above).",
+    ),
 ];
 
 /// Other names accepted for a property (as `-D`, in a file and as environment variables), for

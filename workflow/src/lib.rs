@@ -1,0 +1,789 @@
+//! Nexus workflow: sensors raise events, rules move streams, executors consume them.
+//!
+//! A rules file (TOML, [`spec`]) declares sensors (timer, cron, file watch, HTTP) and rules:
+//! "on this sensor's events, when the payload matches, run these steps". A step pulls a
+//! stream into a file, pushes a file into a sink (or replicas), pipes a stream into a
+//! command, or verifies a stream ([`exec`]). Steps form a graph (`after`); a rule can follow
+//! another rule's runs (the built-in `runs` sensor), and every stream that ends on the node is
+//! an event of the built-in `streams` sensor.
+//!
+//! [`Workflow::start`] runs a checked [`Plan`]: one thread per sensor and `concurrency`
+//! worker threads per rule, all on the control plane, away from any data-plane shard. The
+//! state (event log, checkpoints, runs and steps) is SQLite ([`store`]); delivery is at
+//! least once, and a restart resumes unfinished runs.
+
+pub mod admin;
+pub mod event;
+pub mod exec;
+pub mod sensor;
+pub mod serve;
+pub mod spec;
+pub mod stop;
+pub mod store;
+pub mod telemetry;
+pub mod template;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use nexus_client::Client;
+use nexus_config::{bind, BadValue, Binding, Values};
+use parking_lot::{Condvar, Mutex};
+use serde_json::{json, Value};
+
+pub use event::Event;
+pub use spec::Plan;
+pub use stop::Stop;
+pub use store::{RunView, State, Store};
+
+use crate::exec::{Failure, Job};
+use crate::spec::{Action, Rule, Step};
+
+/// Workflow settings from `burst.nexus.workflow.*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowConfig {
+    /// The SQLite state file (`burst.nexus.workflow.state`).
+    pub state: PathBuf,
+    /// Runs of one rule at once unless the rule says (`burst.nexus.workflow.rule.concurrency`).
+    pub rule_concurrency: usize,
+    /// Retries of a failed step unless it says (`burst.nexus.workflow.step.retries`).
+    pub step_retries: u32,
+    /// First wait before a retry, doubling (`burst.nexus.workflow.step.backoff.ms`).
+    pub step_backoff: Duration,
+    /// Longest one try of a step (`burst.nexus.workflow.step.timeout.ms`).
+    pub step_timeout: Duration,
+    /// Largest body `POST /sensors/NAME` takes (`burst.nexus.workflow.http.body.max`).
+    pub http_body_max: u64,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        WorkflowConfig {
+            state: PathBuf::from("nexus-workflow.db"),
+            rule_concurrency: 4,
+            step_retries: 3,
+            step_backoff: Duration::from_millis(1000),
+            step_timeout: Duration::from_secs(3600),
+            http_body_max: 1 << 20,
+        }
+    }
+}
+
+impl WorkflowConfig {
+    /// Every property the workflow reads.
+    pub const PROPERTIES: &'static [Binding<WorkflowConfig>] = &[
+        bind!("burst.nexus.workflow.state", parse::<PathBuf>, |c, v| {
+            c.state = v
+        }),
+        bind!(
+            "burst.nexus.workflow.rule.concurrency",
+            positive::<usize>,
+            |c, v| c.rule_concurrency = v
+        ),
+        bind!("burst.nexus.workflow.step.retries", parse::<u32>, |c, v| {
+            c.step_retries = v
+        }),
+        bind!("burst.nexus.workflow.step.backoff.ms", millis, |c, v| {
+            c.step_backoff = v
+        }),
+        bind!("burst.nexus.workflow.step.timeout.ms", millis, |c, v| {
+            c.step_timeout = v
+        }),
+        bind!("burst.nexus.workflow.http.body.max", size, |c, v| {
+            c.http_body_max = v
+        }),
+    ];
+
+    /// The configuration `values` describe.
+    pub fn from_values(values: &Values) -> Result<WorkflowConfig, BadValue> {
+        let mut c = WorkflowConfig::default();
+        nexus_config::apply(&mut c, values, Self::PROPERTIES)?;
+        Ok(c)
+    }
+}
+
+/// Why an event was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RaiseError {
+    /// No sensor of that name.
+    #[error("no sensor {0:?}")]
+    UnknownSensor(String),
+    /// The payload does not fit the sensor's schema.
+    #[error("the payload does not fit the schema of sensor {sensor}: {message}")]
+    Invalid {
+        /// The sensor.
+        sensor: String,
+        /// Each failing path and why.
+        message: String,
+    },
+    /// The state could not be written.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// What happened to a raised event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Raised {
+    /// Logged; these runs were queued.
+    New {
+        /// The event's id.
+        id: String,
+        /// The runs it started.
+        runs: Vec<i64>,
+    },
+    /// The sensor already had an event with this id: nothing new.
+    Duplicate {
+        /// The event's id.
+        id: String,
+    },
+}
+
+/// A running workflow. [`stop`](Self::stop) (or drop) stops the sensors and interrupts the
+/// runs; unfinished runs resume at the next start on the same state.
+pub struct Workflow {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) plan: Plan,
+    pub(crate) store: Store,
+    pub(crate) client: Client,
+    pub(crate) config: WorkflowConfig,
+    pub(crate) stop: Stop,
+    queues: HashMap<String, Sender<store::OpenRun>>,
+    step_slots: HashMap<(String, String), Arc<Slots>>,
+    /// Bumped on every new event: the `events:` source waits on it.
+    appended: (Mutex<u64>, Condvar),
+}
+
+/// A counting semaphore for step concurrency.
+struct Slots {
+    free: Mutex<usize>,
+    wake: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self, stop: &Stop) -> bool {
+        let mut free = self.free.lock();
+        while *free == 0 {
+            if stop.is_stopped() {
+                return false;
+            }
+            self.wake.wait_for(&mut free, Duration::from_millis(200));
+        }
+        *free -= 1;
+        true
+    }
+
+    fn release(&self) {
+        *self.free.lock() += 1;
+        self.wake.notify_one();
+    }
+}
+
+impl Workflow {
+    /// Starts `plan` on `store`, moving streams through `client`: settles what a crash left
+    /// half done, queues the unfinished runs, then starts the sensors and workers.
+    pub fn start(
+        plan: Plan,
+        store: Store,
+        client: Client,
+        config: WorkflowConfig,
+    ) -> std::io::Result<Workflow> {
+        let stop = Stop::new()?;
+        let mut queues = HashMap::new();
+        let mut receivers = Vec::new();
+        let mut step_slots = HashMap::new();
+        for rule in plan.rules.values() {
+            let (tx, rx) = unbounded();
+            queues.insert(rule.name.clone(), tx);
+            receivers.push((rule.name.clone(), rule.concurrency, rx));
+            for step in &rule.steps {
+                if let Some(n) = step.concurrency {
+                    step_slots.insert(
+                        (rule.name.clone(), step.name.clone()),
+                        Arc::new(Slots {
+                            free: Mutex::new(n),
+                            wake: Condvar::new(),
+                        }),
+                    );
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            plan,
+            store,
+            client,
+            config,
+            stop,
+            queues,
+            step_slots,
+            appended: (Mutex::new(0), Condvar::new()),
+        });
+        let io = |e: store::StoreError| std::io::Error::other(e.to_string());
+        let settled = shared.store.settle().map_err(io)?;
+        let open = shared.store.open_runs().map_err(io)?;
+        if settled > 0 || !open.is_empty() {
+            tracing::info!(
+                resumed = open.len(),
+                settled,
+                "Resuming the runs a previous process left unfinished."
+            );
+        }
+        for run in open {
+            match shared.queues.get(&run.rule) {
+                Some(queue) => {
+                    let _ = queue.send(run);
+                }
+                None => {
+                    let message = format!("rule {:?} is no longer in the rules file", run.rule);
+                    tracing::warn!(run = run.id, rule = %run.rule, "{message}; the run fails.");
+                    shared
+                        .store
+                        .finish_run(run.id, State::Failed, Some(&message))
+                        .map_err(io)?;
+                }
+            }
+        }
+        let mut threads = Vec::new();
+        for (rule, concurrency, rx) in receivers {
+            for i in 0..concurrency {
+                let shared = Arc::clone(&shared);
+                let rx = rx.clone();
+                let rule = rule.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("nexus-rule-{rule}-{i}"))
+                        .spawn(move || worker(&shared, &rx))?,
+                );
+            }
+        }
+        for sensor in shared.plan.sensors.values() {
+            if let Some(thread) = sensor::spawn(&shared, sensor)? {
+                threads.push(thread);
+            }
+        }
+        Ok(Workflow {
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Raises an event on `sensor` (the HTTP sensor's door, and an embedder's).
+    pub fn raise(
+        &self,
+        sensor: &str,
+        id: Option<String>,
+        payload: Value,
+    ) -> Result<Raised, RaiseError> {
+        let id = id.unwrap_or_else(random_id);
+        self.shared.raise(Event::now(sensor, id, payload), None)
+    }
+
+    /// The sensor named `name`, when it is an `http` sensor.
+    pub fn is_http_sensor(&self, name: &str) -> bool {
+        self.shared
+            .plan
+            .sensors
+            .get(name)
+            .is_some_and(|s| matches!(s.kind, spec::SensorKind::Http))
+    }
+
+    /// Runs, newest first.
+    pub fn runs(
+        &self,
+        rule: Option<&str>,
+        state: Option<State>,
+        limit: usize,
+    ) -> Result<Vec<RunView>, String> {
+        self.shared
+            .store
+            .runs(rule, state, limit)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A sensor's events after `after` (an id, or a sequence number from an earlier call),
+    /// waiting up to `wait` for one when there is none yet. `Ok(None)` when `after` names no
+    /// event of the sensor.
+    pub fn events_after(
+        &self,
+        sensor: &str,
+        after: Option<&str>,
+        after_seq: Option<i64>,
+        wait: Duration,
+    ) -> Result<Option<Vec<(i64, Event)>>, String> {
+        let seen = *self.shared.appended.0.lock();
+        let found = self
+            .shared
+            .store
+            .events_after(sensor, after, after_seq, 1000)
+            .map_err(|e| e.to_string())?;
+        if matches!(&found, Some(v) if v.is_empty()) && !wait.is_zero() {
+            let mut count = self.shared.appended.0.lock();
+            if *count == seen {
+                self.shared.appended.1.wait_for(&mut count, wait);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records a stream that ended on this node's server as a `streams` event.
+    pub fn stream_ended(&self, payload: Value) {
+        self.shared.streamed(payload);
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stop.is_stopped()
+    }
+
+    /// Whether a sensor of this name exists.
+    pub fn has_sensor(&self, name: &str) -> bool {
+        self.shared.plan.sensors.contains_key(name)
+    }
+
+    /// The largest HTTP sensor body.
+    pub fn http_body_max(&self) -> u64 {
+        self.shared.config.http_body_max
+    }
+
+    /// Stops sensors and workers; running steps are interrupted and their runs stay open.
+    /// Returns once every sensor and worker thread has ended.
+    pub fn stop(&self) {
+        self.shared.stop.stop();
+        self.shared.appended.1.notify_all();
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().drain(..).collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Workflow {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = nanos.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Shared {
+    /// Validates, logs and dispatches `event`.
+    pub(crate) fn raise(
+        &self,
+        event: Event,
+        cursor: Option<(&str, &str)>,
+    ) -> Result<Raised, RaiseError> {
+        let Some(sensor) = self.plan.sensors.get(&event.sensor) else {
+            return Err(RaiseError::UnknownSensor(event.sensor));
+        };
+        if let Err(message) = sensor.schema.validate(&event.payload) {
+            telemetry::event(&event.sensor, "invalid");
+            return Err(RaiseError::Invalid {
+                sensor: event.sensor,
+                message,
+            });
+        }
+        let rules: Vec<&Rule> = self
+            .plan
+            .rules
+            .values()
+            .filter(|r| r.on == event.sensor && r.matches(&event.payload))
+            .collect();
+        let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        let runs = self
+            .store
+            .raise(&event, cursor, &names)
+            .map_err(|e| RaiseError::Store(e.to_string()))?;
+        let Some(runs) = runs else {
+            telemetry::event(&event.sensor, "duplicate");
+            return Ok(Raised::Duplicate { id: event.id });
+        };
+        telemetry::event(&event.sensor, "accepted");
+        {
+            *self.appended.0.lock() += 1;
+            self.appended.1.notify_all();
+        }
+        for (rule, id) in rules.iter().zip(&runs) {
+            telemetry::run_queued(&rule.name);
+            if let Some(queue) = self.queues.get(&rule.name) {
+                let _ = queue.send(store::OpenRun {
+                    id: *id,
+                    rule: rule.name.clone(),
+                    event: event.clone(),
+                });
+            }
+        }
+        Ok(Raised::New { id: event.id, runs })
+    }
+
+    /// A stream ended: a `streams` event.
+    pub(crate) fn streamed(&self, payload: Value) {
+        let id = random_id();
+        if let Err(e) = self.raise(Event::now("streams", id, payload), None) {
+            tracing::warn!(error = %e, "A stream's completion event was not recorded.");
+        }
+    }
+}
+
+fn worker(shared: &Shared, runs: &Receiver<store::OpenRun>) {
+    loop {
+        let run = select! {
+            recv(shared.stop.receiver()) -> _ => return,
+            recv(runs) -> run => match run {
+                Ok(run) => run,
+                Err(_) => return,
+            },
+        };
+        if shared.stop.is_stopped() {
+            return;
+        }
+        let Some(rule) = shared.plan.rules.get(&run.rule) else {
+            continue;
+        };
+        if let Err(e) = execute(shared, rule, &run) {
+            tracing::error!(run = run.id, rule = %rule.name, error = %e, "A run's state could not be written.");
+        }
+    }
+}
+
+/// How one step ended.
+enum StepEnd {
+    Success(Value),
+    Failed(String),
+    Interrupted,
+}
+
+fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), store::StoreError> {
+    let store = &shared.store;
+    store.set_run(run.id, State::Started)?;
+    telemetry::run_started(&rule.name);
+    let records = store.steps(run.id)?;
+    let mut results: HashMap<String, Value> = HashMap::new();
+    let mut failed: Vec<String> = Vec::new();
+    for (name, record) in &records {
+        if record.state == State::Success {
+            results.insert(name.clone(), record.result.clone().unwrap_or(Value::Null));
+        }
+    }
+    let mut interrupted = false;
+    let mut running: Vec<String> = Vec::new();
+    let (done_tx, done_rx) = unbounded::<(String, StepEnd)>();
+    std::thread::scope(|scope| loop {
+        if failed.is_empty() && !interrupted {
+            for step in &rule.steps {
+                let ready = !results.contains_key(&step.name)
+                    && !running.contains(&step.name)
+                    && step.after.iter().all(|a| results.contains_key(a));
+                if !ready {
+                    continue;
+                }
+                running.push(step.name.clone());
+                let context = context(rule, run, &results);
+                let prior = records.get(&step.name).map_or(0, |r| r.attempts);
+                let done_tx = done_tx.clone();
+                scope.spawn(move || {
+                    let end = run_step(shared, rule, run, step, &context, prior);
+                    let _ = done_tx.send((step.name.clone(), end));
+                });
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        let Ok((name, end)) = done_rx.recv() else {
+            break;
+        };
+        running.retain(|n| *n != name);
+        match end {
+            StepEnd::Success(value) => {
+                results.insert(name, value);
+            }
+            StepEnd::Failed(message) => failed.push(format!("{name}: {message}")),
+            StepEnd::Interrupted => interrupted = true,
+        }
+    });
+    if interrupted {
+        // Left open: the next start resumes it from the steps that did not succeed.
+        telemetry::run_interrupted(&rule.name);
+        return Ok(());
+    }
+    let (state, error) = if failed.is_empty() {
+        (State::Success, None)
+    } else {
+        for step in &rule.steps {
+            if !results.contains_key(&step.name)
+                && !failed
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{}: ", step.name)))
+            {
+                store.set_step(
+                    run.id,
+                    &step.name,
+                    State::Skipped,
+                    0,
+                    Some("an earlier step failed"),
+                    None,
+                )?;
+            }
+        }
+        (State::Failed, Some(failed.join("; ")))
+    };
+    store.finish_run(run.id, state, error.as_deref())?;
+    telemetry::run_ended(&rule.name, state);
+    let steps: serde_json::Map<String, Value> = results.into_iter().collect();
+    let payload = json!({"rule": rule.name, "run": run.id, "event": run.event.id,
+                         "sensor": run.event.sensor, "state": state.as_str(), "error": error,
+                         "steps": steps});
+    if let Err(e) = shared.raise(Event::now("runs", format!("run-{}", run.id), payload), None) {
+        tracing::warn!(error = %e, "A run's completion event was not recorded.");
+    }
+    match &error {
+        None => {
+            tracing::info!(run = run.id, rule = %rule.name, event = %run.event.id, "Run succeeded.")
+        }
+        Some(e) => {
+            tracing::warn!(run = run.id, rule = %rule.name, event = %run.event.id, error = %e, "Run failed.")
+        }
+    }
+    Ok(())
+}
+
+fn context(rule: &Rule, run: &store::OpenRun, results: &HashMap<String, Value>) -> Value {
+    let steps: serde_json::Map<String, Value> = results
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    json!({"event": run.event.to_json(), "rule": rule.name, "run": run.id, "steps": steps})
+}
+
+fn render_job(action: &Action, cx: &Value) -> Result<Job, String> {
+    let r = |at: &str, source: &str| template::render(source, cx).map_err(|e| format!("{at}: {e}"));
+    Ok(match action {
+        Action::Pull(p) => Job::Pull {
+            endpoint: r("pull.endpoint", &p.endpoint)?,
+            paradata: r("pull.paradata", &p.paradata)?,
+            output: r("pull.output", &p.output)?,
+        },
+        Action::Push(p) => Job::Push {
+            file: r("push.file", &p.file)?,
+            endpoint: r("push.endpoint", &p.endpoint)?,
+            sink: r("push.sink", &p.sink)?,
+            replicas: p
+                .replicas
+                .iter()
+                .map(|x| r("push.replicas", x))
+                .collect::<Result<_, _>>()?,
+            quorum: p.quorum,
+        },
+        Action::Command(c) => {
+            let (stream, file) = match &c.stdin {
+                Some(s) => match (&s.endpoint, &s.paradata, &s.file) {
+                    (Some(e), Some(p), _) => (
+                        Some((
+                            r("command.stdin.endpoint", e)?,
+                            r("command.stdin.paradata", p)?,
+                        )),
+                        None,
+                    ),
+                    (_, _, Some(f)) => (None, Some(r("command.stdin.file", f)?)),
+                    _ => (None, None),
+                },
+                None => (None, None),
+            };
+            Job::Command {
+                argv: c
+                    .run
+                    .iter()
+                    .map(|a| r("command.run", a))
+                    .collect::<Result<_, _>>()?,
+                env: c
+                    .env
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), r(&format!("command.env.{k}"), v)?)))
+                    .collect::<Result<_, String>>()?,
+                dir: c.dir.as_ref().map(|d| r("command.dir", d)).transpose()?,
+                stream,
+                file,
+            }
+        }
+        Action::Checksum(c) => Job::Checksum {
+            endpoint: r("checksum.endpoint", &c.endpoint)?,
+            paradata: r("checksum.paradata", &c.paradata)?,
+            digest: c
+                .digest
+                .as_ref()
+                .map(|d| r("checksum.digest", d))
+                .transpose()?,
+        },
+    })
+}
+
+/// The event's variables for commands.
+fn command_env(rule: &Rule, run: &store::OpenRun, step: &Step) -> Vec<(String, String)> {
+    let e = &run.event;
+    let mut env = vec![
+        ("NEXUS_EVENT_ID".to_string(), e.id.clone()),
+        ("NEXUS_EVENT_SENSOR".to_string(), e.sensor.clone()),
+        ("NEXUS_EVENT_TIME".to_string(), event::rfc3339(e.time_ms)),
+        ("NEXUS_EVENT_PAYLOAD".to_string(), e.payload.to_string()),
+        ("NEXUS_RULE".to_string(), rule.name.clone()),
+        ("NEXUS_RUN".to_string(), run.id.to_string()),
+        ("NEXUS_STEP".to_string(), step.name.clone()),
+    ];
+    if let Some(fields) = e.payload.as_object() {
+        for (k, v) in fields {
+            let key: String = k
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let value = match v {
+                Value::String(s) => s.clone(),
+                Value::Object(_) | Value::Array(_) => v.to_string(),
+                other => other.to_string(),
+            };
+            env.push((format!("NEXUS_PAYLOAD_{key}"), value));
+        }
+    }
+    env
+}
+
+fn run_step(
+    shared: &Shared,
+    rule: &Rule,
+    run: &store::OpenRun,
+    step: &Step,
+    cx: &Value,
+    prior: u32,
+) -> StepEnd {
+    let slots = shared
+        .step_slots
+        .get(&(rule.name.clone(), step.name.clone()))
+        .cloned();
+    if let Some(slots) = &slots {
+        if !slots.acquire(&shared.stop) {
+            return StepEnd::Interrupted;
+        }
+    }
+    let end = tries(shared, rule, run, step, cx, prior);
+    if let Some(slots) = &slots {
+        slots.release();
+    }
+    end
+}
+
+fn tries(
+    shared: &Shared,
+    rule: &Rule,
+    run: &store::OpenRun,
+    step: &Step,
+    cx: &Value,
+    prior: u32,
+) -> StepEnd {
+    let store = &shared.store;
+    let log = |r: Result<(), store::StoreError>| {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "A step's state could not be written.");
+        }
+    };
+    let job = match render_job(&step.action, cx) {
+        Ok(job) => job,
+        Err(e) => {
+            log(store.set_step(run.id, &step.name, State::Failed, prior + 1, Some(&e), None));
+            return StepEnd::Failed(e);
+        }
+    };
+    let env = command_env(rule, run, step);
+    let mut attempt = prior;
+    loop {
+        attempt += 1;
+        log(store.set_step(run.id, &step.name, State::Started, attempt, None, None));
+        let started = Instant::now();
+        let streamed = |payload: Value| shared.streamed(payload);
+        let context = exec::Context {
+            client: &shared.client,
+            stop: &shared.stop,
+            deadline: started + step.timeout,
+            env: &env,
+            tried_before: attempt > 1,
+            streamed: &streamed,
+        };
+        let result = exec::run(&job, &context);
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(f) if f.interrupted => "interrupted",
+            Err(_) => "failed",
+        };
+        telemetry::step_took(&rule.name, &step.name, outcome, started.elapsed());
+        match result {
+            Ok(value) => {
+                log(store.set_step(
+                    run.id,
+                    &step.name,
+                    State::Success,
+                    attempt,
+                    None,
+                    Some(&value),
+                ));
+                return StepEnd::Success(value);
+            }
+            Err(Failure {
+                interrupted: true, ..
+            }) => return StepEnd::Interrupted,
+            Err(f) => {
+                let tries_left = f.retryable && attempt <= step.retries;
+                if !tries_left {
+                    log(store.set_step(
+                        run.id,
+                        &step.name,
+                        State::Failed,
+                        attempt,
+                        Some(&f.message),
+                        None,
+                    ));
+                    return StepEnd::Failed(f.message);
+                }
+                log(store.set_step(
+                    run.id,
+                    &step.name,
+                    State::Retrying,
+                    attempt,
+                    Some(&f.message),
+                    None,
+                ));
+                log(store.set_run(run.id, State::Retrying));
+                let shift = (attempt - prior).saturating_sub(1).min(16);
+                let wait = step
+                    .backoff
+                    .saturating_mul(1 << shift)
+                    .min(Duration::from_secs(300));
+                tracing::info!(run = run.id, rule = %rule.name, step = %step.name, attempt,
+                               error = %f.message, wait_ms = wait.as_millis() as u64, "Step failed; trying again.");
+                if shared.stop.wait(wait) {
+                    return StepEnd::Interrupted;
+                }
+                log(store.set_run(run.id, State::Started));
+            }
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The sensors that run on threads of their own: timer and cron ticks, and file watches.
+//! The HTTP sensor is the admin endpoint's `POST /sensors/NAME`; `streams` and `runs` are
+//! raised by the executors and the engine.
+//!
+//! Checkpoints (per sensor, in the state database) say what a sensor has fully handled:
+//! - **timer, cron**: key `tick`, the last tick whose runs ended. At start the sensor goes on
+//!   after the last tick it raised; ticks that fell while the process was down are logged,
+//!   counted (`nexus_workflow_sensor_missed_ticks_total`), and then skipped (the next tick
+//!   carries `missed = N`) or, with `missed = "catch_up"`, raised oldest first (at most
+//!   [`MAX_CATCH_UP`](crate::spec::MAX_CATCH_UP)).
+//! - **file**: one key per file (its path under the directory), `SIZE:MTIME_MS` or
+//!   `deleted`. At start the sensor rescans the directory against them, so a file created,
+//!   changed or deleted while it was down raises its event.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use serde_json::json;
+
+use crate::event::{rfc3339, unix_ms, Event};
+use crate::spec::{Missed, Sensor, SensorKind, MAX_CATCH_UP};
+use crate::{telemetry, Shared};
+
+/// Starts `sensor`'s thread, if it has one.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    sensor: &Sensor,
+) -> std::io::Result<Option<JoinHandle<()>>> {
+    let name = sensor.name.clone();
+    let shared = Arc::clone(shared);
+    let thread = std::thread::Builder::new().name(format!("nexus-sensor-{name}"));
+    match &sensor.kind {
+        SensorKind::Timer { .. } | SensorKind::Cron { .. } => {
+            Ok(Some(thread.spawn(move || ticks(&shared, &name))?))
+        }
+        SensorKind::File { .. } => Ok(Some(thread.spawn(move || watch(&shared, &name))?)),
+        SensorKind::Http | SensorKind::Streams | SensorKind::Runs => Ok(None),
+    }
+}
+
+/// Raises, retrying a state write that failed until it succeeds or the workflow stops: an
+/// event a sensor saw is not dropped.
+fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match shared.raise(event.clone(), cursor) {
+            Ok(_) => return,
+            Err(crate::RaiseError::Store(e)) => {
+                telemetry::sensor_error(&event.sensor);
+                tracing::warn!(sensor = %event.sensor, error = %e, "Cannot record an event; trying again.");
+                if shared.stop.wait(wait) {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                tracing::error!(sensor = %event.sensor, error = %e, "A sensor raised an event its schema refuses.");
+                return;
+            }
+        }
+    }
+}
+
+fn next_tick(kind: &SensorKind, after_ms: i64) -> Option<i64> {
+    match kind {
+        SensorKind::Timer { every, .. } => {
+            let every = i64::try_from(every.as_millis()).ok()?.max(1);
+            Some((after_ms.div_euclid(every) + 1) * every)
+        }
+        SensorKind::Cron { schedule, .. } => {
+            let after = chrono::DateTime::from_timestamp_millis(after_ms)?;
+            schedule.after(&after).next().map(|t| t.timestamp_millis())
+        }
+        _ => None,
+    }
+}
+
+fn ticks(shared: &Shared, name: &str) {
+    let Some(sensor) = shared.plan.sensors.get(name) else {
+        return;
+    };
+    let missed_policy = match &sensor.kind {
+        SensorKind::Timer { missed, .. } | SensorKind::Cron { missed, .. } => *missed,
+        _ => return,
+    };
+    let parse = |m: HashMap<String, String>| m.get("tick").and_then(|v| v.parse::<i64>().ok());
+    let last = loop {
+        match (
+            shared.store.checkpoints(name),
+            shared.store.open_cursors(name),
+        ) {
+            (Ok(done), Ok(open)) => break parse(done).max(parse(open)),
+            (Err(e), _) | (_, Err(e)) => {
+                telemetry::sensor_error(name);
+                tracing::warn!(sensor = name, error = %e, "Cannot read the sensor's checkpoint.");
+                if shared.stop.wait(Duration::from_secs(1)) {
+                    return;
+                }
+            }
+        }
+    };
+    let now = unix_ms(SystemTime::now());
+    let Some(mut next) = next_tick(&sensor.kind, last.unwrap_or(now)) else {
+        tracing::warn!(sensor = name, "The schedule has no tick to come.");
+        return;
+    };
+    // Ticks that fell while down: (last, now].
+    let mut fell = Vec::new();
+    let mut fell_count: u64 = 0;
+    while next <= now {
+        fell_count += 1;
+        fell.push(next);
+        if fell.len() as u64 > MAX_CATCH_UP {
+            fell.remove(0);
+        }
+        match next_tick(&sensor.kind, next) {
+            Some(t) => next = t,
+            None => return,
+        }
+        if fell_count >= 10_000_000 {
+            // A tiny interval over a long outage: count no further.
+            next = next_tick(&sensor.kind, now).unwrap_or(next);
+            break;
+        }
+    }
+    let mut missed: u64 = 0;
+    if fell_count > 0 {
+        telemetry::missed_ticks(name, fell_count);
+        match missed_policy {
+            Missed::Skip => {
+                tracing::warn!(sensor = name, missed = fell_count, first = %rfc3339(fell[0]),
+                               "Ticks fell while the process was down; skipped (missed = \"skip\").");
+                missed = fell_count;
+            }
+            Missed::CatchUp => {
+                let skipped = fell_count - fell.len() as u64;
+                tracing::warn!(
+                    sensor = name,
+                    missed = fell_count,
+                    raised = fell.len(),
+                    skipped,
+                    "Ticks fell while the process was down; raising them (missed = \"catch_up\")."
+                );
+                for (i, t) in fell.iter().enumerate() {
+                    let m = if i == 0 { skipped } else { 0 };
+                    raise_tick(shared, name, *t, m);
+                }
+            }
+        }
+    }
+    loop {
+        let wait =
+            Duration::from_millis(u64::try_from(next - unix_ms(SystemTime::now())).unwrap_or(0));
+        if shared.stop.wait(wait) {
+            return;
+        }
+        let now = unix_ms(SystemTime::now());
+        if now < next {
+            continue;
+        }
+        raise_tick(shared, name, next, missed);
+        missed = 0;
+        // A tick that came too late to keep up (a suspended VM) skips the ones that fell.
+        loop {
+            match next_tick(&sensor.kind, next) {
+                Some(t) => next = t,
+                None => return,
+            }
+            if next > now {
+                break;
+            }
+            missed += 1;
+        }
+        if missed > 0 {
+            telemetry::missed_ticks(name, missed);
+        }
+    }
+}
+
+fn raise_tick(shared: &Shared, name: &str, at: i64, missed: u64) {
+    let payload = json!({"scheduled": rfc3339(at), "scheduled_ms": at, "missed": missed});
+    let event = Event::now(name, format!("tick-{at}"), payload);
+    let value = at.to_string();
+    raise(shared, event, Some(("tick", &value)));
+}
+
+/// What the sensor knows of one file: `SIZE:MTIME_MS`, or `deleted`.
+fn file_state(meta: Option<&std::fs::Metadata>) -> String {
+    match meta {
+        Some(m) => {
+            let mtime = m.modified().map_or(0, unix_ms);
+            format!("{}:{mtime}", m.len())
+        }
+        None => "deleted".into(),
+    }
+}
+
+struct Watch<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+    root: PathBuf,
+    recursive: bool,
+    inotify: Inotify,
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    known: HashMap<String, String>,
+}
+
+const MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::ONLYDIR);
+
+impl Watch<'_> {
+    fn add_dir(
+        &mut self,
+        dir: &Path,
+        changed: &mut HashMap<String, Instant>,
+    ) -> std::io::Result<()> {
+        let wd = self.inotify.watches().add(dir, MASK)?;
+        self.dirs.insert(wd, dir.to_path_buf());
+        // What is in it already (it may have filled before the watch was added).
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                if self.recursive {
+                    self.add_dir(&path, changed)?;
+                }
+            } else if kind.is_file() {
+                if let Some(rel) = self.relative(&path) {
+                    changed.insert(rel, Instant::now());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn relative(&self, path: &Path) -> Option<String> {
+        path.strip_prefix(&self.root)
+            .ok()
+            .and_then(|p| p.to_str())
+            .map(str::to_string)
+    }
+
+    /// Raises the event of one settled file, if it changed.
+    fn settle(&mut self, rel: &str) {
+        let path = self.root.join(rel);
+        let meta = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file());
+        let now = file_state(meta.as_ref());
+        let before = self.known.get(rel).map(String::as_str);
+        let change = match (before, &meta) {
+            (None | Some("deleted"), Some(_)) => "created",
+            (Some(b), Some(_)) if b != now => "updated",
+            (Some(b), None) if b != "deleted" => "deleted",
+            _ => return,
+        };
+        let (size, mtime) = match &meta {
+            Some(m) => (m.len(), m.modified().map_or(0, unix_ms)),
+            None => {
+                // A deleted file's last known size and time.
+                let mut parts = before.unwrap_or("0:0").split(':');
+                (
+                    parts.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                    parts.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                )
+            }
+        };
+        let name = Path::new(rel)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(rel)
+            .to_string();
+        let payload = json!({"change": change, "path": path, "relative": rel, "name": name,
+                             "size": size, "mtime_ms": mtime});
+        let id = format!("{change}:{rel}:{size}:{mtime}");
+        raise(
+            self.shared,
+            Event::now(self.name, id, payload),
+            Some((rel, &now)),
+        );
+        self.known.insert(rel.to_string(), now);
+    }
+}
+
+fn watch(shared: &Shared, name: &str) {
+    let Some(sensor) = shared.plan.sensors.get(name) else {
+        return;
+    };
+    let SensorKind::File {
+        path,
+        recursive,
+        debounce,
+    } = &sensor.kind
+    else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match watch_once(shared, name, path, *recursive, *debounce) {
+            Ok(()) => return,
+            Err(e) => {
+                telemetry::sensor_error(name);
+                tracing::warn!(sensor = name, path = %path.display(), error = %e,
+                               wait_ms = backoff.as_millis() as u64, "File sensor failed; starting it again.");
+                if shared.stop.wait(backoff) {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Watches until stopped (`Ok`) or until something fails (`Err`, and the caller starts
+/// again with a full rescan).
+fn watch_once(
+    shared: &Shared,
+    name: &str,
+    root: &Path,
+    recursive: bool,
+    debounce: Duration,
+) -> std::io::Result<()> {
+    let io = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
+    let mut known = shared.store.checkpoints(name).map_err(io)?;
+    known.extend(shared.store.open_cursors(name).map_err(io)?);
+    let mut w = Watch {
+        shared,
+        name,
+        root: root.to_path_buf(),
+        recursive,
+        inotify: Inotify::init()?,
+        dirs: HashMap::new(),
+        known,
+    };
+    // Watch first, then scan: nothing changes unseen between the two. Every file present
+    // and every file known (it may be gone) is looked at once.
+    let mut changed: HashMap<String, Instant> = HashMap::new();
+    w.add_dir(root, &mut changed)?;
+    let long_ago = Instant::now()
+        .checked_sub(debounce)
+        .unwrap_or_else(Instant::now);
+    for rel in w.known.keys() {
+        changed.insert(rel.clone(), long_ago);
+    }
+    for at in changed.values_mut() {
+        *at = long_ago;
+    }
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let now = Instant::now();
+        let due: Vec<String> = changed
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= debounce)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for rel in due {
+            changed.remove(&rel);
+            w.settle(&rel);
+        }
+        let wait = changed
+            .values()
+            .map(|at| (*at + debounce).saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        let timeout = rustix::event::Timespec {
+            tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(wait.subsec_nanos()),
+        };
+        let stop_fd = shared.stop.fd();
+        let mut fds = [
+            rustix::event::PollFd::new(&w.inotify, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&stop_fd, rustix::event::PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if shared.stop.is_stopped() {
+            return Ok(());
+        }
+        let events: Vec<(WatchDescriptor, EventMask, Option<PathBuf>)> =
+            match w.inotify.read_events(&mut buffer) {
+                Ok(events) => events
+                    .map(|e| (e.wd, e.mask, e.name.map(PathBuf::from)))
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
+                Err(e) => return Err(e),
+            };
+        for (wd, mask, file) in events {
+            if mask.contains(EventMask::Q_OVERFLOW) {
+                return Err(std::io::Error::other(
+                    "inotify queue overflowed; rescanning",
+                ));
+            }
+            let Some(dir) = w.dirs.get(&wd).cloned() else {
+                continue;
+            };
+            if mask.contains(EventMask::DELETE_SELF) && dir == root {
+                return Err(std::io::Error::other("the watched directory was removed"));
+            }
+            if mask.contains(EventMask::IGNORED) {
+                w.dirs.remove(&wd);
+                continue;
+            }
+            let Some(file) = file else { continue };
+            let path = dir.join(file);
+            if mask.contains(EventMask::ISDIR) {
+                if recursive && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                    w.add_dir(&path, &mut changed)?;
+                }
+                if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+                    // Files known under a directory that went away.
+                    if let Some(prefix) = w.relative(&path) {
+                        let prefix = format!("{prefix}/");
+                        for rel in w.known.keys().filter(|k| k.starts_with(&prefix)) {
+                            changed.insert(rel.clone(), Instant::now());
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(rel) = w.relative(&path) {
+                changed.insert(rel, Instant::now());
+            }
+        }
+    }
+}

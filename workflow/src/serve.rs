@@ -1,0 +1,162 @@
+//! The workflow inside a server (`nexus serve --rules`): the `events:` source, which makes the
+//! node an event broker, and the stream watcher, which turns every stream the server ends
+//! into an event of the `streams` sensor.
+//!
+//! `events:SENSOR[?after=ID]` streams the sensor's events as JSON lines (`{"id", "sensor",
+//! "time", "time_ms", "payload"}`), oldest first, then live as they are raised; it does not
+//! end by itself. With `after=ID` it starts after that event, so a reader that kept the last
+//! id it saw resumes without a gap or a repeat. Auth is the connection's, as for any stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nexus_protocol::ErrorCode;
+use nexus_server::{pipe, Opened, Source, SourceError, StreamEnded, StreamRequest, StreamWatcher};
+use serde_json::json;
+
+use crate::Workflow;
+
+/// Chunks queued ahead of the client per `events:` stream.
+const DEPTH: usize = 16;
+
+/// The `events:` source of a workflow.
+pub struct EventsSource {
+    workflow: Arc<Workflow>,
+}
+
+impl EventsSource {
+    /// Serves `workflow`'s event log.
+    pub fn new(workflow: Arc<Workflow>) -> EventsSource {
+        EventsSource { workflow }
+    }
+}
+
+impl Source for EventsSource {
+    fn scheme(&self) -> &str {
+        "events"
+    }
+
+    fn open(&self, request: &StreamRequest<'_>) -> Result<Opened, SourceError> {
+        let paradata = request.paradata;
+        let sensor = paradata.body.to_string();
+        if !self.workflow.has_sensor(&sensor) {
+            return Err(SourceError::new(
+                ErrorCode::NOT_FOUND,
+                format!("no sensor {sensor:?} in this node's rules"),
+            ));
+        }
+        let mut after = None;
+        for (key, value) in &paradata.params {
+            match *key {
+                "after" if after.is_none() => after = Some(value.to_string()),
+                "after" => return Err(SourceError::bad("parameter \"after\" given twice")),
+                other => {
+                    return Err(SourceError::bad(format!(
+                        "unknown parameter {other:?} for events:; allowed: after"
+                    )))
+                }
+            }
+        }
+        // The id must exist now: a typo is an error at once, not a stream that waits forever.
+        if let Some(id) = &after {
+            match self
+                .workflow
+                .events_after(&sensor, Some(id), None, Duration::ZERO)
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(SourceError::new(
+                        ErrorCode::NOT_FOUND,
+                        format!("sensor {sensor:?} has no event {id:?}"),
+                    ))
+                }
+                Err(e) => return Err(SourceError::new(ErrorCode::SOURCE_FAILED, e)),
+            }
+        }
+        let (sender, producer) = pipe(DEPTH);
+        let workflow = Arc::clone(&self.workflow);
+        std::thread::Builder::new()
+            .name("nexus-events".into())
+            .spawn(move || {
+                let mut seq: Option<i64> = None;
+                loop {
+                    if sender.is_closed() {
+                        return;
+                    }
+                    if workflow.is_stopped() {
+                        let _ = sender.fail(SourceError::new(
+                            ErrorCode::DRAINING,
+                            "the workflow is stopping; resume with after=<the last id>",
+                        ));
+                        return;
+                    }
+                    let found = workflow.events_after(
+                        &sensor,
+                        after.as_deref(),
+                        seq,
+                        Duration::from_millis(500),
+                    );
+                    let events = match found {
+                        Ok(Some(events)) => events,
+                        Ok(None) => Vec::new(),
+                        Err(e) => {
+                            let _ = sender.fail(SourceError::new(ErrorCode::SOURCE_FAILED, e));
+                            return;
+                        }
+                    };
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let mut text = String::new();
+                    for (s, event) in &events {
+                        seq = Some(*s);
+                        text.push_str(&event.to_json().to_string());
+                        text.push('\n');
+                    }
+                    if sender.send(Bytes::from(text)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| SourceError::new(ErrorCode::INTERNAL, e.to_string()))?;
+        Ok(Opened {
+            producer: Box::new(producer),
+            expected_bytes: None,
+        })
+    }
+}
+
+/// A watcher for [`Registry::watch_streams`](nexus_server::Registry::watch_streams): each
+/// stream that ends becomes a `streams` event (`side = "server"`). It only queues the report;
+/// a workflow thread writes the event.
+pub fn stream_watcher(workflow: &Arc<Workflow>) -> StreamWatcher {
+    let (tx, rx) = crossbeam_channel::unbounded::<StreamEnded>();
+    let weak = Arc::downgrade(workflow);
+    let spawned = std::thread::Builder::new()
+        .name("nexus-sensor-streams".into())
+        .spawn(move || {
+            for ended in rx {
+                let Some(workflow) = weak.upgrade() else {
+                    return;
+                };
+                let payload = json!({
+                    "direction": if ended.push { "push" } else { "pull" },
+                    "side": "server",
+                    "outcome": ended.outcome,
+                    "error": ended.error,
+                    "bytes": ended.bytes,
+                    "digest": ended.digest.map(|d| format!("{d:016x}")),
+                    "paradata": ended.paradata,
+                    "peer": ended.peer.to_string(),
+                });
+                workflow.stream_ended(payload);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "Cannot start the streams sensor; stream ends are not events.");
+    }
+    Arc::new(move |ended| {
+        let _ = tx.send(ended);
+    })
+}

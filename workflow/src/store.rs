@@ -1,0 +1,754 @@
+//! The workflow's state in SQLite (WAL; inspect it with `sqlite3`): the event log, each
+//! sensor's checkpoints, and every rule run with its steps. Schema changes are numbered
+//! migrations recorded in `PRAGMA user_version`.
+//!
+//! Delivery is at least once. An event and the runs it starts are written in one
+//! transaction before anything runs; the event is `done` and its sensor checkpoint
+//! (`cursor`) advances only in the transaction that ends its last run. A restart resumes
+//! every run not yet `success` or `failed`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::{unix_ms, Event};
+
+/// Schema migrations, in order; `user_version` is how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: the event log, checkpoints, runs, steps.
+    "CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        sensor TEXT NOT NULL,
+        id TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        cursor_key TEXT,
+        cursor_value TEXT,
+        done INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (sensor, id)
+     );
+     CREATE INDEX events_open ON events (done) WHERE done = 0;
+     CREATE TABLE checkpoints (
+        sensor TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (sensor, key)
+     );
+     CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT NOT NULL,
+        event_seq INTEGER NOT NULL REFERENCES events (seq),
+        state TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        started_ms INTEGER,
+        finished_ms INTEGER,
+        error TEXT,
+        UNIQUE (rule, event_seq)
+     );
+     CREATE INDEX runs_state ON runs (state);
+     CREATE TABLE steps (
+        run INTEGER NOT NULL REFERENCES runs (id),
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        started_ms INTEGER,
+        finished_ms INTEGER,
+        error TEXT,
+        result TEXT,
+        PRIMARY KEY (run, name)
+     );",
+];
+
+/// A run's or a step's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for a slot.
+    Queued,
+    /// Running.
+    Started,
+    /// A step failed and waits to try again.
+    Retrying,
+    /// Failed for good.
+    Failed,
+    /// Done.
+    Success,
+    /// A step not run because one before it failed.
+    Skipped,
+}
+
+impl State {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Started => "started",
+            State::Retrying => "retrying",
+            State::Failed => "failed",
+            State::Success => "success",
+            State::Skipped => "skipped",
+        }
+    }
+
+    /// The state named `text`.
+    pub fn parse(text: &str) -> Option<State> {
+        Some(match text {
+            "queued" => State::Queued,
+            "started" => State::Started,
+            "retrying" => State::Retrying,
+            "failed" => State::Failed,
+            "success" => State::Success,
+            "skipped" => State::Skipped,
+            _ => return None,
+        })
+    }
+
+    /// Whether nothing more happens to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Failed | State::Success | State::Skipped)
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[error("workflow state {path}: {message}")]
+pub struct StoreError {
+    path: String,
+    message: String,
+}
+
+/// One run as listed by `nexus runs` and `/runs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    /// The run's id.
+    pub id: i64,
+    /// Its rule.
+    pub rule: String,
+    /// Its state.
+    pub state: State,
+    /// The sensor of the event that started it.
+    pub sensor: String,
+    /// That event's id.
+    pub event: String,
+    /// Created, started and finished, RFC 3339 (started and finished once they happened).
+    pub created: String,
+    /// When it (last) started.
+    pub started: Option<String>,
+    /// When it ended.
+    pub finished: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Its steps.
+    pub steps: Vec<StepView>,
+}
+
+/// One step of a [`RunView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct StepView {
+    /// The step's name.
+    pub name: String,
+    /// Its state.
+    pub state: State,
+    /// Tries so far.
+    pub attempts: u32,
+    /// When the last try started.
+    pub started: Option<String>,
+    /// When it ended.
+    pub finished: Option<String>,
+    /// Why its last try failed.
+    pub error: Option<String>,
+    /// What it produced (path, bytes, digest, exit status), as JSON.
+    pub result: Option<Value>,
+}
+
+/// A run to (re)start.
+#[derive(Debug, Clone)]
+pub struct OpenRun {
+    /// The run's id.
+    pub id: i64,
+    /// Its rule.
+    pub rule: String,
+    /// The event that started it.
+    pub event: Event,
+}
+
+/// What a step stored last time (for a resumed run).
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    /// Its state.
+    pub state: State,
+    /// Tries so far.
+    pub attempts: u32,
+    /// Its result when it succeeded.
+    pub result: Option<Value>,
+}
+
+/// The state database. One connection under a mutex: the control plane writes a few rows
+/// per event and per step, never per chunk.
+pub struct Store {
+    path: String,
+    db: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn ms_text(ms: Option<i64>) -> Option<String> {
+    ms.map(crate::event::rfc3339)
+}
+
+impl Store {
+    /// Opens (creating) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let name = path.display().to_string();
+        let fail = |e: &dyn std::fmt::Display| StoreError {
+            path: name.clone(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        }
+        let mut db = Connection::open(path).map_err(|e| fail(&e))?;
+        db.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| fail(&e))?;
+        // WAL: readers (nexus runs, /runs) never block the writer. synchronous=FULL: an
+        // event acknowledged to its sensor survives a power cut.
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| fail(&e))?;
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| fail(&e))?;
+        db.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| fail(&e))?;
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| fail(&e))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(fail(&format!(
+                "schema version {version} is newer than this nexus knows ({}); use a newer nexus",
+                known
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = db.transaction().map_err(|e| fail(&e))?;
+            tx.execute_batch(sql).map_err(|e| fail(&e))?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(|e| fail(&e))?;
+            tx.commit().map_err(|e| fail(&e))?;
+        }
+        Ok(Store {
+            path: name,
+            db: Mutex::new(db),
+        })
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Records `event` and a queued run for each of `rules`, in one transaction. Returns
+    /// the new run ids, or `None` when the sensor already had an event with this id (a
+    /// replay: nothing new happens). An event no rule wants is done at once, and its
+    /// `cursor` (checkpoint key and value) applied.
+    pub fn raise(
+        &self,
+        event: &Event,
+        cursor: Option<(&str, &str)>,
+        rules: &[&str],
+    ) -> Result<Option<Vec<i64>>, StoreError> {
+        let mut db = self.db.lock();
+        let tx = db.transaction().map_err(|e| self.fail(e))?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, cursor_key, cursor_value, done)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    event.sensor,
+                    event.id,
+                    event.time_ms,
+                    event.payload.to_string(),
+                    cursor.map(|c| c.0),
+                    cursor.map(|c| c.1),
+                    i64::from(rules.is_empty()),
+                ],
+            )
+            .map_err(|e| self.fail(e))?;
+        if inserted == 0 {
+            return Ok(None);
+        }
+        let seq = tx.last_insert_rowid();
+        let now = unix_ms(std::time::SystemTime::now());
+        let mut runs = Vec::new();
+        for rule in rules {
+            tx.execute(
+                "INSERT INTO runs (rule, event_seq, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
+                params![rule, seq, now],
+            )
+            .map_err(|e| self.fail(e))?;
+            runs.push(tx.last_insert_rowid());
+        }
+        if rules.is_empty() {
+            if let Some((key, value)) = cursor {
+                set_checkpoint(&tx, &event.sensor, key, value).map_err(|e| self.fail(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(Some(runs))
+    }
+
+    /// A sensor's checkpoints (key to value).
+    pub fn checkpoints(&self, sensor: &str) -> Result<HashMap<String, String>, StoreError> {
+        let db = self.db.lock();
+        let mut q = db
+            .prepare_cached("SELECT key, value FROM checkpoints WHERE sensor = ?1")
+            .map_err(|e| self.fail(e))?;
+        let rows = q
+            .query_map([sensor], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.fail(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))
+    }
+
+    /// The cursors of a sensor's events not yet done (raised, their runs still going), by
+    /// key: what the sensor has already handed over.
+    pub fn open_cursors(&self, sensor: &str) -> Result<HashMap<String, String>, StoreError> {
+        let db = self.db.lock();
+        let mut q = db
+            .prepare_cached(
+                "SELECT cursor_key, cursor_value FROM events
+                 WHERE sensor = ?1 AND done = 0 AND cursor_key IS NOT NULL ORDER BY seq",
+            )
+            .map_err(|e| self.fail(e))?;
+        let rows = q
+            .query_map([sensor], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.fail(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))
+    }
+
+    /// Runs not finished (queued, started or retrying), oldest first, with their events.
+    pub fn open_runs(&self) -> Result<Vec<OpenRun>, StoreError> {
+        let db = self.db.lock();
+        let mut q = db
+            .prepare_cached(
+                "SELECT r.id, r.rule, e.id, e.sensor, e.time_ms, e.payload
+                 FROM runs r JOIN events e ON e.seq = r.event_seq
+                 WHERE r.state IN ('queued', 'started', 'retrying') ORDER BY r.id",
+            )
+            .map_err(|e| self.fail(e))?;
+        let rows = q
+            .query_map([], |r| {
+                let payload: String = r.get(5)?;
+                Ok(OpenRun {
+                    id: r.get(0)?,
+                    rule: r.get(1)?,
+                    event: Event {
+                        id: r.get(2)?,
+                        sensor: r.get(3)?,
+                        time_ms: r.get(4)?,
+                        payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
+                    },
+                })
+            })
+            .map_err(|e| self.fail(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))
+    }
+
+    /// Marks open events whose runs have all ended (or that lost their rules) done, and
+    /// applies their cursors: after a crash between a run's end and its event's.
+    pub fn settle(&self) -> Result<usize, StoreError> {
+        let mut db = self.db.lock();
+        let tx = db.transaction().map_err(|e| self.fail(e))?;
+        let seqs: Vec<i64> = {
+            let mut q = tx
+                .prepare(
+                    "SELECT seq FROM events e WHERE done = 0 AND NOT EXISTS
+                     (SELECT 1 FROM runs r WHERE r.event_seq = e.seq
+                      AND r.state IN ('queued', 'started', 'retrying'))",
+                )
+                .map_err(|e| self.fail(e))?;
+            let rows = q.query_map([], |r| r.get(0)).map_err(|e| self.fail(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))?
+        };
+        for seq in &seqs {
+            finish_event(&tx, *seq).map_err(|e| self.fail(e))?;
+        }
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(seqs.len())
+    }
+
+    /// The steps a run has recorded, by name.
+    pub fn steps(&self, run: i64) -> Result<HashMap<String, StepRecord>, StoreError> {
+        let db = self.db.lock();
+        let mut q = db
+            .prepare_cached("SELECT name, state, attempts, result FROM steps WHERE run = ?1")
+            .map_err(|e| self.fail(e))?;
+        let rows = q
+            .query_map([run], |r| {
+                let state: String = r.get(1)?;
+                let result: Option<String> = r.get(3)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    StepRecord {
+                        state: State::parse(&state).unwrap_or(State::Queued),
+                        attempts: r.get(2)?,
+                        result: result.and_then(|t| serde_json::from_str(&t).ok()),
+                    },
+                ))
+            })
+            .map_err(|e| self.fail(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))
+    }
+
+    /// Sets a run's state (and `started_ms` when it starts).
+    pub fn set_run(&self, run: i64, state: State) -> Result<(), StoreError> {
+        let db = self.db.lock();
+        let now = unix_ms(std::time::SystemTime::now());
+        let sql = if state == State::Started {
+            "UPDATE runs SET state = ?2, started_ms = ?3 WHERE id = ?1"
+        } else {
+            "UPDATE runs SET state = ?2 WHERE id = ?1 AND ?3 IS NOT NULL"
+        };
+        db.execute(sql, params![run, state.as_str(), now])
+            .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Records a step's state, tries, error and result.
+    pub fn set_step(
+        &self,
+        run: i64,
+        name: &str,
+        state: State,
+        attempts: u32,
+        error: Option<&str>,
+        result: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        let db = self.db.lock();
+        let now = unix_ms(std::time::SystemTime::now());
+        db.execute(
+            "INSERT INTO steps (run, name, state, attempts, started_ms, finished_ms, error, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (run, name) DO UPDATE SET state = ?3, attempts = ?4,
+               started_ms = COALESCE(?5, started_ms), finished_ms = ?6, error = ?7,
+               result = COALESCE(?8, result)",
+            params![
+                run,
+                name,
+                state.as_str(),
+                attempts,
+                (state == State::Started).then_some(now),
+                state.is_final().then_some(now),
+                error,
+                result.map(Value::to_string),
+            ],
+        )
+        .map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Ends a run, and, when it was its event's last open run, marks the event done and
+    /// advances the sensor's checkpoint, all in one transaction.
+    pub fn finish_run(
+        &self,
+        run: i64,
+        state: State,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut db = self.db.lock();
+        let tx = db.transaction().map_err(|e| self.fail(e))?;
+        let now = unix_ms(std::time::SystemTime::now());
+        tx.execute(
+            "UPDATE runs SET state = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1",
+            params![run, state.as_str(), now, error],
+        )
+        .map_err(|e| self.fail(e))?;
+        let seq: i64 = tx
+            .query_row("SELECT event_seq FROM runs WHERE id = ?1", [run], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.fail(e))?;
+        let open: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM runs WHERE event_seq = ?1
+                 AND state IN ('queued', 'started', 'retrying')",
+                [seq],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.fail(e))?;
+        if open == 0 {
+            finish_event(&tx, seq).map_err(|e| self.fail(e))?;
+        }
+        tx.commit().map_err(|e| self.fail(e))?;
+        Ok(())
+    }
+
+    /// Runs, newest first, optionally of one rule and in one state; at most `limit`.
+    pub fn runs(
+        &self,
+        rule: Option<&str>,
+        state: Option<State>,
+        limit: usize,
+    ) -> Result<Vec<RunView>, StoreError> {
+        let db = self.db.lock();
+        let mut q = db
+            .prepare_cached(
+                "SELECT r.id, r.rule, r.state, e.sensor, e.id, r.created_ms, r.started_ms,
+                        r.finished_ms, r.error
+                 FROM runs r JOIN events e ON e.seq = r.event_seq
+                 WHERE (?1 IS NULL OR r.rule = ?1) AND (?2 IS NULL OR r.state = ?2)
+                 ORDER BY r.id DESC LIMIT ?3",
+            )
+            .map_err(|e| self.fail(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = q
+            .query_map(params![rule, state.map(State::as_str), limit], |r| {
+                let state: String = r.get(2)?;
+                Ok(RunView {
+                    id: r.get(0)?,
+                    rule: r.get(1)?,
+                    state: State::parse(&state).unwrap_or(State::Queued),
+                    sensor: r.get(3)?,
+                    event: r.get(4)?,
+                    created: crate::event::rfc3339(r.get(5)?),
+                    started: ms_text(r.get(6)?),
+                    finished: ms_text(r.get(7)?),
+                    error: r.get(8)?,
+                    steps: Vec::new(),
+                })
+            })
+            .map_err(|e| self.fail(e))?;
+        let mut runs: Vec<RunView> = rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))?;
+        let mut q = db
+            .prepare_cached(
+                "SELECT name, state, attempts, started_ms, finished_ms, error, result
+                 FROM steps WHERE run = ?1 ORDER BY rowid",
+            )
+            .map_err(|e| self.fail(e))?;
+        for run in &mut runs {
+            let rows = q
+                .query_map([run.id], |r| {
+                    let state: String = r.get(1)?;
+                    let result: Option<String> = r.get(6)?;
+                    Ok(StepView {
+                        name: r.get(0)?,
+                        state: State::parse(&state).unwrap_or(State::Queued),
+                        attempts: r.get(2)?,
+                        started: ms_text(r.get(3)?),
+                        finished: ms_text(r.get(4)?),
+                        error: r.get(5)?,
+                        result: result.and_then(|t| serde_json::from_str(&t).ok()),
+                    })
+                })
+                .map_err(|e| self.fail(e))?;
+            run.steps = rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))?;
+        }
+        Ok(runs)
+    }
+
+    /// A sensor's events after the one with id `after` (from the first when `None`), in
+    /// order, at most `limit`, with their sequence numbers. `Ok(None)` when `after` is not
+    /// an id of this sensor.
+    pub fn events_after(
+        &self,
+        sensor: &str,
+        after: Option<&str>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Option<Vec<(i64, Event)>>, StoreError> {
+        let db = self.db.lock();
+        let from = match (after_seq, after) {
+            (Some(seq), _) => seq,
+            (None, None) => 0,
+            (None, Some(id)) => {
+                let seq: Option<i64> = db
+                    .query_row(
+                        "SELECT seq FROM events WHERE sensor = ?1 AND id = ?2",
+                        [sensor, id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(|e| self.fail(e))?;
+                match seq {
+                    Some(seq) => seq,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let mut q = db
+            .prepare_cached(
+                "SELECT seq, id, time_ms, payload FROM events
+                 WHERE sensor = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(|e| self.fail(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = q
+            .query_map(params![sensor, from, limit], |r| {
+                let payload: String = r.get(3)?;
+                Ok((
+                    r.get(0)?,
+                    Event {
+                        id: r.get(1)?,
+                        sensor: sensor.to_string(),
+                        time_ms: r.get(2)?,
+                        payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
+                    },
+                ))
+            })
+            .map_err(|e| self.fail(e))?;
+        rows.collect::<Result<_, _>>()
+            .map(Some)
+            .map_err(|e| self.fail(e))
+    }
+}
+
+fn set_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    sensor: &str,
+    key: &str,
+    value: &str,
+) -> rusqlite::Result<()> {
+    let now = unix_ms(std::time::SystemTime::now());
+    tx.execute(
+        "INSERT INTO checkpoints (sensor, key, value, updated_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (sensor, key) DO UPDATE SET value = ?3, updated_ms = ?4",
+        params![sensor, key, value, now],
+    )?;
+    Ok(())
+}
+
+fn finish_event(tx: &rusqlite::Transaction<'_>, seq: i64) -> rusqlite::Result<()> {
+    let (sensor, key, value): (String, Option<String>, Option<String>) = tx.query_row(
+        "SELECT sensor, cursor_key, cursor_value FROM events WHERE seq = ?1",
+        [seq],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    tx.execute("UPDATE events SET done = 1 WHERE seq = ?1", [seq])?;
+    if let (Some(key), Some(value)) = (key, value) {
+        set_checkpoint(tx, &sensor, &key, &value)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn temp_db(name: &str) -> (std::path::PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!(
+            "nexus-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("state.db");
+        let store = Store::open(&path).unwrap();
+        (dir, store)
+    }
+
+    fn event(id: &str) -> Event {
+        Event::now("landing", id.into(), json!({"n": id}))
+    }
+
+    #[test]
+    fn a_replayed_event_starts_nothing_new() {
+        let (dir, store) = temp_db("replay");
+        let runs = store.raise(&event("a"), None, &["r1", "r2"]).unwrap();
+        assert_eq!(runs.unwrap().len(), 2);
+        assert_eq!(store.raise(&event("a"), None, &["r1", "r2"]).unwrap(), None);
+        assert_eq!(store.open_runs().unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_checkpoint_moves_only_when_the_last_run_of_the_event_ended() {
+        let (dir, store) = temp_db("checkpoint");
+        let runs = store
+            .raise(&event("a"), Some(("f.csv", "3:100")), &["r1", "r2"])
+            .unwrap()
+            .unwrap();
+        assert!(store.checkpoints("landing").unwrap().is_empty());
+        assert_eq!(store.open_cursors("landing").unwrap()["f.csv"], "3:100");
+        store.finish_run(runs[0], State::Success, None).unwrap();
+        assert!(store.checkpoints("landing").unwrap().is_empty());
+        store
+            .finish_run(runs[1], State::Failed, Some("boom"))
+            .unwrap();
+        assert_eq!(store.checkpoints("landing").unwrap()["f.csv"], "3:100");
+        assert!(store.open_cursors("landing").unwrap().is_empty());
+        // An event no rule wants checkpoints at once.
+        store
+            .raise(&event("b"), Some(("g.csv", "1:1")), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.checkpoints("landing").unwrap()["g.csv"], "1:1");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn state_survives_reopening_and_migrations_run_once() {
+        let (dir, store) = temp_db("reopen");
+        let runs = store.raise(&event("a"), None, &["r1"]).unwrap().unwrap();
+        store.set_run(runs[0], State::Started).unwrap();
+        store
+            .set_step(
+                runs[0],
+                "get",
+                State::Success,
+                1,
+                None,
+                Some(&json!({"bytes": 3})),
+            )
+            .unwrap();
+        drop(store);
+        let store = Store::open(&dir.join("state.db")).unwrap();
+        let open = store.open_runs().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].event.payload, json!({"n": "a"}));
+        let steps = store.steps(runs[0]).unwrap();
+        assert_eq!(steps["get"].state, State::Success);
+        assert_eq!(steps["get"].result, Some(json!({"bytes": 3})));
+        let listed = store.runs(Some("r1"), Some(State::Started), 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].steps[0].name, "get");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn events_are_read_back_after_an_id() {
+        let (dir, store) = temp_db("after");
+        for id in ["a", "b", "c"] {
+            store.raise(&event(id), None, &[]).unwrap();
+        }
+        let ids = |v: Vec<(i64, Event)>| v.into_iter().map(|(_, e)| e.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store
+                .events_after("landing", None, None, 10)
+                .unwrap()
+                .unwrap()),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            ids(store
+                .events_after("landing", Some("a"), None, 10)
+                .unwrap()
+                .unwrap()),
+            ["b", "c"]
+        );
+        assert!(store
+            .events_after("landing", Some("zz"), None, 10)
+            .unwrap()
+            .is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
