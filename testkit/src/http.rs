@@ -8,14 +8,34 @@ use crate::PATIENCE;
 
 /// A plain HTTP/1.1 GET on loopback: the status code and the body.
 pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(address, "GET", path, &[], b"")
+}
+
+/// A plain HTTP/1.1 request on loopback with these headers and body: the status code and
+/// the body of the answer.
+pub fn http_request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let mut socket = TcpStream::connect(address)?;
     socket.set_read_timeout(Some(PATIENCE))?;
-    write!(
-        socket,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response)?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    socket.write_all(head.as_bytes())?;
+    // A server may answer (413) before taking the whole body: a write error then is fine.
+    let _ = socket.write_all(body);
+    let mut response = Vec::new();
+    let _ = socket.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
     let status = response
         .split(' ')
         .nth(1)

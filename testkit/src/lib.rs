@@ -22,10 +22,10 @@ mod proxy;
 mod server;
 pub use driver::{connection_error, exchange_raw, read_frames_until_close, Client, Pulled};
 pub use fake::{default_accept, FakeServer};
-pub use http::{http_get, prometheus_sample, scrape_sample};
+pub use http::{http_get, http_request, prometheus_sample, scrape_sample};
 pub use process::{
-    entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_serve, stderr_of,
-    ChildGuard, Served,
+    entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_run, spawn_serve,
+    spawn_serve_with, stderr_of, ChildGuard, Running, Served,
 };
 pub use proxy::Proxy;
 pub use server::{builtin_registry, push_registry, start_server, start_with, test_config};

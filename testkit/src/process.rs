@@ -61,9 +61,75 @@ pub fn rss_of(pid: u32) -> u64 {
 /// Starts `nexus serve` on free ports (the protocol and the admin endpoint, unless `env`
 /// says otherwise) and waits until it listens.
 pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
+    spawn_serve_with(binary, &[], env)
+}
+
+/// [`spawn_serve`] with more arguments after `serve`.
+pub fn spawn_serve_with(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+    let args: Vec<&str> = ["serve"].iter().chain(args).copied().collect();
+    let (child, rx, log_lines, log) = spawn_logged(binary, &args, env);
+    let mut admin = None;
+    let address = loop {
+        let (is_admin, text) = rx
+            .recv_timeout(PATIENCE)
+            .expect("nexus serve never said where it listens");
+        let parsed: SocketAddr = text.parse().expect("a socket address in the log");
+        if is_admin {
+            admin = Some(parsed);
+        } else {
+            break parsed;
+        }
+    };
+    Served {
+        child,
+        address,
+        admin,
+        log_lines,
+        log,
+    }
+}
+
+/// A `nexus run` process started by [`spawn_run`].
+pub struct Running {
+    /// The process (killed on drop).
+    pub child: ChildGuard,
+    /// Where its admin endpoint listens.
+    pub admin: SocketAddr,
+    /// The first 10,000 lines of its log.
+    pub log: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+/// Starts `nexus run ARGS` with its admin endpoint on a free port and waits until it serves.
+pub fn spawn_run(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
+    let args: Vec<&str> = ["run"].iter().chain(args).copied().collect();
+    let (child, rx, _, log) = spawn_logged(binary, &args, env);
+    loop {
+        let (is_admin, text) = rx
+            .recv_timeout(PATIENCE)
+            .expect("nexus run never said where its admin endpoint listens");
+        if is_admin {
+            return Running {
+                child,
+                admin: text.parse().expect("a socket address in the log"),
+                log,
+            };
+        }
+    }
+}
+
+type Logged = (
+    ChildGuard,
+    std::sync::mpsc::Receiver<(bool, String)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+);
+
+/// Starts `nexus ARGS` on free ports, its stderr read for its whole life (and the
+/// addresses it names sent on the channel: `(is_admin, address)`).
+fn spawn_logged(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Logged {
     use std::io::BufRead;
     let mut child = std::process::Command::new(binary)
-        .arg("serve")
+        .args(args)
         .env("BURST_NEXUS_SERVER_PORT", "0")
         .env("BURST_NEXUS_ADMIN_ADDRESS", "127.0.0.1:0")
         .env("RUST_LOG", "info")
@@ -106,25 +172,7 @@ pub fn spawn_serve(binary: &Path, env: &[(&str, &str)]) -> Served {
             }
         }
     });
-    let mut admin = None;
-    let address = loop {
-        let (is_admin, text) = rx
-            .recv_timeout(PATIENCE)
-            .expect("nexus serve never said where it listens");
-        let parsed: SocketAddr = text.parse().expect("a socket address in the log");
-        if is_admin {
-            admin = Some(parsed);
-        } else {
-            break parsed;
-        }
-    };
-    Served {
-        child: guard,
-        address,
-        admin,
-        log_lines,
-        log,
-    }
+    (guard, rx, log_lines, log)
 }
 
 /// Runs `nexus pull ARGS` with these extra environment variables (and no inherited

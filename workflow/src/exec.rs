@@ -448,6 +448,18 @@ fn command(
         .stderr(Stdio::piped());
     // Its own process group: a timeout kills the command and whatever it started.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe; it allocates nothing and touches no lock. It makes the
+    // command die with the thread that started it: a workflow killed with SIGKILL leaves no
+    // command running on, to race with the one its resumed run starts.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     if let Some(dir) = dir {
         cmd.current_dir(dir);
     }

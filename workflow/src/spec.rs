@@ -642,6 +642,9 @@ fn compile_rule(
     if r.steps.is_empty() {
         problems.push(format!("{at}.steps: a rule needs at least one step"));
     }
+    // Problems of the steps themselves stop the check before templates (they need a sound
+    // step graph); problems of the filter and the rule do not.
+    let rule_problems = problems.len();
     let mut steps = Vec::new();
     let mut names = BTreeSet::new();
     for (i, s) in r.steps.iter().enumerate() {
@@ -667,12 +670,15 @@ fn compile_rule(
             }
         }
     }
-    if !problems.is_empty() {
+    if problems.len() > rule_problems {
         return Err(problems);
     }
     let steps = match order_steps(steps) {
         Ok(steps) => steps,
-        Err(cycle) => return Err(vec![format!("{at}.steps: `after` makes a cycle: {cycle}")]),
+        Err(cycle) => {
+            problems.push(format!("{at}.steps: `after` makes a cycle: {cycle}"));
+            return Err(problems);
+        }
     };
     // Templates: each variable must exist: event fields against the sensor's schema, step
     // results only of steps that run before.
