@@ -470,7 +470,7 @@ fn a_scrape_has_error_codes_process_metrics_first_byte_and_wire_bytes() {
     assert!(scrape.contains("process_cpu_seconds_total "), "{scrape}");
 }
 
-/// Every metric the binary can export: the server's, then the client's.
+/// Every metric the binary can export: the server's, the client's, then the workflow's.
 fn metric_rows() -> impl Iterator<
     Item = &'static (
         &'static str,
@@ -483,6 +483,7 @@ fn metric_rows() -> impl Iterator<
     nexus_server::telemetry::METRICS
         .iter()
         .chain(nexus_client::telemetry::METRICS)
+        .chain(nexus_workflow::telemetry::METRICS)
 }
 
 fn metric_markdown() -> String {

@@ -105,9 +105,14 @@ fn a_landed_file_is_pulled_piped_into_a_command_verified_and_followed() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir_all(&inbox).unwrap();
     std::fs::create_dir_all(&out_dir).unwrap();
+    let uploads = dir.path().join("uploads");
+    std::fs::create_dir_all(&uploads).unwrap();
     let server = spawn_serve(
         Path::new(NEXUS),
-        &[("BURST_NEXUS_SERVER_ROOT", inbox.to_str().unwrap())],
+        &[
+            ("BURST_NEXUS_SERVER_ROOT", inbox.to_str().unwrap()),
+            ("BURST_NEXUS_SERVER_UPLOAD_ROOT", uploads.to_str().unwrap()),
+        ],
     );
     let endpoint = server.address.to_string();
     let rules = write_rules(
@@ -133,6 +138,11 @@ after = ["get"]
 command = {{ run = ["sh", "-c", "cat > \"$NEXUS_PAYLOAD_NAME.piped\"; echo \"$NEXUS_EVENT_ID $NEXUS_RULE\" > \"$NEXUS_PAYLOAD_NAME.env\""], dir = "{out}", stdin = {{ endpoint = "{endpoint}", paradata = "file:{{{{ event.payload.relative }}}}" }} }}
 
 [[rules.fetch.steps]]
+name = "copy"
+after = ["get"]
+push = {{ file = "{{{{ steps.get.path }}}}", endpoint = "{endpoint}", sink = "file:copies/{{{{ event.payload.name }}}}" }}
+
+[[rules.fetch.steps]]
 name = "verify"
 after = ["get"]
 checksum = {{ endpoint = "{endpoint}", paradata = "file:{{{{ event.payload.relative }}}}", digest = "{{{{ steps.get.digest }}}}" }}
@@ -150,7 +160,7 @@ command = {{ run = ["sh", "-c", "echo \"$1\" >> {out}/followed", "-", "{{{{ even
         ),
     );
     let db = dir.path().join("state.db");
-    let _run = spawn_run(
+    let running = spawn_run(
         Path::new(NEXUS),
         &[&rules],
         &[("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())],
@@ -194,6 +204,17 @@ command = {{ run = ["sh", "-c", "echo \"$1\" >> {out}/followed", "-", "{{{{ even
     );
     // No part file is left behind.
     assert!(!out_dir.join("data.bin.nexus-part").exists());
+    assert_eq!(
+        std::fs::read(uploads.join("copies/data.bin")).unwrap(),
+        data
+    );
+    // Each stream a step moved (three pulls and a push) is an event of `streams`.
+    assert!(
+        scrape_sample(
+            running.admin,
+            "nexus_workflow_events_total{sensor=\"streams\",result=\"accepted\"}"
+        ) >= 4.0
+    );
 }
 
 #[test]
@@ -252,6 +273,8 @@ command = {{ run = ["sh", "-c", "if [ \"$NEXUS_PAYLOAD_NAME\" = slow ]; then ech
     });
     std::fs::write(&gate, b"").unwrap();
     wait_until("the resumed run", || read(&log).contains("created slow"));
+    std::fs::write(inbox.join("new"), b"a longer text").unwrap();
+    wait_until("the update", || read(&log).contains("updated new"));
     wait_until("every run to end", || {
         runs(&db).iter().all(|r| r["state"] == "success")
     });
@@ -264,7 +287,8 @@ command = {{ run = ["sh", "-c", "if [ \"$NEXUS_PAYLOAD_NAME\" = slow ]; then ech
             "created known",
             "created new",
             "created slow",
-            "deleted known"
+            "deleted known",
+            "updated new",
         ],
         "each change once: no duplicate from the replay"
     );
@@ -274,7 +298,7 @@ command = {{ run = ["sh", "-c", "if [ \"$NEXUS_PAYLOAD_NAME\" = slow ]; then ech
         .unwrap();
     assert_eq!(resumed["state"], "success");
     assert_eq!(resumed["steps"][0]["attempts"], 2, "{resumed}");
-    assert_eq!(runs(&db).len(), 4);
+    assert_eq!(runs(&db).len(), 5);
 }
 
 #[test]
@@ -558,4 +582,15 @@ command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_MISSED >> {log}"] }}
         .lock()
         .iter()
         .any(|l| l.contains("Ticks fell while the process was down")));
+}
+
+/// The example in deploy/ (and WORKFLOW.md's pointer to it) stays a valid rules file.
+#[test]
+fn the_deploy_example_passes_the_check() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/workflow/rules.example.toml"
+    );
+    let out = nexus(&["run", "--check", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
 }

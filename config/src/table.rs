@@ -297,7 +297,7 @@ pub const PROPERTIES: &[Property] = &[
         SocketAddress,
         "127.0.0.1:1271",
         "",
-        "Admin HTTP endpoint (/metrics, /healthz, /readyz) of `nexus serve`; empty: none.",
+        "Admin HTTP endpoint (/metrics, /healthz, /readyz; with a workflow also /runs and POST /sensors/NAME) of `nexus serve` and `nexus run`; empty: none.",
     ),
     p(
         "burst.nexus.log.format",

@@ -228,8 +228,10 @@ fn pull(
             .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
     }
     let part = part_path(&path);
+    // A file: stream continues the part file an earlier try left, as `nexus pull --resume`
+    // does; any other stream starts again.
     let options = TransferOptions {
-        resume_output: true,
+        resume_output: paradata.starts_with("file:"),
         keep_partial: true,
         ..TransferOptions::default()
     };

@@ -42,24 +42,37 @@ pub(crate) fn spawn(
     }
 }
 
-/// Raises, retrying a state write that failed until it succeeds or the workflow stops: an
-/// event a sensor saw is not dropped.
-fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>) {
+/// Raises, retrying a state write that failed (with backoff) for up to the sensor's
+/// timeout. False when it could not be recorded: a timer counts the tick as missed, a file
+/// sensor starts again with a rescan (which raises it again).
+fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>) -> bool {
+    let timeout = shared
+        .plan
+        .sensors
+        .get(&event.sensor)
+        .map_or(Duration::from_secs(30), |s| s.timeout);
+    let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(100);
     loop {
         match shared.raise(event.clone(), cursor) {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(crate::RaiseError::Store(e)) => {
                 telemetry::sensor_error(&event.sensor);
+                if Instant::now() + wait > deadline {
+                    tracing::error!(sensor = %event.sensor, event = %event.id, error = %e,
+                                    timeout_ms = timeout.as_millis() as u64,
+                                    "Cannot record an event within the sensor's timeout.");
+                    return false;
+                }
                 tracing::warn!(sensor = %event.sensor, error = %e, "Cannot record an event; trying again.");
                 if shared.stop.wait(wait) {
-                    return;
+                    return false;
                 }
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
             Err(e) => {
                 tracing::error!(sensor = %event.sensor, error = %e, "A sensor raised an event its schema refuses.");
-                return;
+                return true;
             }
         }
     }
@@ -73,7 +86,10 @@ fn next_tick(kind: &SensorKind, after_ms: i64) -> Option<i64> {
         }
         SensorKind::Cron { schedule, .. } => {
             let after = chrono::DateTime::from_timestamp_millis(after_ms)?;
-            schedule.after(&after).next().map(|t| t.timestamp_millis())
+            schedule
+                .find_next_occurrence(&after, false)
+                .ok()
+                .map(|t| t.timestamp_millis())
         }
         _ => None,
     }
@@ -147,7 +163,9 @@ fn ticks(shared: &Shared, name: &str) {
                 );
                 for (i, t) in fell.iter().enumerate() {
                     let m = if i == 0 { skipped } else { 0 };
-                    raise_tick(shared, name, *t, m);
+                    if !raise_tick(shared, name, *t, m) {
+                        missed += 1;
+                    }
                 }
             }
         }
@@ -162,8 +180,11 @@ fn ticks(shared: &Shared, name: &str) {
         if now < next {
             continue;
         }
-        raise_tick(shared, name, next, missed);
-        missed = 0;
+        if raise_tick(shared, name, next, missed) {
+            missed = 0;
+        } else {
+            missed += 1;
+        }
         // A tick that came too late to keep up (a suspended VM) skips the ones that fell.
         loop {
             match next_tick(&sensor.kind, next) {
@@ -181,11 +202,11 @@ fn ticks(shared: &Shared, name: &str) {
     }
 }
 
-fn raise_tick(shared: &Shared, name: &str, at: i64, missed: u64) {
+fn raise_tick(shared: &Shared, name: &str, at: i64, missed: u64) -> bool {
     let payload = json!({"scheduled": rfc3339(at), "scheduled_ms": at, "missed": missed});
     let event = Event::now(name, format!("tick-{at}"), payload);
     let value = at.to_string();
-    raise(shared, event, Some(("tick", &value)));
+    raise(shared, event, Some(("tick", &value)))
 }
 
 /// What the sensor knows of one file: `SIZE:MTIME_MS`, or `deleted`.
@@ -207,6 +228,8 @@ struct Watch<'a> {
     inotify: Inotify,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     known: HashMap<String, String>,
+    /// How long a scan (the first, or of a new directory) may take: the sensor's timeout.
+    timeout: Duration,
 }
 
 const MASK: WatchMask = WatchMask::CREATE
@@ -220,11 +243,29 @@ const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::ONLYDIR);
 
 impl Watch<'_> {
+    /// Watches `dir` (and, recursive, what is under it) and marks what it holds as changed,
+    /// within the sensor's timeout.
+    fn scan(&mut self, dir: &Path, changed: &mut HashMap<String, Instant>) -> std::io::Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        self.add_dir(dir, changed, deadline)
+    }
+
     fn add_dir(
         &mut self,
         dir: &Path,
         changed: &mut HashMap<String, Instant>,
+        deadline: Instant,
     ) -> std::io::Result<()> {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "scanning {} took longer than the sensor's timeout ({} ms)",
+                    dir.display(),
+                    self.timeout.as_millis()
+                ),
+            ));
+        }
         let wd = self.inotify.watches().add(dir, MASK)?;
         self.dirs.insert(wd, dir.to_path_buf());
         // What is in it already (it may have filled before the watch was added).
@@ -236,7 +277,7 @@ impl Watch<'_> {
             };
             if kind.is_dir() {
                 if self.recursive {
-                    self.add_dir(&path, changed)?;
+                    self.add_dir(&path, changed, deadline)?;
                 }
             } else if kind.is_file() {
                 if let Some(rel) = self.relative(&path) {
@@ -254,8 +295,9 @@ impl Watch<'_> {
             .map(str::to_string)
     }
 
-    /// Raises the event of one settled file, if it changed.
-    fn settle(&mut self, rel: &str) {
+    /// Raises the event of one settled file, if it changed; an error when it could not be
+    /// recorded (the caller starts again with a rescan, which finds the change again).
+    fn settle(&mut self, rel: &str) -> std::io::Result<()> {
         let path = self.root.join(rel);
         let meta = std::fs::symlink_metadata(&path)
             .ok()
@@ -266,7 +308,7 @@ impl Watch<'_> {
             (None | Some("deleted"), Some(_)) => "created",
             (Some(b), Some(_)) if b != now => "updated",
             (Some(b), None) if b != "deleted" => "deleted",
-            _ => return,
+            _ => return Ok(()),
         };
         let (size, mtime) = match &meta {
             Some(m) => (m.len(), m.modified().map_or(0, unix_ms)),
@@ -287,12 +329,14 @@ impl Watch<'_> {
         let payload = json!({"change": change, "path": path, "relative": rel, "name": name,
                              "size": size, "mtime_ms": mtime});
         let id = format!("{change}:{rel}:{size}:{mtime}");
-        raise(
-            self.shared,
-            Event::now(self.name, id, payload),
-            Some((rel, &now)),
-        );
+        let event = Event::now(self.name, id, payload);
+        if !raise(self.shared, event, Some((rel, &now))) {
+            return Err(std::io::Error::other(format!(
+                "the event of {rel:?} was not recorded"
+            )));
+        }
         self.known.insert(rel.to_string(), now);
+        Ok(())
     }
 }
 
@@ -334,6 +378,11 @@ fn watch_once(
     recursive: bool,
     debounce: Duration,
 ) -> std::io::Result<()> {
+    let sensor_timeout = shared
+        .plan
+        .sensors
+        .get(name)
+        .map_or(Duration::from_secs(30), |s| s.timeout);
     let io = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
     let mut known = shared.store.checkpoints(name).map_err(io)?;
     known.extend(shared.store.open_cursors(name).map_err(io)?);
@@ -345,11 +394,12 @@ fn watch_once(
         inotify: Inotify::init()?,
         dirs: HashMap::new(),
         known,
+        timeout: sensor_timeout,
     };
     // Watch first, then scan: nothing changes unseen between the two. Every file present
     // and every file known (it may be gone) is looked at once.
     let mut changed: HashMap<String, Instant> = HashMap::new();
-    w.add_dir(root, &mut changed)?;
+    w.scan(root, &mut changed)?;
     let long_ago = Instant::now()
         .checked_sub(debounce)
         .unwrap_or_else(Instant::now);
@@ -369,7 +419,7 @@ fn watch_once(
             .collect();
         for rel in due {
             changed.remove(&rel);
-            w.settle(&rel);
+            w.settle(&rel)?;
         }
         let wait = changed
             .values()
@@ -420,7 +470,7 @@ fn watch_once(
             let path = dir.join(file);
             if mask.contains(EventMask::ISDIR) {
                 if recursive && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-                    w.add_dir(&path, &mut changed)?;
+                    w.scan(&path, &mut changed)?;
                 }
                 if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
                     // Files known under a directory that went away.
@@ -436,6 +486,53 @@ fn watch_once(
             if let Some(rel) = w.relative(&path) {
                 changed.insert(rel, Instant::now());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(text: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn timer_ticks_are_aligned_to_the_interval() {
+        let kind = SensorKind::Timer {
+            every: Duration::from_millis(1000),
+            missed: Missed::Skip,
+        };
+        assert_eq!(next_tick(&kind, 1500), Some(2000));
+        assert_eq!(next_tick(&kind, 2000), Some(3000));
+    }
+
+    #[test]
+    fn cron_ticks_follow_the_schedule_with_or_without_seconds() {
+        for text in ["0 */5 * * * *", "*/5 * * * *"] {
+            let schedule = croner::Cron::new(text)
+                .with_seconds_optional()
+                .parse()
+                .unwrap();
+            let kind = SensorKind::Cron {
+                schedule: Box::new(schedule),
+                missed: Missed::Skip,
+            };
+            let after = ms("2026-01-01T00:01:00Z");
+            assert_eq!(
+                next_tick(&kind, after),
+                Some(ms("2026-01-01T00:05:00Z")),
+                "{text}"
+            );
+            let at = ms("2026-01-01T00:05:00Z");
+            assert_eq!(
+                next_tick(&kind, at),
+                Some(ms("2026-01-01T00:10:00Z")),
+                "{text}"
+            );
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -37,7 +36,7 @@ pub struct SensorSpec {
     pub kind: String,
     /// timer: the interval (`30s`, `5m`).
     pub every: Option<String>,
-    /// cron: `sec min hour day-of-month month day-of-week [year]`, UTC.
+    /// cron: `[sec] min hour day-of-month month day-of-week`, UTC.
     pub schedule: Option<String>,
     /// timer and cron: `skip` (default) or `catch_up` for ticks missed while down.
     pub missed: Option<String>,
@@ -281,7 +280,7 @@ pub enum SensorKind {
     /// A cron schedule (UTC).
     Cron {
         /// The schedule.
-        schedule: Box<cron::Schedule>,
+        schedule: Box<croner::Cron>,
         /// Missed ticks.
         missed: Missed,
     },
@@ -520,10 +519,13 @@ fn compile_sensor(name: &str, s: &SensorSpec) -> Result<Sensor, String> {
             let text = s
                 .schedule
                 .as_ref()
-                .ok_or("a cron sensor needs schedule = \"sec min hour dom month dow\"")?;
-            let schedule = cron::Schedule::from_str(text).map_err(|e| {
-                format!("schedule {text:?}: {e} (fields: sec min hour day-of-month month day-of-week [year], UTC)")
-            })?;
+                .ok_or("a cron sensor needs schedule = \"[sec] min hour dom month dow\"")?;
+            let schedule = croner::Cron::new(text)
+                .with_seconds_optional()
+                .parse()
+                .map_err(|e| {
+                    format!("schedule {text:?}: {e} (fields: [second] minute hour day-of-month month day-of-week, UTC)")
+                })?;
             SensorKind::Cron {
                 schedule: Box::new(schedule),
                 missed: missed()?,
