@@ -275,14 +275,20 @@ async fn route(shared: &Shared, request: Request<Incoming>) -> Response<Full<Byt
         }
         Err(e) => return reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
     };
-    let (status, content_type, text) = routes.respond(RouteRequest {
+    let request = RouteRequest {
         method: parts.method,
         path,
         query: parts.uri.query().map(str::to_string),
         headers: parts.headers,
         body,
-    });
-    reply(status, content_type, text)
+    };
+    // On the runtime's blocking pool: an embedder's answer may touch a disk (a database
+    // write with fsync), and probes and scrapes must not wait behind it.
+    let routes = Arc::clone(routes);
+    match tokio::task::spawn_blocking(move || routes.respond(request)).await {
+        Ok((status, content_type, text)) => reply(status, content_type, text),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
+    }
 }
 
 fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {

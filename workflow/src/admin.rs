@@ -130,11 +130,17 @@ impl WorkflowRoutes {
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if id.as_ref().is_some_and(|i| i.is_empty() || i.len() > 200) {
+        // Printable ASCII without `?` and `&`: the id must fit in `events:NAME?after=ID`.
+        let fits = |i: &str| {
+            (1..=200).contains(&i.len())
+                && i.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'&')
+        };
+        if id.as_deref().is_some_and(|i| !fits(i)) {
             return (
                 StatusCode::BAD_REQUEST,
                 TEXT,
-                "Idempotency-Key: 1 to 200 characters\n".into(),
+                "Idempotency-Key: 1 to 200 printable ASCII characters, no '?' or '&'\n".into(),
             );
         }
         match self.workflow.raise(name, id, payload) {

@@ -181,6 +181,21 @@ pub fn output_path(paradata: &str, output: &str) -> Result<PathBuf, Failure> {
     Ok(Path::new(output).join(name))
 }
 
+/// Refuses a filled-in path with a `..` component: a payload (an HTTP caller's, say) must
+/// not steer a step's output out of the directory its rule names.
+fn no_parent_steps(key: &str, path: &Path) -> Result<(), Failure> {
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Failure::permanent(format!(
+            "{key} {} has a '..' component",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn part_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".nexus-part");
@@ -223,6 +238,7 @@ fn pull(
     output: &str,
 ) -> Result<Value, Failure> {
     let path = output_path(paradata, output)?;
+    no_parent_steps("pull.output", &path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
@@ -463,6 +479,7 @@ fn command(
         });
     }
     if let Some(dir) = dir {
+        no_parent_steps("command.dir", Path::new(dir))?;
         cmd.current_dir(dir);
     }
     match (stream, file) {
@@ -571,6 +588,17 @@ mod tests {
             Path::new("/out/b.csv")
         );
         assert!(output_path("file:a/", "/out/").is_err());
+    }
+
+    #[test]
+    fn a_filled_in_path_may_not_climb_out() {
+        assert!(no_parent_steps("k", Path::new("/out/a/b.csv")).is_ok());
+        let e = no_parent_steps("pull.output", Path::new("/out/../etc/passwd")).unwrap_err();
+        assert!(!e.retryable);
+        assert_eq!(
+            e.message,
+            "pull.output /out/../etc/passwd has a '..' component"
+        );
     }
 
     #[test]

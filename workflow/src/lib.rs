@@ -245,7 +245,7 @@ impl Workflow {
                     tracing::warn!(run = run.id, rule = %run.rule, "{message}; the run fails.");
                     shared
                         .store
-                        .finish_run(run.id, State::Failed, Some(&message))
+                        .finish_run(run.id, State::Failed, Some(&message), None)
                         .map_err(io)?;
                 }
             }
@@ -388,30 +388,40 @@ impl Shared {
         event: Event,
         cursor: Option<(&str, &str)>,
     ) -> Result<Raised, RaiseError> {
-        let Some(sensor) = self.plan.sensors.get(&event.sensor) else {
-            return Err(RaiseError::UnknownSensor(event.sensor));
-        };
-        if let Err(message) = sensor.schema.validate(&event.payload) {
-            telemetry::event(&event.sensor, "invalid");
-            return Err(RaiseError::Invalid {
-                sensor: event.sensor,
-                message,
-            });
-        }
-        let rules: Vec<&Rule> = self
-            .plan
-            .rules
-            .values()
-            .filter(|r| r.on == event.sensor && r.matches(&event.payload))
-            .collect();
+        let rules = self.matching(&event)?;
         let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
         let runs = self
             .store
             .raise(&event, cursor, &names)
             .map_err(|e| RaiseError::Store(e.to_string()))?;
+        Ok(self.dispatch(event, &rules, runs))
+    }
+
+    /// Checks `event` against its sensor's schema; the rules it starts.
+    fn matching(&self, event: &Event) -> Result<Vec<&Rule>, RaiseError> {
+        let Some(sensor) = self.plan.sensors.get(&event.sensor) else {
+            return Err(RaiseError::UnknownSensor(event.sensor.clone()));
+        };
+        if let Err(message) = sensor.schema.validate(&event.payload) {
+            telemetry::event(&event.sensor, "invalid");
+            return Err(RaiseError::Invalid {
+                sensor: event.sensor.clone(),
+                message,
+            });
+        }
+        Ok(self
+            .plan
+            .rules
+            .values()
+            .filter(|r| r.on == event.sensor && r.matches(&event.payload))
+            .collect())
+    }
+
+    /// Queues the runs an event recorded in the state started (`None`: it was a duplicate).
+    fn dispatch(&self, event: Event, rules: &[&Rule], runs: Option<Vec<i64>>) -> Raised {
         let Some(runs) = runs else {
             telemetry::event(&event.sensor, "duplicate");
-            return Ok(Raised::Duplicate { id: event.id });
+            return Raised::Duplicate { id: event.id };
         };
         telemetry::event(&event.sensor, "accepted");
         {
@@ -428,7 +438,7 @@ impl Shared {
                 });
             }
         }
-        Ok(Raised::New { id: event.id, runs })
+        Raised::New { id: event.id, runs }
     }
 
     /// A stream ended: a `streams` event.
@@ -543,15 +553,23 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
         }
         (State::Failed, Some(failed.join("; ")))
     };
-    store.finish_run(run.id, state, error.as_deref())?;
-    telemetry::run_ended(&rule.name, state);
+    // The run's own event (sensor `runs`) is written with its end, in one transaction.
     let steps: serde_json::Map<String, Value> = results.into_iter().collect();
     let payload = json!({"rule": rule.name, "run": run.id, "event": run.event.id,
                          "sensor": run.event.sensor, "state": state.as_str(), "error": error,
                          "steps": steps});
-    if let Err(e) = shared.raise(Event::now("runs", format!("run-{}", run.id), payload), None) {
-        tracing::warn!(error = %e, "A run's completion event was not recorded.");
-    }
+    let follow = Event::now("runs", format!("run-{}", run.id), payload);
+    let followers = match shared.matching(&follow) {
+        Ok(rules) => rules,
+        Err(e) => {
+            tracing::error!(error = %e, "A run's completion event does not fit its schema.");
+            Vec::new()
+        }
+    };
+    let names: Vec<&str> = followers.iter().map(|r| r.name.as_str()).collect();
+    let runs = store.finish_run(run.id, state, error.as_deref(), Some((&follow, &names)))?;
+    telemetry::run_ended(&rule.name, state);
+    shared.dispatch(follow, &followers, runs);
     match &error {
         None => {
             tracing::info!(run = run.id, rule = %rule.name, event = %run.event.id, "Run succeeded.")

@@ -269,42 +269,9 @@ impl Store {
     ) -> Result<Option<Vec<i64>>, StoreError> {
         let mut db = self.db.lock();
         let tx = db.transaction().map_err(|e| self.fail(e))?;
-        let inserted = tx
-            .execute(
-                "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, cursor_key, cursor_value, done)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    event.sensor,
-                    event.id,
-                    event.time_ms,
-                    event.payload.to_string(),
-                    cursor.map(|c| c.0),
-                    cursor.map(|c| c.1),
-                    i64::from(rules.is_empty()),
-                ],
-            )
-            .map_err(|e| self.fail(e))?;
-        if inserted == 0 {
-            return Ok(None);
-        }
-        let seq = tx.last_insert_rowid();
-        let now = unix_ms(std::time::SystemTime::now());
-        let mut runs = Vec::new();
-        for rule in rules {
-            tx.execute(
-                "INSERT INTO runs (rule, event_seq, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
-                params![rule, seq, now],
-            )
-            .map_err(|e| self.fail(e))?;
-            runs.push(tx.last_insert_rowid());
-        }
-        if rules.is_empty() {
-            if let Some((key, value)) = cursor {
-                set_checkpoint(&tx, &event.sensor, key, value).map_err(|e| self.fail(e))?;
-            }
-        }
+        let runs = insert_event(&tx, event, cursor, rules).map_err(|e| self.fail(e))?;
         tx.commit().map_err(|e| self.fail(e))?;
-        Ok(Some(runs))
+        Ok(runs)
     }
 
     /// A sensor's checkpoints (key to value).
@@ -457,13 +424,16 @@ impl Store {
     }
 
     /// Ends a run, and, when it was its event's last open run, marks the event done and
-    /// advances the sensor's checkpoint, all in one transaction.
+    /// advances the sensor's checkpoint, all in one transaction. With `follow`, that same
+    /// transaction records the run's own event (`runs`) and the runs it starts, as
+    /// [`raise`](Self::raise) does: a crash cannot lose the rules that follow this one.
     pub fn finish_run(
         &self,
         run: i64,
         state: State,
         error: Option<&str>,
-    ) -> Result<(), StoreError> {
+        follow: Option<(&Event, &[&str])>,
+    ) -> Result<Option<Vec<i64>>, StoreError> {
         let mut db = self.db.lock();
         let tx = db.transaction().map_err(|e| self.fail(e))?;
         let now = unix_ms(std::time::SystemTime::now());
@@ -488,8 +458,14 @@ impl Store {
         if open == 0 {
             finish_event(&tx, seq).map_err(|e| self.fail(e))?;
         }
+        let followed = match follow {
+            Some((event, rules)) => {
+                insert_event(&tx, event, None, rules).map_err(|e| self.fail(e))?
+            }
+            None => None,
+        };
         tx.commit().map_err(|e| self.fail(e))?;
-        Ok(())
+        Ok(followed)
     }
 
     /// Runs, newest first, optionally of one rule and in one state; at most `limit`.
@@ -611,6 +587,48 @@ impl Store {
     }
 }
 
+/// Inserts `event` (ignored when the sensor has its id: `None`) and a queued run per rule;
+/// an event no rule wants is done at once and its cursor applied.
+fn insert_event(
+    tx: &rusqlite::Transaction<'_>,
+    event: &Event,
+    cursor: Option<(&str, &str)>,
+    rules: &[&str],
+) -> rusqlite::Result<Option<Vec<i64>>> {
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, cursor_key, cursor_value, done)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            event.sensor,
+            event.id,
+            event.time_ms,
+            event.payload.to_string(),
+            cursor.map(|c| c.0),
+            cursor.map(|c| c.1),
+            i64::from(rules.is_empty()),
+        ],
+    )?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    let seq = tx.last_insert_rowid();
+    let now = unix_ms(std::time::SystemTime::now());
+    let mut runs = Vec::new();
+    for rule in rules {
+        tx.execute(
+            "INSERT INTO runs (rule, event_seq, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
+            params![rule, seq, now],
+        )?;
+        runs.push(tx.last_insert_rowid());
+    }
+    if rules.is_empty() {
+        if let Some((key, value)) = cursor {
+            set_checkpoint(tx, &event.sensor, key, value)?;
+        }
+    }
+    Ok(Some(runs))
+}
+
 fn set_checkpoint(
     tx: &rusqlite::Transaction<'_>,
     sensor: &str,
@@ -679,10 +697,12 @@ mod tests {
             .unwrap();
         assert!(store.checkpoints("landing").unwrap().is_empty());
         assert_eq!(store.open_cursors("landing").unwrap()["f.csv"], "3:100");
-        store.finish_run(runs[0], State::Success, None).unwrap();
+        store
+            .finish_run(runs[0], State::Success, None, None)
+            .unwrap();
         assert!(store.checkpoints("landing").unwrap().is_empty());
         store
-            .finish_run(runs[1], State::Failed, Some("boom"))
+            .finish_run(runs[1], State::Failed, Some("boom"), None)
             .unwrap();
         assert_eq!(store.checkpoints("landing").unwrap()["f.csv"], "3:100");
         assert!(store.open_cursors("landing").unwrap().is_empty());
