@@ -341,16 +341,7 @@ fn local_size(file: &str) -> Option<u64> {
 
 /// The paradata the first server gets: the user's, plus the rest of the chain.
 fn first_paradata(job: &Job, quorum: Option<usize>) -> String {
-    if job.chain.is_empty() {
-        return job.paradata.clone();
-    }
-    let mut text = job.paradata.clone();
-    text.push(if text.contains('?') { '&' } else { '?' });
-    text.push_str(&format!("replicas={}", job.chain.join(",")));
-    if let Some(q) = quorum.filter(|q| *q <= job.chain.len()) {
-        text.push_str(&format!("&quorum={q}"));
-    }
-    text
+    nexus_client::replication::replicated_paradata(&job.paradata, &job.chain, quorum)
 }
 
 fn push_one(operation: &Operation, job: &Job, quorum: Option<usize>, sent: &AtomicU64) -> Done {
@@ -508,21 +499,15 @@ fn replicas(job: &Job, done: &Done) -> Vec<Value> {
         .collect();
     let index_of = |endpoint: &str| job.chain.iter().position(|r| r == endpoint).map(|i| i + 1);
     if done.digest.is_some() {
-        all[0]["state"] = "committed".into();
-        all[0]["message"] = "".into();
-        for line in done.report.as_deref().unwrap_or("").lines() {
-            let mut parts = line.splitn(3, ' ');
-            let (Some(endpoint), Some(state)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let Some(i) = index_of(endpoint) else {
-                continue;
-            };
-            let message = parts.next().unwrap_or("");
-            all[i]["state"] = if state == "ok" { "committed" } else { state }.into();
-            all[i]["message"] = message.into();
-        }
-        return all;
+        let states = nexus_client::replication::replica_states(
+            &job.endpoint,
+            &job.chain,
+            done.report.as_deref(),
+        );
+        return states
+            .into_iter()
+            .map(|s| json!({"endpoint": s.endpoint, "state": s.state, "message": s.message}))
+            .collect();
     }
     // The push failed: no replica keeps anything. Name the one that failed.
     let (code, mut message) = match &done.error {

@@ -594,3 +594,111 @@ fn the_deploy_example_passes_the_check() {
     let out = nexus(&["run", "--check", path]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
 }
+
+/// A push step to replicas: under a quorum it succeeds with a dead replica and lists each
+/// replica's state; without one (all must commit) the dead replica fails it.
+#[test]
+fn a_push_step_replicates_and_holds_its_quorum() {
+    let dir = TempDir::new("wf-replicas");
+    let servers: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let root = dir.path().join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            spawn_serve(
+                Path::new(NEXUS),
+                &[
+                    ("BURST_NEXUS_SERVER_ROOT", root.to_str().unwrap()),
+                    ("BURST_NEXUS_SERVER_UPLOAD_ROOT", root.to_str().unwrap()),
+                ],
+            )
+        })
+        .collect();
+    // A replica that is not there: a port that was free a moment ago.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let local = dir.path().join("local.bin");
+    let data = write_pattern_file(&local, 1 << 20, 5);
+    let (a, b) = (servers[0].address, servers[1].address);
+    let rules = write_rules(
+        dir.path(),
+        &format!(
+            r#"
+[sensors.hook]
+kind = "http"
+schema = {{ type = "object", required = ["name", "quorum"], properties = {{ name = {{ type = "string", pattern = "^[a-z]+$" }}, quorum = {{ type = "boolean" }} }} }}
+
+[rules.quorum]
+on = "hook"
+filter = {{ quorum = true }}
+
+[[rules.quorum.steps]]
+name = "copy"
+retries = 0
+push = {{ file = "{local}", endpoint = "{a}", sink = "file:{{{{ event.payload.name }}}}", replicas = ["{b}", "{dead}"], quorum = 2 }}
+
+[rules.all]
+on = "hook"
+filter = {{ quorum = false }}
+
+[[rules.all.steps]]
+name = "copy"
+retries = 0
+push = {{ file = "{local}", endpoint = "{a}", sink = "file:{{{{ event.payload.name }}}}", replicas = ["{b}", "{dead}"] }}
+"#,
+            local = local.display()
+        ),
+    );
+    let db = dir.path().join("state.db");
+    let run = spawn_run(
+        Path::new(NEXUS),
+        &[&rules],
+        &[("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())],
+    );
+    for body in [
+        r#"{"name": "q", "quorum": true}"#,
+        r#"{"name": "all", "quorum": false}"#,
+    ] {
+        let (status, answer) =
+            http_request(run.admin, "POST", "/sensors/hook", &[], body.as_bytes()).unwrap();
+        assert_eq!(status, 202, "{answer}");
+    }
+    wait_until("both runs to end", || {
+        let all = runs(&db);
+        all.len() == 2
+            && all
+                .iter()
+                .all(|r| r["state"] == "success" || r["state"] == "failed")
+    });
+    let all = runs(&db);
+    let quorum = runs_of(&all, "quorum")[0];
+    assert_eq!(quorum["state"], "success", "{quorum}");
+    let states: Vec<&str> = quorum["steps"][0]["result"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states[..2], ["committed", "committed"]);
+    assert_ne!(states[2], "committed");
+    for name in ["a", "b"] {
+        assert_eq!(
+            std::fs::read(dir.path().join(name).join("q")).unwrap(),
+            data
+        );
+    }
+    let every = runs_of(&all, "all")[0];
+    assert_eq!(every["state"], "failed", "{every}");
+    assert!(
+        every["error"].as_str().unwrap().contains(&dead.to_string()),
+        "{every}"
+    );
+    for name in ["a", "b"] {
+        assert!(
+            !dir.path().join(name).join("all").exists(),
+            "nothing kept on {name}"
+        );
+    }
+}

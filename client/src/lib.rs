@@ -21,6 +21,7 @@ mod config;
 mod conn;
 mod operation;
 mod push;
+pub mod replication;
 mod resume;
 mod stream;
 pub mod telemetry;

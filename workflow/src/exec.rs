@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
+use nexus_client::replication;
 use nexus_client::transfer::{
     parse_endpoint, Entry, EntryState, Output, Transfer, TransferOptions,
 };
@@ -330,17 +331,10 @@ fn push(
         .ok()
         .filter(|m| m.is_file())
         .map(|m| m.len());
-    let mut paradata = sink.to_string();
-    if !replicas.is_empty() {
-        for r in replicas {
-            parse_endpoint(r).map_err(|e| Failure::permanent(format!("replica {r:?}: {e}")))?;
-        }
-        paradata.push(if paradata.contains('?') { '&' } else { '?' });
-        paradata.push_str(&format!("replicas={}", replicas.join(",")));
-        if let Some(q) = quorum {
-            paradata.push_str(&format!("&quorum={q}"));
-        }
+    for r in replicas {
+        parse_endpoint(r).map_err(|e| Failure::permanent(format!("replica {r:?}: {e}")))?;
     }
+    let paradata = replication::replicated_paradata(sink, replicas, quorum);
     let op = cx.client.operation(OperationOptions::default());
     let cancel = op.clone();
     let _watch = Watchdog::start(cx.stop, cx.deadline, move || cancel.cancel_all());
@@ -364,10 +358,33 @@ fn push(
         endpoint,
     ));
     match &ended.outcome {
-        Outcome::Complete(c) => Ok(
-            json!({"bytes": c.bytes, "digest": format!("{:016x}", c.digest),
-                                           "report": ended.report}),
-        ),
+        Outcome::Complete(c) => {
+            // Under a quorum the first server completes even when replicas behind it failed:
+            // the step succeeds only when enough of them committed.
+            let states = replication::replica_states(
+                &endpoint.to_string(),
+                replicas,
+                ended.report.as_deref(),
+            );
+            let committed = states.iter().filter(|s| s.state == "committed").count();
+            let needed = quorum.unwrap_or(states.len()).min(states.len());
+            let listed: Vec<Value> = states
+                .iter()
+                .map(|s| json!({"endpoint": s.endpoint, "state": s.state, "message": s.message}))
+                .collect();
+            if committed < needed {
+                // Not retried: the servers that committed hold the file now (create-only),
+                // so a second try could only find it there.
+                return Err(Failure::permanent(format!(
+                    "push {file} to {paradata}: {committed} of {} replicas committed; {needed} needed",
+                    states.len()
+                )));
+            }
+            Ok(
+                json!({"bytes": c.bytes, "digest": format!("{:016x}", c.digest),
+                      "replicas": listed}),
+            )
+        }
         Outcome::Error { code, .. } if *code == ErrorCode::ALREADY_EXISTS && cx.tried_before => {
             Ok(json!({"bytes": size, "digest": null, "already_committed": true}))
         }
