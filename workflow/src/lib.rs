@@ -332,9 +332,10 @@ impl Workflow {
         Ok(found)
     }
 
-    /// Records a stream that ended on this node's server as a `streams` event.
-    pub fn stream_ended(&self, payload: Value) {
-        self.shared.streamed(payload);
+    /// Records streams that ended on this node's server as `streams` events, in one
+    /// transaction.
+    pub fn streams_ended(&self, payloads: Vec<Value>) {
+        self.shared.streamed_many(payloads);
     }
 
     /// Whether [`stop`](Self::stop) was called.
@@ -443,9 +444,33 @@ impl Shared {
 
     /// A stream ended: a `streams` event.
     pub(crate) fn streamed(&self, payload: Value) {
-        let id = random_id();
-        if let Err(e) = self.raise(Event::now("streams", id, payload), None) {
-            tracing::warn!(error = %e, "A stream's completion event was not recorded.");
+        self.streamed_many(vec![payload]);
+    }
+
+    /// Streams ended: `streams` events, recorded in one transaction.
+    pub(crate) fn streamed_many(&self, payloads: Vec<Value>) {
+        let mut batch: Vec<(Event, Vec<&Rule>)> = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let event = Event::now("streams", random_id(), payload);
+            match self.matching(&event) {
+                Ok(rules) => batch.push((event, rules)),
+                Err(e) => tracing::warn!(error = %e, "A stream's completion event was refused."),
+            }
+        }
+        let rows: Vec<(Event, Vec<&str>)> = batch
+            .iter()
+            .map(|(e, rules)| (e.clone(), rules.iter().map(|r| r.name.as_str()).collect()))
+            .collect();
+        match self.store.raise_many(&rows) {
+            Ok(results) => {
+                for ((event, rules), runs) in batch.into_iter().zip(results) {
+                    self.dispatch(event, &rules, runs);
+                }
+            }
+            Err(e) => {
+                telemetry::sensor_error("streams");
+                tracing::warn!(error = %e, events = rows.len(), "Stream completion events were not recorded.");
+            }
         }
     }
 }

@@ -127,6 +127,22 @@ impl Source for EventsSource {
     }
 }
 
+/// Most stream ends recorded in one transaction.
+const MAX_BATCH: usize = 4096;
+
+fn payload_of(ended: StreamEnded) -> serde_json::Value {
+    json!({
+        "direction": if ended.push { "push" } else { "pull" },
+        "side": "server",
+        "outcome": ended.outcome,
+        "error": ended.error,
+        "bytes": ended.bytes,
+        "digest": ended.digest.map(|d| format!("{d:016x}")),
+        "paradata": ended.paradata,
+        "peer": ended.peer.to_string(),
+    })
+}
+
 /// A watcher for [`Registry::watch_streams`](nexus_server::Registry::watch_streams): each
 /// stream that ends becomes a `streams` event (`side = "server"`). It only queues the report;
 /// a workflow thread writes the event.
@@ -136,21 +152,16 @@ pub fn stream_watcher(workflow: &Arc<Workflow>) -> StreamWatcher {
     let spawned = std::thread::Builder::new()
         .name("nexus-sensor-streams".into())
         .spawn(move || {
-            for ended in rx {
+            // Whatever queued up while the last batch was written goes in the next one:
+            // one transaction (one sync) per batch, however many streams end.
+            while let Ok(first) = rx.recv() {
                 let Some(workflow) = weak.upgrade() else {
                     return;
                 };
-                let payload = json!({
-                    "direction": if ended.push { "push" } else { "pull" },
-                    "side": "server",
-                    "outcome": ended.outcome,
-                    "error": ended.error,
-                    "bytes": ended.bytes,
-                    "digest": ended.digest.map(|d| format!("{d:016x}")),
-                    "paradata": ended.paradata,
-                    "peer": ended.peer.to_string(),
-                });
-                workflow.stream_ended(payload);
+                let batch: Vec<StreamEnded> = std::iter::once(first)
+                    .chain(rx.try_iter().take(MAX_BATCH - 1))
+                    .collect();
+                workflow.streams_ended(batch.into_iter().map(payload_of).collect());
             }
         });
     if let Err(e) = spawned {
