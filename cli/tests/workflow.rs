@@ -388,6 +388,21 @@ command = { run = ["true"] }
         ),
         1.0
     );
+    // The state is an SQLite file an operator reads with sqlite3, while nexus runs.
+    let out = Command::new("sqlite3")
+        .args([
+            "-readonly",
+            db.to_str().unwrap(),
+            "SELECT rule || '|' || state FROM runs; PRAGMA journal_mode; PRAGMA user_version;",
+        ])
+        .output()
+        .expect("sqlite3 (scripts/test installs it)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "r|success\nwal\n1\n",
+        "{}",
+        stderr_of(&out)
+    );
     // nexus runs filters too.
     let out = nexus(&[
         "runs",
