@@ -22,6 +22,9 @@
 //! | `push-file` (in `push`) | the same into the `file:` sink (fsync, rename) | the same pull |
 //! | `replication` | a push along a chain of 3 servers, links capped by `tc tbf` in network namespaces | one push to one server over the same links |
 //! | `replication-fanout` (in `replication`) | 3 pushes from the client at once | the same single push |
+//! | `workflow-streams` (in `workflow`) | 4 KiB streams/s from `nexus serve --rules` (each end an event) | the same from `nexus serve` |
+//! | `workflow-events` (in `workflow`) | `POST /sensors/NAME` per second, each starting a run | `GET /healthz` on the same connection |
+//! | `workflow-latency` (in `workflow`) | a POST to its run's end on a live `events:runs` stream | - (p50, p99) |
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
 //! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--json-out FILE]
@@ -35,6 +38,7 @@ mod baselines;
 mod procs;
 mod push;
 mod report;
+mod workflow;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -147,7 +151,7 @@ fn main() {
     std::fs::create_dir_all(&options.scratch).expect("scratch directory");
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 12] = [
+    let scenarios: [(&str, Scenario); 13] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -160,6 +164,7 @@ fn main() {
         ("small", small),
         ("push", push::push),
         ("replication", push::replication),
+        ("workflow", workflow::workflow),
     ];
     for (name, run) in scenarios {
         if options.wants(name) {

@@ -332,9 +332,9 @@ impl Workflow {
         Ok(found)
     }
 
-    /// Records streams that ended on this node's server as `streams` events, in one
-    /// transaction.
-    pub fn streams_ended(&self, payloads: Vec<Value>) {
+    /// Records streams that ended on this node's server as `streams` events (payloads as
+    /// JSON text valid against the `streams` schema), in one transaction.
+    pub fn streams_ended(&self, payloads: Vec<String>) {
         self.shared.streamed_many(payloads);
     }
 
@@ -369,6 +369,20 @@ impl Drop for Workflow {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A unique id for events that have no natural one (`streams`): the process's start time
+/// and a counter, so no system call per event and no repeat across restarts.
+fn unique_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    format!("{epoch:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 fn random_id() -> String {
@@ -444,32 +458,75 @@ impl Shared {
 
     /// A stream ended: a `streams` event.
     pub(crate) fn streamed(&self, payload: Value) {
-        self.streamed_many(vec![payload]);
+        self.streamed_many(vec![payload.to_string()]);
     }
 
-    /// Streams ended: `streams` events, recorded in one transaction.
-    pub(crate) fn streamed_many(&self, payloads: Vec<Value>) {
-        let mut batch: Vec<(Event, Vec<&Rule>)> = Vec::with_capacity(payloads.len());
-        for payload in payloads {
-            let event = Event::now("streams", random_id(), payload);
-            match self.matching(&event) {
-                Ok(rules) => batch.push((event, rules)),
-                Err(e) => tracing::warn!(error = %e, "A stream's completion event was refused."),
-            }
-        }
-        let rows: Vec<(Event, Vec<&str>)> = batch
-            .iter()
-            .map(|(e, rules)| (e.clone(), rules.iter().map(|r| r.name.as_str()).collect()))
+    /// Streams ended: `streams` events (payloads as JSON text, made from typed values by
+    /// this crate), recorded in one transaction. A payload is parsed only when a rule
+    /// listens to `streams`: the cost per stream end stays an id, a row and its share of
+    /// one sync.
+    pub(crate) fn streamed_many(&self, payloads: Vec<String>) {
+        let listening: Vec<&Rule> = self
+            .plan
+            .rules
+            .values()
+            .filter(|r| r.on == "streams")
             .collect();
-        match self.store.raise_many(&rows) {
-            Ok(results) => {
-                for ((event, rules), runs) in batch.into_iter().zip(results) {
-                    self.dispatch(event, &rules, runs);
+        let time_ms = event::unix_ms(std::time::SystemTime::now());
+        let mut rows: Vec<(String, String, Vec<&str>)> = Vec::with_capacity(payloads.len());
+        let mut parsed: Vec<Option<(Value, Vec<&Rule>)>> = Vec::with_capacity(payloads.len());
+        for text in payloads {
+            let mut wanted = None;
+            if !listening.is_empty() {
+                let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let rules: Vec<&Rule> = listening
+                    .iter()
+                    .copied()
+                    .filter(|r| r.matches(&value))
+                    .collect();
+                if !rules.is_empty() {
+                    wanted = Some((value, rules));
                 }
             }
+            let names = wanted
+                .as_ref()
+                .map(|(_, rules)| rules.iter().map(|r| r.name.as_str()).collect())
+                .unwrap_or_default();
+            rows.push((unique_id(), text, names));
+            parsed.push(wanted);
+        }
+        let results = match self.store.raise_many("streams", time_ms, &rows) {
+            Ok(results) => results,
             Err(e) => {
                 telemetry::sensor_error("streams");
                 tracing::warn!(error = %e, events = rows.len(), "Stream completion events were not recorded.");
+                return;
+            }
+        };
+        telemetry::events("streams", "accepted", rows.len() as u64);
+        {
+            *self.appended.0.lock() += 1;
+            self.appended.1.notify_all();
+        }
+        for (((id, _, _), wanted), runs) in rows.into_iter().zip(parsed).zip(results) {
+            let (Some((payload, rules)), Some(runs)) = (wanted, runs) else {
+                continue;
+            };
+            let event = Event {
+                id,
+                sensor: "streams".into(),
+                time_ms,
+                payload,
+            };
+            for (rule, run) in rules.iter().zip(&runs) {
+                telemetry::run_queued(&rule.name);
+                if let Some(queue) = self.queues.get(&rule.name) {
+                    let _ = queue.send(store::OpenRun {
+                        id: *run,
+                        rule: rule.name.clone(),
+                        event: event.clone(),
+                    });
+                }
             }
         }
     }

@@ -294,17 +294,19 @@ impl Store {
         self.durable(|tx| insert_event(tx, event, cursor, rules))
     }
 
-    /// Records many events without cursors in one transaction (one sync for all): the
-    /// `streams` sensor under a flood of short streams. Each gets what [`raise`](Self::raise)
-    /// would return for it.
+    /// Records many events of one sensor, without cursors, in one transaction (one sync for
+    /// all): the `streams` sensor under a flood of short streams. Each is (id, payload as
+    /// JSON text, rules) and gets what [`raise`](Self::raise) would return for it.
     pub fn raise_many(
         &self,
-        events: &[(Event, Vec<&str>)],
+        sensor: &str,
+        time_ms: i64,
+        events: &[(String, String, Vec<&str>)],
     ) -> Result<Vec<Option<Vec<i64>>>, StoreError> {
         self.durable(|tx| {
             let mut out = Vec::with_capacity(events.len());
-            for (event, rules) in events {
-                out.push(insert_event(tx, event, None, rules)?);
+            for (id, payload, rules) in events {
+                out.push(insert_row(tx, sensor, id, time_ms, payload, None, rules)?);
             }
             Ok(out)
         })
@@ -620,19 +622,42 @@ fn insert_event(
     cursor: Option<(&str, &str)>,
     rules: &[&str],
 ) -> rusqlite::Result<Option<Vec<i64>>> {
-    let inserted = tx.execute(
-        "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, cursor_key, cursor_value, done)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            event.sensor,
-            event.id,
-            event.time_ms,
-            event.payload.to_string(),
+    let payload = event.payload.to_string();
+    insert_row(
+        tx,
+        &event.sensor,
+        &event.id,
+        event.time_ms,
+        &payload,
+        cursor,
+        rules,
+    )
+}
+
+fn insert_row(
+    tx: &rusqlite::Transaction<'_>,
+    sensor: &str,
+    id: &str,
+    time_ms: i64,
+    payload: &str,
+    cursor: Option<(&str, &str)>,
+    rules: &[&str],
+) -> rusqlite::Result<Option<Vec<i64>>> {
+    // Cached statements: the streams sensor inserts thousands of these a second.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, cursor_key, cursor_value, done)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            sensor,
+            id,
+            time_ms,
+            payload,
             cursor.map(|c| c.0),
             cursor.map(|c| c.1),
             i64::from(rules.is_empty()),
-        ],
-    )?;
+        ])?;
     if inserted == 0 {
         return Ok(None);
     }
@@ -640,15 +665,15 @@ fn insert_event(
     let now = unix_ms(std::time::SystemTime::now());
     let mut runs = Vec::new();
     for rule in rules {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO runs (rule, event_seq, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
-            params![rule, seq, now],
-        )?;
+        )?
+        .execute(params![rule, seq, now])?;
         runs.push(tx.last_insert_rowid());
     }
     if rules.is_empty() {
         if let Some((key, value)) = cursor {
-            set_checkpoint(tx, &event.sensor, key, value)?;
+            set_checkpoint(tx, sensor, key, value)?;
         }
     }
     Ok(Some(runs))

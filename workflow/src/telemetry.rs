@@ -97,8 +97,12 @@ pub fn describe() {
 }
 
 pub(crate) fn event(sensor: &str, result: &'static str) {
+    events(sensor, result, 1);
+}
+
+pub(crate) fn events(sensor: &str, result: &'static str, n: u64) {
     metrics::counter!(names::EVENTS, "sensor" => sensor.to_string(), "result" => result)
-        .increment(1);
+        .increment(n);
 }
 
 pub(crate) fn run_queued(rule: &str) {
