@@ -34,6 +34,17 @@ checksum = { endpoint = "ADDRESS", paradata = "synthetic:4KiB" }
 
 /// `nexus serve`, with `--rules` (its probe rule pulling from `endpoint`) when asked.
 fn server(options: &Options, rules: bool, tag: &str, endpoint: &str) -> Served {
+    server_with(options, rules, tag, endpoint, "all")
+}
+
+/// [`server`] with `burst.nexus.workflow.streams.events` set to `streams_events`.
+fn server_with(
+    options: &Options,
+    rules: bool,
+    tag: &str,
+    endpoint: &str,
+    streams_events: &str,
+) -> Served {
     let dir = options.scratch.join(format!("workflow-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch");
@@ -47,6 +58,7 @@ fn server(options: &Options, rules: bool, tag: &str, endpoint: &str) -> Served {
             options.scratch.to_str().expect("utf-8"),
         ),
         ("BURST_NEXUS_WORKFLOW_STATE", state.to_str().expect("utf-8")),
+        ("BURST_NEXUS_WORKFLOW_STREAMS_EVENTS", streams_events),
     ];
     let args: Vec<&str> = if rules {
         vec!["--rules", path.to_str().expect("utf-8")]
@@ -144,12 +156,16 @@ pub(crate) fn workflow(options: &Options) -> Vec<Record> {
 
     // Stream ends as events: the data plane's cost of --rules.
     let total = if options.quick { 20_000 } else { 100_000 };
-    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut with, mut without, mut unwatched) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..options.runs {
         // No POST reaches these: the rule's endpoint is never used.
         let plain = server(options, false, "plain", "127.0.0.1:1");
         without.push(small_rate(plain.address, total));
         drop(plain);
+        // streams.events = rules and no rule on streams: the server does not watch.
+        let quiet = server_with(options, true, "quiet", "127.0.0.1:1", "rules");
+        unwatched.push(small_rate(quiet.address, total));
+        drop(quiet);
         let ruled = server(options, true, "rules", "127.0.0.1:1");
         with.push(small_rate(ruled.address, total));
         let admin = ruled.admin.expect("admin endpoint");
@@ -172,17 +188,23 @@ pub(crate) fn workflow(options: &Options) -> Vec<Record> {
             lag
         );
     }
-    let (w, p) = (median(with.clone()), median(without.clone()));
+    let (w, p, u) = (
+        median(with.clone()),
+        median(without.clone()),
+        median(unwatched.clone()),
+    );
     let note = format!(
-        "{w:.0} streams/s with --rules (every end an event) vs {p:.0}/s plain: {:.2}x ({total} x 4 KiB, 64 in flight)",
-        w / p
+        "{w:.0} streams/s with --rules (every end an event) vs {p:.0}/s plain: {:.2}x; with streams.events=rules and no rule on streams {u:.0}/s: {:.2}x ({total} x 4 KiB, 64 in flight)",
+        w / p,
+        u / p
     );
     eprintln!("workflow-streams: {note}");
     records.push(Record {
         scenario: "workflow-streams".into(),
         baseline: Some("nexus serve without rules".into()),
         pairs: Vec::new(),
-        extra: json!({"with_rules_per_s": with, "plain_per_s": without, "ratio": w / p}),
+        extra: json!({"with_rules_per_s": with, "plain_per_s": without, "unwatched_per_s": unwatched,
+                      "ratio": w / p, "unwatched_ratio": u / p}),
         note: Some(note),
     });
 

@@ -396,7 +396,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         registry.register(nexus_workflow::serve::EventsSource::new(Arc::clone(
             workflow,
         )));
-        registry.watch_streams(nexus_workflow::serve::stream_watcher(workflow));
+        if workflow.wants_stream_ends() {
+            registry.watch_streams(nexus_workflow::serve::stream_watcher(workflow));
+        }
     }
     let routes = match &workflow {
         Some(w) => match run::routes(&values, w) {

@@ -399,7 +399,7 @@ command = { run = ["true"] }
         .expect("sqlite3 (scripts/test installs it)");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "r|success\nwal\n1\n",
+        "r|success\nwal\n2\n",
         "{}",
         stderr_of(&out)
     );
@@ -716,4 +716,55 @@ push = {{ file = "{local}", endpoint = "{a}", sink = "file:{{{{ event.payload.na
             "nothing kept on {name}"
         );
     }
+}
+
+/// With `burst.nexus.workflow.streams.events = rules`, only the stream ends a rule wants
+/// become events.
+#[test]
+fn only_the_stream_ends_a_rule_wants_are_recorded_when_asked() {
+    let dir = TempDir::new("wf-streams-rules");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for name in ["a.bin", "b.bin"] {
+        write_pattern_file(&root.join(name), 1000, 1);
+    }
+    let rules = write_rules(
+        dir.path(),
+        r#"
+[rules.b]
+on = "streams"
+filter = { paradata = "file:b.bin", outcome = "complete" }
+
+[[rules.b.steps]]
+name = "s"
+command = { run = ["true"] }
+"#,
+    );
+    let db = dir.path().join("state.db");
+    let server = spawn_serve_with(
+        Path::new(NEXUS),
+        &["--rules", &rules],
+        &[
+            ("BURST_NEXUS_SERVER_ROOT", root.to_str().unwrap()),
+            ("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap()),
+            ("BURST_NEXUS_WORKFLOW_STREAMS_EVENTS", "rules"),
+        ],
+    );
+    let endpoint = server.address.to_string();
+    for name in ["a.bin", "b.bin"] {
+        let out = nexus(&[
+            "pull",
+            &endpoint,
+            &format!("file:{name}"),
+            "-o",
+            "/dev/null",
+            "-q",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    }
+    wait_until("the rule on b.bin to run", || {
+        runs(&db).iter().any(|r| r["state"] == "success")
+    });
+    let series = "nexus_workflow_events_total{sensor=\"streams\",result=\"accepted\"}";
+    assert_eq!(scrape_sample(server.admin.unwrap(), series), 1.0);
 }

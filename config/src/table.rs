@@ -419,6 +419,20 @@ pub const PROPERTIES: &[Property] = &[
         "Longest one try of a workflow step, unless the step sets timeout.",
     ),
     p(
+        "burst.nexus.workflow.retention.ms",
+        Millis,
+        "604800000",
+        "ms",
+        "How long the workflow keeps events that ended, with their runs and steps (open ones stay whatever their age); deleted every 10 minutes.",
+    ),
+    p(
+        "burst.nexus.workflow.streams.events",
+        Choice,
+        "all",
+        "",
+        "Which stream ends become events of the streams sensor: all (the event log sees every one), or rules (only those a rule's filter matches; with no rule on streams, nexus serve --rules does not watch its streams at all).",
+    ),
+    p(
         "burst.nexus.workflow.http.body.max",
         Size,
         "1MiB",

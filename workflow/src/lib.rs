@@ -58,6 +58,32 @@ pub struct WorkflowConfig {
     pub step_timeout: Duration,
     /// Largest body `POST /sensors/NAME` takes (`burst.nexus.workflow.http.body.max`).
     pub http_body_max: u64,
+    /// How long ended events, their runs and steps are kept
+    /// (`burst.nexus.workflow.retention.ms`).
+    pub retention: Duration,
+    /// Which stream ends become `streams` events (`burst.nexus.workflow.streams.events`).
+    pub streams_events: StreamsEvents,
+}
+
+/// Which stream ends become events of the `streams` sensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamsEvents {
+    /// Every one: the event log (and `events:streams`) sees all of them.
+    All,
+    /// Only those a rule's filter matches; with no rule on `streams`, the server does not
+    /// even watch its streams (no cost on the data path).
+    Rules,
+}
+
+impl std::str::FromStr for StreamsEvents {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "all" => Ok(StreamsEvents::All),
+            "rules" => Ok(StreamsEvents::Rules),
+            _ => Err(format!("{text:?}: all or rules")),
+        }
+    }
 }
 
 impl Default for WorkflowConfig {
@@ -69,6 +95,8 @@ impl Default for WorkflowConfig {
             step_backoff: Duration::from_millis(1000),
             step_timeout: Duration::from_secs(3600),
             http_body_max: 1 << 20,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            streams_events: StreamsEvents::All,
         }
     }
 }
@@ -96,6 +124,14 @@ impl WorkflowConfig {
         bind!("burst.nexus.workflow.http.body.max", size, |c, v| {
             c.http_body_max = v
         }),
+        bind!("burst.nexus.workflow.retention.ms", millis, |c, v| {
+            c.retention = v
+        }),
+        bind!(
+            "burst.nexus.workflow.streams.events",
+            parse::<StreamsEvents>,
+            |c, v| c.streams_events = v
+        ),
     ];
 
     /// The configuration `values` describe.
@@ -268,6 +304,12 @@ impl Workflow {
                 threads.push(thread);
             }
         }
+        let pruner = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("nexus-workflow-prune".into())
+                .spawn(move || prune(&pruner))?,
+        );
         Ok(Workflow {
             shared,
             threads: Mutex::new(threads),
@@ -336,6 +378,13 @@ impl Workflow {
     /// JSON text valid against the `streams` schema), in one transaction.
     pub fn streams_ended(&self, payloads: Vec<String>) {
         self.shared.streamed_many(payloads);
+    }
+
+    /// Whether stream ends are wanted at all: always with `streams.events = all`, only when
+    /// a rule listens to `streams` with `rules`.
+    pub fn wants_stream_ends(&self) -> bool {
+        self.shared.config.streams_events == StreamsEvents::All
+            || self.shared.plan.rules.values().any(|r| r.on == "streams")
     }
 
     /// Whether [`stop`](Self::stop) was called.
@@ -488,12 +537,18 @@ impl Shared {
                     wanted = Some((value, rules));
                 }
             }
+            if wanted.is_none() && self.config.streams_events == StreamsEvents::Rules {
+                continue;
+            }
             let names = wanted
                 .as_ref()
                 .map(|(_, rules)| rules.iter().map(|r| r.name.as_str()).collect())
                 .unwrap_or_default();
             rows.push((unique_id(), text, names));
             parsed.push(wanted);
+        }
+        if rows.is_empty() {
+            return;
         }
         let results = match self.store.raise_many("streams", time_ms, &rows) {
             Ok(results) => results,
@@ -528,6 +583,43 @@ impl Shared {
                     });
                 }
             }
+        }
+    }
+}
+
+/// How often ended events past the retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes ended events older than the retention, with their runs and steps: at start, then
+/// every [`PRUNE_EVERY`], in transactions of at most 10,000 events.
+fn prune(shared: &Shared) {
+    loop {
+        let cut = event::unix_ms(std::time::SystemTime::now())
+            - i64::try_from(shared.config.retention.as_millis()).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        loop {
+            match shared.store.prune(cut, 10_000) {
+                Ok(n) => {
+                    removed += n;
+                    if n < 10_000 || shared.stop.is_stopped() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot delete old workflow events.");
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                retention_ms = shared.config.retention.as_millis() as u64,
+                "Deleted ended workflow events past the retention."
+            );
+        }
+        if shared.stop.wait(PRUNE_EVERY) {
+            return;
         }
     }
 }

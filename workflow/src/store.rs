@@ -62,6 +62,10 @@ const MIGRATIONS: &[&str] = &[
         result TEXT,
         PRIMARY KEY (run, name)
      );",
+    // 2: a run's event found without a scan (ending a run counts its event's open runs), and
+    // old events found by time (retention).
+    "CREATE INDEX runs_event ON runs (event_seq);
+     CREATE INDEX events_time ON events (time_ms);",
 ];
 
 /// A run's or a step's state.
@@ -495,6 +499,40 @@ impl Store {
         })
     }
 
+    /// Deletes what ended before `cut_ms` (milliseconds since the epoch): events that are
+    /// done, their runs and those runs' steps, at most `limit` events per call (a short
+    /// transaction: call again while it returns `limit`). Open events and their runs stay
+    /// whatever their age, and so do checkpoints.
+    pub fn prune(&self, cut_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.durable(|tx| {
+            tx.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS pruned (seq INTEGER PRIMARY KEY)",
+                [],
+            )?;
+            tx.execute("DELETE FROM pruned", [])?;
+            let n = tx.execute(
+                "INSERT INTO pruned SELECT seq FROM events
+                 WHERE done = 1 AND time_ms < ?1 ORDER BY time_ms LIMIT ?2",
+                params![cut_ms, limit],
+            )?;
+            tx.execute(
+                "DELETE FROM steps WHERE run IN
+                 (SELECT id FROM runs WHERE event_seq IN (SELECT seq FROM pruned))",
+                [],
+            )?;
+            tx.execute(
+                "DELETE FROM runs WHERE event_seq IN (SELECT seq FROM pruned)",
+                [],
+            )?;
+            tx.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM pruned)",
+                [],
+            )?;
+            Ok(n)
+        })
+    }
+
     /// Runs, newest first, optionally of one rule and in one state; at most `limit`.
     pub fn runs(
         &self,
@@ -791,6 +829,70 @@ mod tests {
         let listed = store.runs(Some("r1"), Some(State::Started), 10).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].steps[0].name, "get");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn retention_removes_what_ended_long_ago_and_keeps_what_is_open() {
+        let (dir, store) = temp_db("prune");
+        let old = |id: &str| Event {
+            time_ms: 1_000,
+            ..event(id)
+        };
+        let done = store.raise(&old("done"), None, &["r"]).unwrap().unwrap();
+        store
+            .set_step(done[0], "s", State::Success, 1, None, None)
+            .unwrap();
+        store
+            .finish_run(done[0], State::Success, None, None)
+            .unwrap();
+        let open = store.raise(&old("open"), None, &["r"]).unwrap().unwrap();
+        store.raise(&old("nobody"), None, &[]).unwrap().unwrap();
+        store.raise(&event("new"), None, &[]).unwrap().unwrap();
+        assert_eq!(store.prune(2_000, 1).unwrap(), 1, "one per call at most");
+        assert_eq!(store.prune(2_000, 100).unwrap(), 1);
+        assert_eq!(store.prune(2_000, 100).unwrap(), 0);
+        let left: Vec<String> = store
+            .events_after("landing", None, None, 10)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.id)
+            .collect();
+        assert_eq!(left, ["open", "new"]);
+        let runs = store.runs(None, None, 10).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].id, open[0]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_older_database_is_migrated_and_a_newer_one_refused() {
+        let (dir, store) = temp_db("migrate");
+        store.raise(&event("a"), None, &["r"]).unwrap();
+        drop(store);
+        let path = dir.join("state.db");
+        // As version 1 left it.
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch("DROP INDEX runs_event; DROP INDEX events_time; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(db);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.open_runs().unwrap().len(), 1, "the data survives");
+        drop(store);
+        let db = Connection::open(&path).unwrap();
+        let indexes: i64 = db
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('runs_event', 'events_time')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 2);
+        db.pragma_update(None, "user_version", 99).unwrap();
+        drop(db);
+        let e = Store::open(&path).unwrap_err().to_string();
+        assert!(e.contains("schema version 99 is newer"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
