@@ -644,19 +644,7 @@ fn small(options: &Options) -> Vec<Record> {
     let pct = |p: usize| ttfb[(ttfb.len() * p / 100).min(ttfb.len() - 1)].as_secs_f64() * 1e6;
     let total = if options.quick { 20_000 } else { 100_000 };
     let in_flight = 64;
-    let start = Instant::now();
-    let mut window = std::collections::VecDeque::with_capacity(in_flight);
-    for _ in 0..total {
-        if window.len() == in_flight {
-            let mut h: nexus_client::StreamHandle = window.pop_front().expect("in flight");
-            assert!(h.for_each_chunk(|_| {}).is_complete());
-        }
-        window.push_back(client.initiate(address, "synthetic:4KiB", StreamOptions::default()));
-    }
-    for mut h in window {
-        assert!(h.for_each_chunk(|_| {}).is_complete());
-    }
-    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let rate = small_streams_per_second(&client, address, total, in_flight);
     let note = format!(
         "time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential); {rate:.0} streams/s ({total}, {in_flight} in flight)",
         pct(50),
@@ -670,6 +658,29 @@ fn small(options: &Options) -> Vec<Record> {
         extra: json!({"ttfb_p50_us": pct(50), "ttfb_p99_us": pct(99), "streams_per_s": rate}),
         note: Some(note),
     }]
+}
+
+/// `total` streams of 4 KiB from `address`, `in_flight` at a time, on `client`'s pooled
+/// connection; streams per second.
+fn small_streams_per_second(
+    client: &nexus_client::Client,
+    address: SocketAddr,
+    total: usize,
+    in_flight: usize,
+) -> f64 {
+    let start = Instant::now();
+    let mut window = std::collections::VecDeque::with_capacity(in_flight);
+    for _ in 0..total {
+        if window.len() == in_flight {
+            let mut h: nexus_client::StreamHandle = window.pop_front().expect("in flight");
+            assert!(h.for_each_chunk(|_| {}).is_complete());
+        }
+        window.push_back(client.initiate(address, "synthetic:4KiB", StreamOptions::default()));
+    }
+    for mut h in window {
+        assert!(h.for_each_chunk(|_| {}).is_complete());
+    }
+    total as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Pulls streams from a server started by hand, in this process, and prints the rate.

@@ -77,20 +77,7 @@ fn small_rate(address: SocketAddr, total: usize) -> f64 {
     .expect("client");
     let mut warm = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
     assert!(warm.for_each_chunk(|_| {}).is_complete());
-    let in_flight = 64;
-    let start = Instant::now();
-    let mut window = std::collections::VecDeque::with_capacity(in_flight);
-    for _ in 0..total {
-        if window.len() == in_flight {
-            let mut h: nexus_client::StreamHandle = window.pop_front().expect("in flight");
-            assert!(h.for_each_chunk(|_| {}).is_complete());
-        }
-        window.push_back(client.initiate(address, "synthetic:4KiB", StreamOptions::default()));
-    }
-    for mut h in window {
-        assert!(h.for_each_chunk(|_| {}).is_complete());
-    }
-    total as f64 / start.elapsed().as_secs_f64()
+    crate::small_streams_per_second(&client, address, total, 64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

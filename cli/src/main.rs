@@ -372,17 +372,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     // The recorder first: what the workflow records as it starts (resumed runs) is kept.
     let stats: Arc<OnceLock<Arc<ServerStats>>> = Arc::new(OnceLock::new());
-    let render = match admin_address {
-        Some(_) => match nexus_server::admin::prometheus_with(
-            Arc::clone(&stats),
-            nexus_workflow::telemetry::HISTOGRAMS,
-        ) {
-            Ok(render) => {
-                nexus_workflow::telemetry::describe();
-                Some(render)
-            }
-            Err(e) => return fail(&e.to_string()),
-        },
+    let render = match admin_address.map(|_| run::recorder(Arc::clone(&stats))) {
+        Some(Ok(render)) => Some(render),
+        Some(Err(e)) => return fail(&e),
         None => None,
     };
     let workflow = match &args.rules {
@@ -428,14 +420,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(admin) = &admin {
         admin.set_phase(Phase::Ready);
     }
-    let signal = match signals {
-        Some(signals) => signals.wait(),
-        None => {
-            // No signals: serve until killed.
-            std::thread::park();
-            "none"
-        }
-    };
+    let signal = Signals::wait_or_park(signals);
     tracing::info!(
         signal,
         drain_ms = drain.as_millis() as u64,
@@ -533,6 +518,17 @@ impl Signals {
                 tracing::error!(error = %e, "Cannot watch for signals.");
                 None
             }
+        }
+    }
+
+    /// Blocks until SIGTERM or SIGINT and returns its name; without handlers (`None`),
+    /// until the process is killed.
+    pub(crate) fn wait_or_park(signals: Option<Signals>) -> &'static str {
+        match signals {
+            Some(signals) => signals.wait(),
+            None => loop {
+                std::thread::park();
+            },
         }
     }
 

@@ -88,6 +88,17 @@ pub(crate) fn start(values: &Values, rules: &Path) -> Result<Arc<Workflow>, Stri
     Ok(Arc::new(workflow))
 }
 
+/// Installs the process's Prometheus recorder with the server's and the workflow's
+/// metrics described (the server's published from `stats` once it is set).
+pub(crate) fn recorder(
+    stats: Arc<std::sync::OnceLock<Arc<nexus_server::ServerStats>>>,
+) -> Result<nexus_server::admin::RenderMetrics, String> {
+    let render = nexus_server::admin::prometheus_with(stats, nexus_workflow::telemetry::HISTOGRAMS)
+        .map_err(|e| e.to_string())?;
+    nexus_workflow::telemetry::describe();
+    Ok(render)
+}
+
 /// The admin routes of a running workflow.
 pub(crate) fn routes(
     values: &Values,
@@ -138,19 +149,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     // The recorder first: what the workflow records as it starts (resumed runs) is kept.
-    let render = match admin_address {
-        Some(_) => {
-            match nexus_server::admin::prometheus_with(
-                Arc::new(std::sync::OnceLock::new()),
-                nexus_workflow::telemetry::HISTOGRAMS,
-            ) {
-                Ok(render) => {
-                    nexus_workflow::telemetry::describe();
-                    Some(render)
-                }
-                Err(e) => return fail(&e.to_string()),
-            }
-        }
+    let render = match admin_address.map(|_| recorder(Arc::new(std::sync::OnceLock::new()))) {
+        Some(Ok(render)) => Some(render),
+        Some(Err(e)) => return fail(&e),
         None => None,
     };
     let workflow = match start(&values, &args.rules) {
@@ -176,13 +177,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     if let Some(admin) = &admin {
         admin.set_phase(nexus_server::admin::Phase::Ready);
     }
-    let signal = match signals {
-        Some(signals) => signals.wait(),
-        None => {
-            std::thread::park();
-            "none"
-        }
-    };
+    let signal = crate::Signals::wait_or_park(signals);
     tracing::info!(
         signal,
         "Stopping the workflow; unfinished runs resume at the next start."

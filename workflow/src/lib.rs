@@ -488,11 +488,20 @@ impl Shared {
             return Raised::Duplicate { id: event.id };
         };
         telemetry::event(&event.sensor, "accepted");
-        {
-            *self.appended.0.lock() += 1;
-            self.appended.1.notify_all();
-        }
-        for (rule, id) in rules.iter().zip(&runs) {
+        self.appended();
+        self.queue(&event, rules, &runs);
+        Raised::New { id: event.id, runs }
+    }
+
+    /// Wakes the readers of the event log (`events:`).
+    fn appended(&self) {
+        *self.appended.0.lock() += 1;
+        self.appended.1.notify_all();
+    }
+
+    /// Hands the runs `event` started (one per rule, in order) to their rules' workers.
+    fn queue(&self, event: &Event, rules: &[&Rule], runs: &[i64]) {
+        for (rule, id) in rules.iter().zip(runs) {
             telemetry::run_queued(&rule.name);
             if let Some(queue) = self.queues.get(&rule.name) {
                 let _ = queue.send(store::OpenRun {
@@ -502,7 +511,6 @@ impl Shared {
                 });
             }
         }
-        Raised::New { id: event.id, runs }
     }
 
     /// A stream ended: a `streams` event.
@@ -559,10 +567,7 @@ impl Shared {
             }
         };
         telemetry::events("streams", "accepted", rows.len() as u64);
-        {
-            *self.appended.0.lock() += 1;
-            self.appended.1.notify_all();
-        }
+        self.appended();
         for (((id, _, _), wanted), runs) in rows.into_iter().zip(parsed).zip(results) {
             let (Some((payload, rules)), Some(runs)) = (wanted, runs) else {
                 continue;
@@ -573,16 +578,7 @@ impl Shared {
                 time_ms,
                 payload,
             };
-            for (rule, run) in rules.iter().zip(&runs) {
-                telemetry::run_queued(&rule.name);
-                if let Some(queue) = self.queues.get(&rule.name) {
-                    let _ = queue.send(store::OpenRun {
-                        id: *run,
-                        rule: rule.name.clone(),
-                        event: event.clone(),
-                    });
-                }
-            }
+            self.queue(&event, &rules, &runs);
         }
     }
 }
