@@ -110,6 +110,7 @@ fn prometheus_rules_and_config_pass_promtool_and_name_real_metrics() {
     let known: Vec<&str> = nexus_server::telemetry::METRICS
         .iter()
         .chain(nexus_client::telemetry::METRICS)
+        .chain(nexus_workflow::telemetry::METRICS)
         .map(|row| row.0)
         .collect();
     let dashboard = read("deploy/grafana/nexus-dashboard.json");

@@ -768,3 +768,67 @@ command = { run = ["true"] }
     let series = "nexus_workflow_events_total{sensor=\"streams\",result=\"accepted\"}";
     assert_eq!(scrape_sample(server.admin.unwrap(), series), 1.0);
 }
+
+/// `missed = "catch_up"`: every tick that fell while the process was down is raised after
+/// the restart, so the ticks seen form one unbroken sequence.
+#[test]
+fn a_catch_up_timer_raises_every_tick_that_fell() {
+    let dir = TempDir::new("wf-catch-up");
+    let log = dir.path().join("log");
+    let rules = write_rules(
+        dir.path(),
+        &format!(
+            r#"
+[sensors.tick]
+kind = "timer"
+every = "100ms"
+missed = "catch_up"
+
+[rules.r]
+on = "tick"
+concurrency = 8
+
+[[rules.r.steps]]
+name = "s"
+command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_SCHEDULED_MS >> {log}"] }}
+"#,
+            log = log.display()
+        ),
+    );
+    let db = dir.path().join("state.db");
+    let env = [("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())];
+    let ticks = || -> Vec<i64> {
+        let mut v: Vec<i64> = read(&log)
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let run = spawn_run(Path::new(NEXUS), &[&rules], &env);
+    wait_until("a tick", || !ticks().is_empty());
+    drop(run);
+    let down = Instant::now();
+    wait_until("time to pass", || {
+        down.elapsed() >= Duration::from_millis(600)
+    });
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let _run = spawn_run(Path::new(NEXUS), &[&rules], &env);
+    // Runs end in any order: wait for a tick after the restart, then for the gaps to fill.
+    wait_until("a tick after the restart", || {
+        ticks().last().is_some_and(|t| *t > restarted)
+    });
+    wait_until("every tick between the first and the last", || {
+        let t = ticks();
+        t.windows(2).all(|w| w[1] - w[0] == 100)
+    });
+    let t = ticks();
+    assert!(
+        t.len() >= 7,
+        "at least the six that fell while down, and one after: {t:?}"
+    );
+}
