@@ -54,43 +54,14 @@ impl WorkflowRoutes {
     }
 
     fn runs(&self, query: Option<&str>) -> RouteResponse {
-        let (mut rule, mut state, mut limit) = (None, None, 100usize);
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
-                "rule" => rule = Some(value.to_string()),
-                "state" => match State::parse(value) {
-                    Some(s) => state = Some(s),
-                    None => {
-                        return (
-                            StatusCode::BAD_REQUEST,
-                            TEXT,
-                            format!(
-                                "state {value:?}: queued, started, retrying, failed or success\n"
-                            ),
-                        )
-                    }
-                },
-                "limit" => match value.parse::<usize>() {
-                    Ok(n) if (1..=MAX_LISTED).contains(&n) => limit = n,
-                    _ => {
-                        return (
-                            StatusCode::BAD_REQUEST,
-                            TEXT,
-                            format!("limit {value:?}: 1 to {MAX_LISTED}\n"),
-                        )
-                    }
-                },
-                other => {
-                    return (
-                        StatusCode::BAD_REQUEST,
-                        TEXT,
-                        format!("unknown parameter {other:?} (rule, state, limit)\n"),
-                    )
-                }
-            }
-        }
-        match self.workflow.runs(rule.as_deref(), state, limit) {
+        let wanted = match parse_runs_query(query.unwrap_or("")) {
+            Ok(wanted) => wanted,
+            Err(e) => return (StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
+        };
+        match self
+            .workflow
+            .runs(wanted.rule.as_deref(), wanted.state, wanted.limit)
+        {
             Ok(runs) => (
                 StatusCode::OK,
                 JSON,
@@ -130,13 +101,7 @@ impl WorkflowRoutes {
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        // Printable ASCII without `?` and `&`: the id must fit in `events:NAME?after=ID`.
-        let fits = |i: &str| {
-            (1..=200).contains(&i.len())
-                && i.bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'&')
-        };
-        if id.as_deref().is_some_and(|i| !fits(i)) {
+        if id.as_deref().is_some_and(|i| !idempotency_key_fits(i)) {
             return (
                 StatusCode::BAD_REQUEST,
                 TEXT,
@@ -162,6 +127,60 @@ impl WorkflowRoutes {
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
         }
     }
+}
+
+/// What `GET /runs` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunsQuery {
+    /// `rule=`.
+    pub rule: Option<String>,
+    /// `state=`.
+    pub state: Option<State>,
+    /// `limit=` (default 100, at most [`MAX_LISTED`]).
+    pub limit: usize,
+}
+
+/// Parses the query string of `GET /runs` (`rule=R&state=S&limit=N`, no `?`); the error says
+/// which parameter is wrong.
+pub fn parse_runs_query(query: &str) -> Result<RunsQuery, String> {
+    let mut wanted = RunsQuery {
+        rule: None,
+        state: None,
+        limit: 100,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "rule" => wanted.rule = Some(value.to_string()),
+            "state" => {
+                wanted.state = Some(
+                    State::parse(value)
+                        .filter(|s| *s != State::Skipped)
+                        .ok_or_else(|| {
+                            format!("state {value:?}: queued, started, retrying, failed or success")
+                        })?,
+                )
+            }
+            "limit" => {
+                wanted.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LISTED).contains(n))
+                    .ok_or_else(|| format!("limit {value:?}: 1 to {MAX_LISTED}"))?
+            }
+            other => return Err(format!("unknown parameter {other:?} (rule, state, limit)")),
+        }
+    }
+    Ok(wanted)
+}
+
+/// Whether an `Idempotency-Key` can be an event id: 1 to 200 printable ASCII characters
+/// without `?` and `&`, so that every id fits in `events:NAME?after=ID`.
+pub fn idempotency_key_fits(key: &str) -> bool {
+    (1..=200).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'&')
 }
 
 impl Routes for WorkflowRoutes {

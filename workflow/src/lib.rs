@@ -15,6 +15,10 @@
 pub mod admin;
 pub mod event;
 pub mod exec;
+/// Fuzz entry point for what the HTTP sensor reads from the network: for the fuzz target and
+/// the tests that replay its corpus, not part of the API (feature `fuzz`, or `cfg(fuzzing)`).
+#[cfg(any(fuzzing, feature = "fuzz"))]
+pub mod fuzz;
 pub mod sensor;
 pub mod serve;
 pub mod spec;
