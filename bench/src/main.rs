@@ -17,7 +17,7 @@
 //! | `zstd` | compressible file with `--zstd` | the same without |
 //! | `backends` | `single`, `mux16` on io_uring | the same on epoll |
 //! | `soak` | one long stream, RSS sampled every second | - (must stay flat) |
-//! | `small` | 4 KiB streams on a warm pooled connection | - (time to first byte) |
+//! | `small` | 4 KiB streams on a warm pooled connection: time to first byte, streams/s | a bare TCP ping-pong on loopback (the floor under time to first byte) |
 //! | `push` | `nexus push` of a page-cached file into `discard:` | `nexus pull` of the same file |
 //! | `push-file` (in `push`) | the same into the `file:` sink (fsync, rename) | the same pull |
 //! | `replication` | a push along a chain of 3 servers, links capped by `tc tbf` in network namespaces | one push to one server over the same links |
@@ -642,22 +642,62 @@ fn small(options: &Options) -> Vec<Record> {
         .collect();
     ttfb.sort();
     let pct = |p: usize| ttfb[(ttfb.len() * p / 100).min(ttfb.len() - 1)].as_secs_f64() * 1e6;
+    let mut floor = tcp_ping_pong(samples);
+    floor.sort();
+    let floor_pct =
+        |p: usize| floor[(floor.len() * p / 100).min(floor.len() - 1)].as_secs_f64() * 1e6;
     let total = if options.quick { 20_000 } else { 100_000 };
     let in_flight = 64;
     let rate = small_streams_per_second(&client, address, total, in_flight);
     let note = format!(
-        "time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential); {rate:.0} streams/s ({total}, {in_flight} in flight)",
+        "time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential); bare TCP ping-pong p50 {:.0} us, p99 {:.0} us: p50 ratio {:.2}x; {rate:.0} streams/s ({total}, {in_flight} in flight)",
         pct(50),
-        pct(99)
+        pct(99),
+        floor_pct(50),
+        floor_pct(99),
+        pct(50) / floor_pct(50)
     );
     eprintln!("small: {note}");
     vec![Record {
         scenario: "small".into(),
         baseline: None,
         pairs: Vec::new(),
-        extra: json!({"ttfb_p50_us": pct(50), "ttfb_p99_us": pct(99), "streams_per_s": rate}),
+        extra: json!({"ttfb_p50_us": pct(50), "ttfb_p99_us": pct(99), "streams_per_s": rate,
+                      "tcp_ping_pong_p50_us": floor_pct(50), "tcp_ping_pong_p99_us": floor_pct(99)}),
         note: Some(note),
     }]
+}
+
+/// The floor under time to first byte: `samples` round trips of 64 bytes over one loopback
+/// TCP connection (`TCP_NODELAY`) to an echo thread in this process, one at a time.
+fn tcp_ping_pong(samples: usize) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let address = listener.local_addr().expect("address");
+    let echo = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().expect("accept");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut buf = [0u8; 64];
+        while socket.read_exact(&mut buf).is_ok() {
+            if socket.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut socket = std::net::TcpStream::connect(address).expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    let mut buf = [7u8; 64];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples + 100 {
+        let start = Instant::now();
+        socket.write_all(&buf).expect("ping");
+        socket.read_exact(&mut buf).expect("pong");
+        times.push(start.elapsed());
+    }
+    drop(socket);
+    let _ = echo.join();
+    // The first hundred warm the path up.
+    times.split_off(100)
 }
 
 /// `total` streams of 4 KiB from `address`, `in_flight` at a time, on `client`'s pooled
