@@ -72,8 +72,9 @@ struct StreamSlot {
     inbox_bytes: Cell<usize>,
     /// A push: its ends count in the push counters.
     push: bool,
-    /// Its paradata, kept only when a stream watcher wants to hear how streams end.
-    watched: Option<String>,
+    /// Its paradata, kept only when a stream watcher wants to hear how streams end (taken
+    /// by the report at the end).
+    watched: RefCell<Option<String>>,
     /// Why it failed, for the watcher.
     failure: RefCell<Option<String>>,
     /// The digest of a complete stream, for the watcher.
@@ -91,7 +92,7 @@ impl StreamSlot {
     fn new(push: bool, watched: Option<String>) -> Rc<StreamSlot> {
         Rc::new(StreamSlot {
             push,
-            watched,
+            watched: RefCell::new(watched),
             failure: RefCell::new(None),
             digest: Cell::new(None),
             credit: Notify::new(),
@@ -104,6 +105,13 @@ impl StreamSlot {
 }
 
 impl StreamSlot {
+    /// Keeps why the stream failed, when a stream watcher will hear of it.
+    fn failed(&self, code: ErrorCode, message: &str) {
+        if self.watched.borrow().is_some() {
+            *self.failure.borrow_mut() = Some(format!("{code}: {message}"));
+        }
+    }
+
     fn halt(&self) {
         self.stopped.set(true);
         self.stop.notify_one();
@@ -484,12 +492,7 @@ impl ConnState {
             tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Stream ended before it started.");
             return;
         }
-        let watched = self
-            .shard
-            .registry
-            .watcher()
-            .map(|_| initiate.paradata.clone());
-        let slot = StreamSlot::new(false, watched);
+        let slot = StreamSlot::new(false, self.watched(&initiate.paradata));
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.streams_total, 1);
         stats::add(&self.shard.stats.streams_open, 1);
@@ -502,6 +505,11 @@ impl ConnState {
 }
 
 impl ConnState {
+    /// The paradata to keep for the stream watcher, when there is one.
+    fn watched(&self, paradata: &str) -> Option<String> {
+        self.shard.registry.watcher().map(|_| paradata.to_string())
+    }
+
     fn start_push(self: &Rc<Self>, initiate: nexus_protocol::frame::Initiate) {
         let stream = initiate.stream;
         let span = tracing::info_span!("push", stream = stream.0, operation = initiate.operation.0);
@@ -542,12 +550,7 @@ impl ConnState {
             tracing::debug!(peer = %self.peer, stream = stream.0, error = %e, "Push ended before it started.");
             return;
         }
-        let watched = self
-            .shard
-            .registry
-            .watcher()
-            .map(|_| initiate.paradata.clone());
-        let slot = StreamSlot::new(true, watched);
+        let slot = StreamSlot::new(true, self.watched(&initiate.paradata));
         self.streams.borrow_mut().insert(stream, Rc::clone(&slot));
         stats::add(&self.shard.stats.pushes_total, 1);
         stats::add(&self.shard.stats.pushes_open, 1);
@@ -668,7 +671,10 @@ async fn consume(
 
 /// Tells the registry's stream watcher, if any, how a stream ended.
 fn report_end(state: &ConnState, slot: &StreamSlot, end: End, bytes: u64) {
-    let (Some(watcher), Some(paradata)) = (state.shard.registry.watcher(), &slot.watched) else {
+    let (Some(watcher), Some(paradata)) = (
+        state.shard.registry.watcher(),
+        slot.watched.borrow_mut().take(),
+    ) else {
         return;
     };
     let closed = state.proto.borrow().is_closed();
@@ -680,7 +686,7 @@ fn report_end(state: &ConnState, slot: &StreamSlot, end: End, bytes: u64) {
     };
     watcher(crate::source::StreamEnded {
         push: slot.push,
-        paradata: paradata.clone(),
+        paradata,
         peer: state.peer,
         outcome,
         error,
@@ -691,11 +697,8 @@ fn report_end(state: &ConnState, slot: &StreamSlot, end: End, bytes: u64) {
 
 /// Keeps why a stream failed, for the stream watcher.
 fn note_failure(state: &ConnState, stream: StreamId, code: ErrorCode, message: &str) {
-    if state.shard.registry.watcher().is_none() {
-        return;
-    }
     if let Some(slot) = state.streams.borrow().get(&stream) {
-        *slot.failure.borrow_mut() = Some(format!("{code}: {message}"));
+        slot.failed(code, message);
     }
 }
 
@@ -942,9 +945,7 @@ async fn next_chunk(
             Some(Ok(data)) => break Next::Data(data),
             None => break Next::Exhausted,
             Some(Err(e)) => {
-                if slot.watched.is_some() {
-                    *slot.failure.borrow_mut() = Some(format!("{}: {}", e.code, e.message));
-                }
+                slot.failed(e.code, &e.message);
                 state.shard.stats.stream_failed(e.code);
                 if let Some(suppressed) = state.shard.peer_log() {
                     tracing::info!(peer = %state.peer, stream = stream.0, code = %e.code, reason = %Printable(&e.message), suppressed, "Stream failed in its source.");

@@ -45,6 +45,35 @@ impl Event {
     }
 }
 
+/// The payload of a `streams` event, the same from both sides (a step's stream, or one the
+/// server ended): written as JSON text straight from it, valid against `kind_schema("streams")`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamPayload {
+    /// `pull` or `push`.
+    pub direction: &'static str,
+    /// `client` (a step moved it) or `server` (this server served it).
+    pub side: &'static str,
+    /// `complete`, `error`, `cancelled` or `timed_out`.
+    pub outcome: &'static str,
+    /// Why it failed (`code: message`).
+    pub error: Option<String>,
+    /// Data bytes moved.
+    pub bytes: u64,
+    /// The xxh3-64 of a complete stream, 16 hex digits.
+    pub digest: Option<String>,
+    /// Its paradata.
+    pub paradata: String,
+    /// The other end.
+    pub peer: String,
+}
+
+impl StreamPayload {
+    /// As JSON text.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)

@@ -19,9 +19,12 @@ use nexus_client::replication;
 use nexus_client::transfer::{
     parse_endpoint, Entry, EntryState, Output, Transfer, TransferOptions,
 };
-use nexus_client::{Client, ErrorCode, OperationOptions, Outcome, PushOptions, StreamOptions};
+use nexus_client::{
+    Client, ErrorCode, Operation, OperationOptions, Outcome, PushOptions, StreamOptions,
+};
 use serde_json::{json, Value};
 
+use crate::event::StreamPayload;
 use crate::stop::{Stop, Watchdog};
 
 /// Why a try failed.
@@ -114,8 +117,8 @@ pub struct Context<'a> {
     pub env: &'a [(String, String)],
     /// Whether an earlier try of this step ran (possibly to its end, unheard).
     pub tried_before: bool,
-    /// Each stream the step moved, as a `streams` event payload.
-    pub streamed: &'a dyn Fn(Value),
+    /// Each stream the step moved, as a `streams` event payload (JSON text).
+    pub streamed: &'a dyn Fn(String),
 }
 
 fn endpoint(text: &str) -> Result<SocketAddr, Failure> {
@@ -203,33 +206,46 @@ fn part_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// An operation for a step's streams, cancelled (with `also`) when the try passes its
+/// deadline or the workflow stops, until the returned watchdog is dropped.
+fn watched_operation(
+    cx: &Context<'_>,
+    also: impl FnOnce() + Send + 'static,
+) -> (Operation, Watchdog) {
+    let op = cx.client.operation(OperationOptions::default());
+    let cancel = op.clone();
+    let watch = Watchdog::start(cx.stop, cx.deadline, move || {
+        also();
+        cancel.cancel_all();
+    });
+    (op, watch)
+}
+
+/// The `streams` payload of a stream a step moved.
 fn stream_event(
-    direction: &str,
+    direction: &'static str,
     outcome: &Outcome,
     bytes: u64,
     paradata: &str,
     peer: SocketAddr,
-) -> Value {
-    let (name, error, digest) = match outcome {
+) -> String {
+    let (outcome, error, digest) = match outcome {
         Outcome::Complete(c) => ("complete", None, Some(format!("{:016x}", c.digest))),
         Outcome::Error { code, message } => ("error", Some(format!("{code}: {message}")), None),
         Outcome::Cancelled => ("cancelled", None, None),
         Outcome::TimedOut => ("timed_out", None, None),
     };
-    stream_payload(direction, name, error, digest, bytes, paradata, peer)
-}
-
-fn stream_payload(
-    direction: &str,
-    outcome: &str,
-    error: Option<String>,
-    digest: Option<String>,
-    bytes: u64,
-    paradata: &str,
-    peer: SocketAddr,
-) -> Value {
-    json!({"direction": direction, "side": "client", "outcome": outcome, "error": error,
-           "bytes": bytes, "digest": digest, "paradata": paradata, "peer": peer.to_string()})
+    StreamPayload {
+        direction,
+        side: "client",
+        outcome,
+        error,
+        bytes,
+        digest,
+        paradata: paradata.to_string(),
+        peer: peer.to_string(),
+    }
+    .to_text()
 }
 
 fn pull(
@@ -272,15 +288,19 @@ fn pull(
         (_, Some(e)) => ("error", Some(format!("{}: {}", e.code, e.message))),
         _ => ("cancelled", None),
     };
-    (cx.streamed)(stream_payload(
-        "pull",
-        outcome,
-        error,
-        entry.digest.clone(),
-        entry.bytes,
-        paradata,
-        endpoint,
-    ));
+    (cx.streamed)(
+        StreamPayload {
+            direction: "pull",
+            side: "client",
+            outcome,
+            error,
+            bytes: entry.bytes,
+            digest: entry.digest.clone(),
+            paradata: paradata.to_string(),
+            peer: endpoint.to_string(),
+        }
+        .to_text(),
+    );
     match entry.state {
         EntryState::Complete => {
             std::fs::rename(&part, &path).map_err(|e| {
@@ -335,9 +355,7 @@ fn push(
         parse_endpoint(r).map_err(|e| Failure::permanent(format!("replica {r:?}: {e}")))?;
     }
     let paradata = replication::replicated_paradata(sink, replicas, quorum);
-    let op = cx.client.operation(OperationOptions::default());
-    let cancel = op.clone();
-    let _watch = Watchdog::start(cx.stop, cx.deadline, move || cancel.cancel_all());
+    let (op, _watch) = watched_operation(cx, || {});
     let mut handle = op.push(
         endpoint,
         &paradata,
@@ -411,9 +429,7 @@ fn checksum(
     paradata: &str,
     want: Option<&str>,
 ) -> Result<Value, Failure> {
-    let op = cx.client.operation(OperationOptions::default());
-    let cancel = op.clone();
-    let _watch = Watchdog::start(cx.stop, cx.deadline, move || cancel.cancel_all());
+    let (op, _watch) = watched_operation(cx, || {});
     let mut handle = op.initiate(endpoint, paradata, StreamOptions::default());
     let ended = handle.for_each_chunk(|_| {});
     (cx.streamed)(stream_event(
@@ -513,13 +529,10 @@ fn command(
     let pid = child.id();
     let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = Arc::clone(&killed);
-    let watch = Watchdog::start(cx.stop, cx.deadline, move || {
+    // Past the deadline (or at a stop) the command is killed and its stdin stream cancelled.
+    let (op, watch) = watched_operation(cx, move || {
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-            // The group is the child's own (process_group(0)); the child is not reaped
-            // until the watchdog is gone, so the id cannot have been reused.
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
+        kill_group(pid);
     });
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -528,13 +541,14 @@ fn command(
     let mut stream_error = None;
     if let (Some((e, paradata)), Some(mut stdin)) = (stream, child.stdin.take()) {
         let address = endpoint(e)?;
-        let op = cx.client.operation(OperationOptions::default());
         let mut handle = op.initiate(address, paradata, StreamOptions::default());
         let mut write_failed = None;
         let ended = handle.for_each_chunk(|chunk| {
             if write_failed.is_none() {
                 if let Err(e) = stdin.write_all(chunk) {
+                    // The command stopped reading: the rest of the stream is not wanted.
                     write_failed = Some(e);
+                    op.cancel_all();
                 }
             }
         });
@@ -546,17 +560,16 @@ fn command(
             paradata,
             address,
         ));
-        if !ended.is_complete() {
+        if let Some(e) = write_failed {
+            // A command that stops reading early (head) closes its stdin: not an error of
+            // ours; its exit status says whether it succeeded.
+            tracing::debug!(error = %e, "command closed its stdin early");
+        } else if !ended.is_complete() {
             stream_error = Some(format!(
                 "stdin stream {paradata} from {address}: {:?}",
                 ended.outcome
             ));
-            let _ = rustix::process::Pid::from_raw(pid as i32)
-                .map(|p| rustix::process::kill_process_group(p, rustix::process::Signal::KILL));
-        } else if let Some(e) = write_failed {
-            // A command that stops reading early (head) closes its stdin: not an error of
-            // ours; its exit status says whether it succeeded.
-            tracing::debug!(error = %e, "command closed its stdin early");
+            kill_group(pid);
         }
     }
     let status = child
@@ -587,6 +600,15 @@ fn command(
             argv[0],
             stderr.trim_end()
         ))),
+    }
+}
+
+/// Kills the process group of a command started with `process_group(0)` (its id is the
+/// child's). The child is reaped only after its watchdog is gone and this last call made, so
+/// the id cannot have been reused.
+fn kill_group(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

@@ -208,16 +208,25 @@ struct Slots {
 }
 
 impl Slots {
+    /// Takes a slot, waiting for one; false when the workflow stops first
+    /// ([`wake_all`](Self::wake_all) at the stop).
     fn acquire(&self, stop: &Stop) -> bool {
         let mut free = self.free.lock();
         while *free == 0 {
             if stop.is_stopped() {
                 return false;
             }
-            self.wake.wait_for(&mut free, Duration::from_millis(200));
+            self.wake.wait(&mut free);
         }
         *free -= 1;
         true
+    }
+
+    /// Wakes every waiter (to see the stop). The lock is taken, so a waiter that found the
+    /// workflow running is already waiting.
+    fn wake_all(&self) {
+        let _free = self.free.lock();
+        self.wake.notify_all();
     }
 
     fn release(&self) {
@@ -327,7 +336,7 @@ impl Workflow {
         id: Option<String>,
         payload: Value,
     ) -> Result<Raised, RaiseError> {
-        let id = id.unwrap_or_else(random_id);
+        let id = id.unwrap_or_else(unique_id);
         self.shared.raise(Event::now(sensor, id, payload), None)
     }
 
@@ -411,6 +420,9 @@ impl Workflow {
     pub fn stop(&self) {
         self.shared.stop.stop();
         self.shared.appended.1.notify_all();
+        for slots in self.shared.step_slots.values() {
+            slots.wake_all();
+        }
         let threads: Vec<JoinHandle<()>> = self.threads.lock().drain(..).collect();
         for thread in threads {
             let _ = thread.join();
@@ -424,8 +436,9 @@ impl Drop for Workflow {
     }
 }
 
-/// A unique id for events that have no natural one (`streams`): the process's start time
-/// and a counter, so no system call per event and no repeat across restarts.
+/// A unique id for events that have no natural one (`streams`, an HTTP event without an
+/// `Idempotency-Key`): the process's start time and a counter, so no system call per event
+/// and no repeat across restarts.
 fn unique_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -436,17 +449,6 @@ fn unique_id() -> String {
             .map_or(0, |d| d.as_nanos())
     });
     format!("{epoch:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        bytes = nanos.to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Shared {
@@ -515,11 +517,6 @@ impl Shared {
                 });
             }
         }
-    }
-
-    /// A stream ended: a `streams` event.
-    pub(crate) fn streamed(&self, payload: Value) {
-        self.streamed_many(vec![payload.to_string()]);
     }
 
     /// Streams ended: `streams` events (payloads as JSON text, made from typed values by
@@ -658,7 +655,8 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
     telemetry::run_started(&rule.name);
     let records = store.steps(run.id)?;
     let mut results: HashMap<String, Value> = HashMap::new();
-    let mut failed: Vec<String> = Vec::new();
+    // Steps that failed for good, with why.
+    let mut failed: Vec<(String, String)> = Vec::new();
     for (name, record) in &records {
         if record.state == State::Success {
             results.insert(name.clone(), record.result.clone().unwrap_or(Value::Null));
@@ -697,7 +695,7 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
             StepEnd::Success(value) => {
                 results.insert(name, value);
             }
-            StepEnd::Failed(message) => failed.push(format!("{name}: {message}")),
+            StepEnd::Failed(message) => failed.push((name, message)),
             StepEnd::Interrupted => interrupted = true,
         }
     });
@@ -710,11 +708,7 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
         (State::Success, None)
     } else {
         for step in &rule.steps {
-            if !results.contains_key(&step.name)
-                && !failed
-                    .iter()
-                    .any(|f| f.starts_with(&format!("{}: ", step.name)))
-            {
+            if !results.contains_key(&step.name) && !failed.iter().any(|(n, _)| *n == step.name) {
                 store.set_step(
                     run.id,
                     &step.name,
@@ -725,7 +719,8 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
                 )?;
             }
         }
-        (State::Failed, Some(failed.join("; ")))
+        let why: Vec<String> = failed.iter().map(|(n, m)| format!("{n}: {m}")).collect();
+        (State::Failed, Some(why.join("; ")))
     };
     // The run's own event (sensor `runs`) is written with its end, in one transaction.
     let steps: serde_json::Map<String, Value> = results.into_iter().collect();
@@ -851,7 +846,6 @@ fn command_env(rule: &Rule, run: &store::OpenRun, step: &Step) -> Vec<(String, S
                 .collect();
             let value = match v {
                 Value::String(s) => s.clone(),
-                Value::Object(_) | Value::Array(_) => v.to_string(),
                 other => other.to_string(),
             };
             env.push((format!("NEXUS_PAYLOAD_{key}"), value));
@@ -911,7 +905,7 @@ fn tries(
         attempt += 1;
         log(store.set_step(run.id, &step.name, State::Started, attempt, None, None));
         let started = Instant::now();
-        let streamed = |payload: Value| shared.streamed(payload);
+        let streamed = |payload: String| shared.streamed_many(vec![payload]);
         let context = exec::Context {
             client: &shared.client,
             stop: &shared.stop,

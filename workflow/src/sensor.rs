@@ -125,13 +125,15 @@ fn ticks(shared: &Shared, name: &str) {
         return;
     };
     // Ticks that fell while down: (last, now].
-    let mut fell = Vec::new();
+    // The last MAX_CATCH_UP of them (catch_up raises those), their count, and the first.
+    let mut fell = std::collections::VecDeque::new();
     let mut fell_count: u64 = 0;
+    let first_fell = next;
     while next <= now {
         fell_count += 1;
-        fell.push(next);
+        fell.push_back(next);
         if fell.len() as u64 > MAX_CATCH_UP {
-            fell.remove(0);
+            fell.pop_front();
         }
         match next_tick(&sensor.kind, next) {
             Some(t) => next = t,
@@ -148,7 +150,7 @@ fn ticks(shared: &Shared, name: &str) {
         telemetry::missed_ticks(name, fell_count);
         match missed_policy {
             Missed::Skip => {
-                tracing::warn!(sensor = name, missed = fell_count, first = %rfc3339(fell[0]),
+                tracing::warn!(sensor = name, missed = fell_count, first = %rfc3339(first_fell),
                                "Ticks fell while the process was down; skipped (missed = \"skip\").");
                 missed = fell_count;
             }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use nexus_protocol::ErrorCode;
 use nexus_server::{pipe, Opened, Source, SourceError, StreamEnded, StreamRequest, StreamWatcher};
 
+use crate::event::StreamPayload;
 use crate::Workflow;
 
 /// Chunks queued ahead of the client per `events:` stream.
@@ -57,22 +58,6 @@ impl Source for EventsSource {
                 }
             }
         }
-        // The id must exist now: a typo is an error at once, not a stream that waits forever.
-        if let Some(id) = &after {
-            match self
-                .workflow
-                .events_after(&sensor, Some(id), None, Duration::ZERO)
-            {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    return Err(SourceError::new(
-                        ErrorCode::NOT_FOUND,
-                        format!("sensor {sensor:?} has no event {id:?}"),
-                    ))
-                }
-                Err(e) => return Err(SourceError::new(ErrorCode::SOURCE_FAILED, e)),
-            }
-        }
         let (sender, producer) = pipe(DEPTH);
         let workflow = Arc::clone(&self.workflow);
         std::thread::Builder::new()
@@ -98,7 +83,17 @@ impl Source for EventsSource {
                     );
                     let events = match found {
                         Ok(Some(events)) => events,
-                        Ok(None) => Vec::new(),
+                        // The id must exist: a typo fails at once, not a stream that waits
+                        // forever. (Looked up here, not in `open`: the state's lock may be
+                        // held through a disk sync, and `open` runs on the shard.)
+                        Ok(None) => {
+                            let id = after.as_deref().unwrap_or("");
+                            let _ = sender.fail(SourceError::new(
+                                ErrorCode::NOT_FOUND,
+                                format!("sensor {sensor:?} has no event {id:?}"),
+                            ));
+                            return;
+                        }
                         Err(e) => {
                             let _ = sender.fail(SourceError::new(ErrorCode::SOURCE_FAILED, e));
                             return;
@@ -136,18 +131,7 @@ const GATHER: Duration = Duration::from_millis(20);
 /// The `streams` payload of a stream the server ended, as JSON text (valid against the
 /// schema: a test checks it).
 fn payload_of(ended: StreamEnded) -> String {
-    #[derive(serde::Serialize)]
-    struct Payload {
-        direction: &'static str,
-        side: &'static str,
-        outcome: &'static str,
-        error: Option<String>,
-        bytes: u64,
-        digest: Option<String>,
-        paradata: String,
-        peer: String,
-    }
-    let payload = Payload {
+    StreamPayload {
         direction: if ended.push { "push" } else { "pull" },
         side: "server",
         outcome: ended.outcome,
@@ -156,8 +140,8 @@ fn payload_of(ended: StreamEnded) -> String {
         digest: ended.digest.map(|d| format!("{d:016x}")),
         paradata: ended.paradata,
         peer: ended.peer.to_string(),
-    };
-    serde_json::to_string(&payload).unwrap_or_default()
+    }
+    .to_text()
 }
 
 /// A watcher for [`Registry::watch_streams`](nexus_server::Registry::watch_streams): each

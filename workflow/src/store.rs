@@ -419,13 +419,14 @@ impl Store {
     pub fn set_run(&self, run: i64, state: State) -> Result<(), StoreError> {
         let db = self.db.lock();
         let now = unix_ms(std::time::SystemTime::now());
-        let sql = if state == State::Started {
-            "UPDATE runs SET state = ?2, started_ms = ?3 WHERE id = ?1"
-        } else {
-            "UPDATE runs SET state = ?2 WHERE id = ?1 AND ?3 IS NOT NULL"
-        };
-        db.execute(sql, params![run, state.as_str(), now])
-            .map_err(|e| self.fail(e))?;
+        // started_ms is when it (last) started; other states leave it.
+        db.execute(
+            "UPDATE runs SET state = ?2,
+               started_ms = CASE WHEN ?2 = 'started' THEN ?3 ELSE started_ms END
+             WHERE id = ?1",
+            params![run, state.as_str(), now],
+        )
+        .map_err(|e| self.fail(e))?;
         Ok(())
     }
 
