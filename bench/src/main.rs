@@ -93,7 +93,7 @@ fn usage_exit(message: &str) -> ! {
     eprintln!(
         "usage: nexus-bench [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] \
          [--json-out FILE] [--chart FILE.svg]\n       nexus-bench chart IN.ndjson OUT.svg\n       \
-         nexus-bench pull ADDRESS PARADATA..."
+         nexus-bench pull ADDRESS PARADATA...\n       nexus-bench streams ADDRESS COUNT"
     );
     std::process::exit(2)
 }
@@ -113,6 +113,7 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "pull" => return pull_in_process(args.collect()),
+            "streams" => return streams_in_process(args.collect()),
             "chart" => {
                 let (Some(input), Some(output)) = (args.next(), args.next()) else {
                     usage_exit("chart needs IN.ndjson OUT.svg");
@@ -721,6 +722,29 @@ fn small_streams_per_second(
         assert!(h.for_each_chunk(|_| {}).is_complete());
     }
     total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `COUNT` small streams (as `small`, 64 in flight) through the pooled client, from a server
+/// started by hand: the client's own cost per stream, e.g. under callgrind
+/// (`bench/scripts/client-instructions.sh`).
+fn streams_in_process(args: Vec<String>) {
+    let (Some(address), Some(count)) = (
+        args.first().and_then(|a| a.parse::<SocketAddr>().ok()),
+        args.get(1).and_then(|n| n.parse::<usize>().ok()),
+    ) else {
+        usage_exit("streams needs ADDRESS COUNT");
+    };
+    let client = nexus_client::Client::new(ClientConfig {
+        threads: 1,
+        backend: std::env::var("BURST_NEXUS_IO_BACKEND")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or_default(),
+        ..ClientConfig::default()
+    })
+    .expect("client");
+    let rate = small_streams_per_second(&client, address, count, 64);
+    println!("{count} streams: {rate:.0} streams/s");
 }
 
 /// Pulls streams from a server started by hand, in this process, and prints the rate.

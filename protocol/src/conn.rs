@@ -1,7 +1,10 @@
 //! What the client and server state machines share: input buffering and the preface check,
 //! the outgoing queues with fair scheduling between streams, the heartbeat tick, and closing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// Seeded per process and much cheaper than SipHash on stream ids (see protocol::server).
+use foldhash::HashMap;
 use std::hash::Hasher;
 use std::time::{Duration, Instant};
 
@@ -59,6 +62,9 @@ struct Queued {
     data_len: u64,
 }
 
+/// Emptied per-stream queues an [`Outbox`] keeps for reuse.
+const SPARE_QUEUES: usize = 64;
+
 /// Bytes waiting to go out, in order, split so that frame data never has to be copied:
 /// a CHUNK is its header segment followed by its data segment.
 #[derive(Debug, Default)]
@@ -69,6 +75,9 @@ pub(crate) struct Outbox {
     streams: HashMap<StreamId, VecDeque<Queued>>,
     /// Streams with something queued, served round-robin one frame at a time.
     ready: VecDeque<StreamId>,
+    /// Emptied stream queues, kept for the next stream that queues a frame: a queue empties
+    /// and refills once per chunk on a busy connection, and once per small stream.
+    spare: Vec<VecDeque<Queued>>,
     /// The data segment of the frame whose header went out last.
     body: Option<Bytes>,
     /// Bytes queued in `streams` (headers and data) and in `control`.
@@ -112,7 +121,11 @@ impl Outbox {
         if data_len == 0 {
             self.control_bytes += head.len() + body.len() + FRAME_COST;
         }
-        let queue = self.streams.entry(stream).or_default();
+        let spare = &mut self.spare;
+        let queue = self
+            .streams
+            .entry(stream)
+            .or_insert_with(|| spare.pop().unwrap_or_default());
         if queue.is_empty() {
             self.ready.push_back(stream);
         }
@@ -174,7 +187,11 @@ impl Outbox {
             data_len,
         } = queue.pop_front().expect("a ready stream has a frame");
         if queue.is_empty() {
-            self.streams.remove(&stream);
+            if let Some(queue) = self.streams.remove(&stream) {
+                if self.spare.len() < SPARE_QUEUES {
+                    self.spare.push(queue);
+                }
+            }
         } else {
             // Round-robin: one frame per stream per turn, so a big stream never starves
             // the small ones.

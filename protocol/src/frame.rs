@@ -420,9 +420,27 @@ impl Frame {
         dst[start..start + HEADER_LEN].copy_from_slice(&header);
     }
 
+    /// Enough room for most encodings of this frame: the header, the fixed fields and the
+    /// strings it carries (a hint, never a limit).
+    fn size_hint(&self) -> usize {
+        let strings = match self {
+            Frame::Initiate(m) => m.paradata.len() + m.traceparent.as_ref().map_or(0, String::len),
+            Frame::Bind(m) => m.name.len(),
+            Frame::Accept(m) => m.name.len(),
+            Frame::Chunk(m) => m.data.len(),
+            Frame::Cancel { reason, .. } => reason.len(),
+            Frame::Complete { report, .. } => report.as_ref().map_or(0, String::len),
+            Frame::Error { message, .. } | Frame::GoAway { message, .. } => message.len(),
+            _ => 0,
+        };
+        HEADER_LEN + 96 + strings
+    }
+
     /// The frame as one `Bytes`, header and payload.
     pub fn to_bytes(&self) -> Bytes {
-        let mut dst = BytesMut::new();
+        // Sized up front: growing a BytesMut from empty reallocates (and copies) on the way,
+        // which was a tenth of a small stream's instructions on each side.
+        let mut dst = BytesMut::with_capacity(self.size_hint());
         self.encode(&mut dst);
         dst.freeze()
     }

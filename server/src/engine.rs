@@ -15,7 +15,10 @@
 //! Protocol decisions stay in `nexus-protocol`; this file only moves bytes and events.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// Seeded per process and much cheaper than SipHash on stream ids (see protocol::server).
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -143,7 +146,7 @@ pub(crate) fn start(
         io,
         peer,
         proto: RefCell::new(proto),
-        streams: RefCell::new(HashMap::new()),
+        streams: RefCell::new(HashMap::default()),
         wakers: Wakers::default(),
         finished: Cell::new(false),
         held: Cell::new(0),

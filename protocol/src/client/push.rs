@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use std::collections::HashMap;
+// foldhash: seeded per process, and a tenth the cost of SipHash on the integer keys of
+// every frame (stream ids; a peer can have only so many open, the map stays small).
+use foldhash::HashMap;
 
 use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamState};
 use crate::conn::{earliest, MAX_WINDOW};
