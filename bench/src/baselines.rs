@@ -11,6 +11,7 @@ use nexus_testkit::ChildGuard;
 use nexus_testkit::free_port;
 use serde_json::Value;
 
+use crate::netns::Place;
 use crate::procs::{self, available, run_measured, Daemon, Usage};
 use crate::report::Side;
 
@@ -86,9 +87,20 @@ pub(crate) fn ensure_pyarrow(target: &Path) -> Option<PathBuf> {
 /// `zerocopy`), against a one-off `iperf3 -s -1`. CPU from iperf3's own report
 /// (getrusage of each end), peak RSS from `wait4`.
 pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Side> {
+    iperf3_at(&Place::loopback(), seconds, parallel, zerocopy)
+}
+
+/// [`iperf3`] with its ends where `place` says.
+pub(crate) fn iperf3_at(
+    place: &Place,
+    seconds: f64,
+    parallel: usize,
+    zerocopy: bool,
+) -> Option<Side> {
     let port = free_port().to_string();
-    let server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
+    let server = place
+        .server_command("iperf3")
+        .args(["-s", "-1", "-B", &place.host, "-p", &port])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -97,10 +109,10 @@ pub(crate) fn iperf3(seconds: f64, parallel: usize, zerocopy: bool) -> Option<Si
     let duration = seconds.clamp(2.0, 60.0).round().to_string();
     let parallel = parallel.to_string();
     for _ in 0..50 {
-        let mut command = Command::new("iperf3");
+        let mut command = place.client_command("iperf3");
         command.args([
             "-c",
-            "127.0.0.1",
+            &place.host,
             "-p",
             &port,
             "-P",

@@ -18,6 +18,7 @@
 //! | `backends` | `single`, `mux16` on io_uring | the same on epoll |
 //! | `soak` | one long stream, RSS sampled every second | - (must stay flat) |
 //! | `small` | 4 KiB streams on a warm pooled connection: time to first byte, streams/s | a bare TCP ping-pong on loopback (the floor under time to first byte) |
+//! | `netns` | `single` between two network namespaces over a veth link capped at 10 Gbit/s (`tc tbf`) | `iperf3 -P 1` over the same link |
 //! | `push` | `nexus push` of a page-cached file into `discard:` | `nexus pull` of the same file |
 //! | `push-file` (in `push`) | the same into the `file:` sink (fsync, rename) | the same pull |
 //! | `replication` | a push along a chain of 3 servers, links capped by `tc tbf` in network namespaces | one push to one server over the same links |
@@ -27,14 +28,17 @@
 //! | `workflow-latency` (in `workflow`) | a POST to its run's end on a live `events:runs` stream | - (p50, p99) |
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
-//! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--json-out FILE]
+//! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] [--json-out FILE]
 //! [--chart FILE.svg]`; `nexus-bench chart IN.ndjson OUT.svg` redraws a chart;
-//! `nexus-bench pull ADDRESS PARADATA...` pulls in-process (for profiling a server).
+//! `nexus-bench pull ADDRESS PARADATA...` pulls in-process (for profiling a server);
+//! `nexus-bench streams ADDRESS COUNT` runs small streams through the pooled client (for
+//! profiling the client, `bench/scripts/client-instructions.sh`).
 
 // A benchmark reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
 mod baselines;
+mod netns;
 mod procs;
 mod push;
 mod report;
@@ -91,7 +95,7 @@ impl Options {
 fn usage_exit(message: &str) -> ! {
     eprintln!("{message}");
     eprintln!(
-        "usage: nexus-bench [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] \
+        "usage: nexus-bench [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] \
          [--json-out FILE] [--chart FILE.svg]\n       nexus-bench chart IN.ndjson OUT.svg\n       \
          nexus-bench pull ADDRESS PARADATA...\n       nexus-bench streams ADDRESS COUNT"
     );
@@ -109,6 +113,7 @@ fn main() {
         chart: None,
         scratch: target.join("bench-data"),
     };
+    let mut hog = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -121,6 +126,7 @@ fn main() {
                 return redraw(Path::new(&input), Path::new(&output));
             }
             "--quick" => options.quick = true,
+            "--hog" => hog = true,
             "--runs" => {
                 options.runs = args
                     .next()
@@ -150,9 +156,10 @@ fn main() {
         ));
     }
     std::fs::create_dir_all(&options.scratch).expect("scratch directory");
+    let _hog = hog.then(cpu_hog);
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 14] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -163,6 +170,7 @@ fn main() {
         ("backends", backends),
         ("soak", soak),
         ("small", small),
+        ("netns", netns_single),
         ("push", push::push),
         ("replication", push::replication),
         ("workflow", workflow::workflow),
@@ -191,6 +199,18 @@ fn main() {
         std::fs::write(path, report::chart(&lines)).expect("write --chart");
         println!("chart: {path:?}");
     }
+}
+
+/// `--hog`: a busy loop in a process of its own for the whole run, so every scenario (Nexus
+/// and baseline alike) shares the machine with a CPU-bound neighbour, as on a busy cluster
+/// node. Its CPU is not counted on either side. Killed on drop.
+fn cpu_hog() -> nexus_testkit::ChildGuard {
+    eprintln!("--hog: a busy loop (sh) shares the machine for the whole run");
+    let child = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .expect("start the busy loop");
+    nexus_testkit::ChildGuard(child)
 }
 
 fn redraw(input: &Path, output: &Path) {
@@ -284,6 +304,73 @@ fn single(options: &Options) -> Vec<Record> {
 fn mux16(options: &Options) -> Vec<Record> {
     let each = options.size(GIB, 128 * MIB);
     against_iperf(options, "mux16", &synthetic(16, each), 16 * each, 1)
+}
+
+/// One stream between two network namespaces over a veth link capped at 10 Gbit/s by `tc
+/// tbf`, against iperf3 over the same link: the one scenario that is not loopback.
+fn netns_single(options: &Options) -> Vec<Record> {
+    const RATE: &str = "10gbit";
+    let name = "netns";
+    if !baselines::ensure_apt("iperf3", "iperf3") {
+        return vec![Record::skipped(
+            name,
+            Some("iperf3"),
+            "iperf3 could not be installed".into(),
+        )];
+    }
+    let link = match netns::link(RATE) {
+        Ok(link) => link,
+        Err(e) => {
+            return vec![Record::skipped(
+                name,
+                Some("iperf3"),
+                format!("no network namespaces here (needs root and iproute2): {e}"),
+            )]
+        }
+    };
+    let place = &link.place;
+    // About 6 s at the link's 1.25 GB/s (1 s with --quick).
+    let bytes = options.size(8 * GIB, GIB);
+    let paradata = synthetic(1, bytes);
+    let mut pairs = Vec::new();
+    for run in 1..=options.runs {
+        let (server, address) = netns::nexus_server_at(
+            place,
+            &procs::nexus_binary(),
+            &options.backend,
+            &options.scratch,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let streams: Vec<(SocketAddr, &str)> = vec![(address, paradata[0].as_str())];
+        let pulled = procs::nexus_pull_streams_at(
+            place,
+            &streams,
+            &options.backend,
+            &[],
+            &options.scratch,
+            |_| {},
+        );
+        let nexus = Side {
+            bytes,
+            seconds: pulled.seconds,
+            server: server.usage(),
+            client: pulled.usage,
+        };
+        drop(server);
+        let base = baselines::iperf3_at(place, nexus.seconds, 1, false);
+        log_pair(name, run, &nexus, base.as_ref());
+        pairs.push((nexus, base));
+    }
+    vec![Record {
+        scenario: name.into(),
+        baseline: Some("iperf3 -P 1 -l 1M, same link".into()),
+        pairs,
+        extra: json!({"link": format!("veth between two netns, tc tbf {RATE} each way"),
+                      "backend": options.backend}),
+        note: Some(format!(
+            "veth pair between two network namespaces, tbf {RATE}"
+        )),
+    }]
 }
 
 /// P streams on P connections: P `nexus pull` processes at once, against `iperf3 -P P`.

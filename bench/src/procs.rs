@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use nexus_testkit::ChildGuard;
 
+use crate::netns::Place;
+
 /// CPU and memory one process used.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Usage {
@@ -198,8 +200,27 @@ pub(crate) fn nexus_pull_streams(
     scratch: &Path,
     started: impl FnOnce(u32),
 ) -> Finished {
+    nexus_pull_streams_at(
+        &Place::loopback(),
+        streams,
+        backend,
+        extra,
+        scratch,
+        started,
+    )
+}
+
+/// [`nexus_pull_streams`] on the client side of `place`.
+pub(crate) fn nexus_pull_streams_at(
+    place: &Place,
+    streams: &[(SocketAddr, &str)],
+    backend: &str,
+    extra: &[&str],
+    scratch: &Path,
+    started: impl FnOnce(u32),
+) -> Finished {
     static MANIFESTS: AtomicU64 = AtomicU64::new(0);
-    let mut command = Command::new(nexus_binary());
+    let mut command = place.client_command(nexus_binary());
     command
         .arg("pull")
         .args(["--backend", backend])

@@ -19,14 +19,7 @@ use crate::{data_file, log_pair, Options, GIB, MIB};
 /// `nexus push FILE ENDPOINT SINK` (or a manifest), run in `netns` when given. Fails the bench
 /// unless every push completed.
 fn nexus_push(args: &[String], netns: Option<&str>, env: &[(&str, &str)]) -> (f64, Usage) {
-    let mut command = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(nexus_binary());
-            c
-        }
-        None => Command::new(nexus_binary()),
-    };
+    let mut command = crate::netns::in_ns(netns, nexus_binary());
     command
         .arg("push")
         .args(args)
