@@ -276,6 +276,35 @@ impl Connection {
         }
     }
 
+    /// Asks the kernel not to report the socket readable (and not to wake a waiting read)
+    /// before `bytes` are queued (`SO_RCVLOWAT`; at least 1). A read that finds data still
+    /// returns what there is; the kernel also wakes early when its buffer or the peer's window
+    /// runs short, or at the peer's FIN, so waiting for more than will come cannot hang.
+    pub fn set_recv_lowat(&self, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Connection::Uring(s) => s.as_raw_fd(),
+            Connection::Epoll(s) => s.as_raw_fd(),
+        };
+        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is this connection's open socket (borrowed for the call); the option
+        // value points to a live c_int and its exact size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Writes all of `segments` (gathered, as few system calls as the socket allows) and
     /// hands the vector back so the caller can recycle the buffers.
     pub async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
@@ -410,10 +439,17 @@ impl File {
                 (result, slice.into_inner())
             }
             File::Std(f) => {
-                use std::os::unix::fs::FileExt;
-                buf.resize(len, 0);
-                let result = f.read_at(&mut buf, offset);
-                buf.truncate(*result.as_ref().unwrap_or(&0));
+                // Into the spare capacity as it is: zero-filling it first (`resize`) was one
+                // more pass over every chunk's memory.
+                let spare = &mut buf.spare_capacity_mut()[..len];
+                let result = rustix::io::pread(f, spare, offset)
+                    .map(|(filled, _)| filled.len())
+                    .map_err(io::Error::from);
+                if let Ok(n) = result {
+                    // SAFETY: `pread` initialised the first `n` bytes of the spare capacity
+                    // (it returned them as `filled`), and `n <= len <= capacity`.
+                    unsafe { buf.set_len(n) };
+                }
                 (result, buf)
             }
         }
@@ -494,6 +530,40 @@ mod tests {
             assert_eq!(&buf[..], b"0123456789");
         })
         .unwrap();
+    }
+
+    /// A read waiting for a low-water mark the peer will never reach still returns what
+    /// came, at the peer's FIN: the mark cannot hang a connection whose peer stops short.
+    fn low_water_mark_yields_at_fin(backend: Backend) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        block_on(backend, 8, async move {
+            let connection = Connection::connect(backend, address).await.unwrap();
+            connection.set_recv_lowat(64 << 10).unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            peer.write_all(b"ten bytes!").unwrap();
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut buf = BytesMut::with_capacity(128 << 10);
+            loop {
+                let (n, next) = connection.read(buf).await;
+                buf = next;
+                if n.unwrap() == 0 {
+                    break;
+                }
+            }
+            assert_eq!(&buf[..], b"ten bytes!");
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn low_water_mark_yields_at_fin_epoll() {
+        low_water_mark_yields_at_fin(Backend::Epoll);
+    }
+
+    #[test]
+    fn low_water_mark_yields_at_fin_io_uring() {
+        low_water_mark_yields_at_fin(Backend::IoUring);
     }
 
     #[test]
