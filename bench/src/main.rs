@@ -31,7 +31,7 @@
 //! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] [--json-out FILE]
 //! [--chart FILE.svg]`; `nexus-bench chart IN.ndjson OUT.svg` redraws a chart;
 //! `nexus-bench pull ADDRESS PARADATA...` pulls in-process (for profiling a server);
-//! `nexus-bench streams ADDRESS COUNT` runs small streams through the pooled client (for
+//! `nexus-bench streams ADDRESS COUNT [IN_FLIGHT]` runs small streams through the pooled client (for
 //! profiling the client, `bench/scripts/client-instructions.sh`).
 
 // A benchmark reports on stdout by design.
@@ -97,7 +97,7 @@ fn usage_exit(message: &str) -> ! {
     eprintln!(
         "usage: nexus-bench [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] \
          [--json-out FILE] [--chart FILE.svg]\n       nexus-bench chart IN.ndjson OUT.svg\n       \
-         nexus-bench pull ADDRESS PARADATA...\n       nexus-bench streams ADDRESS COUNT"
+         nexus-bench pull ADDRESS PARADATA...\n       nexus-bench streams ADDRESS COUNT [IN_FLIGHT]"
     );
     std::process::exit(2)
 }
@@ -203,11 +203,18 @@ fn main() {
 
 /// `--hog`: a busy loop in a process of its own for the whole run, so every scenario (Nexus
 /// and baseline alike) shares the machine with a CPU-bound neighbour, as on a busy cluster
-/// node. Its CPU is not counted on either side. Killed on drop.
+/// node. Its CPU is not counted on either side. Killed on drop, and gone with the bench.
 fn cpu_hog() -> nexus_testkit::ChildGuard {
     eprintln!("--hog: a busy loop (sh) shares the machine for the whole run");
+    // Exits on its own once the bench is gone (checked every 100,000 turns), so an
+    // interrupted bench leaves no hog behind.
+    let lifeline = format!(
+        "i=0; while :; do i=$((i+1)); if [ $i -ge 100000 ]; then i=0; \
+         kill -0 {} 2>/dev/null || exit 0; fi; done",
+        std::process::id()
+    );
     let child = Command::new("sh")
-        .args(["-c", "while :; do :; done"])
+        .args(["-c", &lifeline])
         .spawn()
         .expect("start the busy loop");
     nexus_testkit::ChildGuard(child)
@@ -811,15 +818,18 @@ fn small_streams_per_second(
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-/// `COUNT` small streams (as `small`, 64 in flight) through the pooled client, from a server
-/// started by hand: the client's own cost per stream, e.g. under callgrind
-/// (`bench/scripts/client-instructions.sh`).
+/// `COUNT` small streams (as `small`, `IN_FLIGHT` at a time, 64 by default) through the
+/// pooled client, from a server started by hand: the client's own cost per stream, e.g.
+/// under callgrind (`bench/scripts/client-instructions.sh`), or its wake-ups with 1 in
+/// flight.
 fn streams_in_process(args: Vec<String>) {
-    let (Some(address), Some(count)) = (
+    let (Some(address), Some(count), Some(in_flight)) = (
         args.first().and_then(|a| a.parse::<SocketAddr>().ok()),
         args.get(1).and_then(|n| n.parse::<usize>().ok()),
+        args.get(2)
+            .map_or(Some(64), |n| n.parse::<usize>().ok().filter(|&n| n > 0)),
     ) else {
-        usage_exit("streams needs ADDRESS COUNT");
+        usage_exit("streams needs ADDRESS COUNT [IN_FLIGHT]");
     };
     let client = nexus_client::Client::new(ClientConfig {
         threads: 1,
@@ -830,8 +840,8 @@ fn streams_in_process(args: Vec<String>) {
         ..ClientConfig::default()
     })
     .expect("client");
-    let rate = small_streams_per_second(&client, address, count, 64);
-    println!("{count} streams: {rate:.0} streams/s");
+    let rate = small_streams_per_second(&client, address, count, in_flight);
+    println!("{count} streams, {in_flight} in flight: {rate:.0} streams/s");
 }
 
 /// Pulls streams from a server started by hand, in this process, and prints the rate.
