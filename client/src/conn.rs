@@ -11,8 +11,7 @@
 //! `stream.rs`); credit comes back as `Consume` commands, one per quarter window read.
 
 use std::cell::{Cell, RefCell};
-// foldhash: seeded per process, and a tenth the cost of SipHash on the integer keys of
-// every frame (stream ids; a peer can have only so many open, the map stays small).
+// Per stream, looked up on every frame: hashed as `StreamMap` is (foldhash, seeded).
 use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -28,7 +27,7 @@ use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::text::Printable;
 use nexus_protocol::{
     CallError, ClientConnection, ClientEvent, ClientSettings, ClientSide, ErrorCode, OperationId,
-    Outcome, StreamId,
+    Outcome, StreamId, StreamMap,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -231,7 +230,7 @@ struct Actor {
     io: Connection,
     proto: RefCell<ClientConnection>,
     slots: RefCell<HashMap<StreamKey, Slot>>,
-    ids: RefCell<HashMap<StreamId, StreamKey>>,
+    ids: RefCell<StreamMap<StreamKey>>,
     /// Streams waiting for the handshake, in order.
     waiting: RefCell<Vec<StreamKey>>,
     wakers: Wakers,
@@ -292,7 +291,7 @@ pub(crate) async fn run(spawn: Spawn) {
         io,
         proto: RefCell::new(ClientConnection::new(settings, nonce, Instant::now())),
         slots: RefCell::new(HashMap::default()),
-        ids: RefCell::new(HashMap::default()),
+        ids: RefCell::new(StreamMap::default()),
         waiting: RefCell::new(Vec::new()),
         wakers: Wakers::default(),
         blocks: RefCell::new(RecvBlocks::default()),

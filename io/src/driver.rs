@@ -202,7 +202,7 @@ async fn read_loop<H: Host>(host: &Rc<H>) {
 const LOW_WATER_MAX: usize = 1 << 20;
 /// Below this, waking for the rest of a frame is cheap enough: the socket's low-water mark
 /// goes back to 1 byte.
-const LOW_WATER_STEP: usize = 128 << 10;
+const LOW_WATER_MIN: usize = 128 << 10;
 
 /// The socket's low-water mark (`SO_RCVLOWAT`) as last set (0: never set, i.e. 1 byte).
 ///
@@ -244,15 +244,14 @@ impl LowWater {
 fn next_low_water(current: usize, pending: Option<usize>, have: usize) -> Option<usize> {
     let current = current.max(1);
     let need = pending.map_or(0, |total| total.saturating_sub(have));
-    let wanted = if need >= LOW_WATER_STEP {
+    let wanted = if need >= LOW_WATER_MIN {
         need.min(LOW_WATER_MAX)
     } else {
         1
     };
-    let allowed = current <= need || current == 1;
-    let worth_raising = wanted >= current.saturating_mul(3) / 2;
-    let keep = allowed && !worth_raising && (current > 1 || wanted == 1);
-    (!keep && wanted != current).then_some(wanted)
+    // A mark above 1 that still fits the frame's rest stays, unless it can grow by half.
+    let fits = current > 1 && current <= need && wanted < current.saturating_mul(3) / 2;
+    (wanted != current && !fits).then_some(wanted)
 }
 
 async fn write_loop<H: Host>(host: Rc<H>, batch: WriteBatch) {

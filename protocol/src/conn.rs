@@ -2,9 +2,6 @@
 //! the outgoing queues with fair scheduling between streams, the heartbeat tick, and closing.
 
 use std::collections::VecDeque;
-
-// Seeded per process and much cheaper than SipHash on stream ids (see protocol::server).
-use foldhash::HashMap;
 use std::hash::Hasher;
 use std::time::{Duration, Instant};
 
@@ -12,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::WireError;
 use crate::frame::{self, Frame, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, PREFACE};
-use crate::types::{ErrorCode, StreamId};
+use crate::types::{ErrorCode, StreamId, StreamMap};
 
 /// The timers both sides keep (PROTOCOL.md 4.1, 4.3, 6.6). Defaults are PROTOCOL.md's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +69,7 @@ pub(crate) struct Outbox {
     /// Connection frames and small stream frames that jump the data queues.
     control: VecDeque<Bytes>,
     /// Per-stream frames (INITIATED, CHUNK, PROGRESS, terminal) in stream order.
-    streams: HashMap<StreamId, VecDeque<Queued>>,
+    streams: StreamMap<VecDeque<Queued>>,
     /// Streams with something queued, served round-robin one frame at a time.
     ready: VecDeque<StreamId>,
     /// Emptied stream queues, kept for the next stream that queues a frame: a queue empties

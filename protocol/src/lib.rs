@@ -44,6 +44,6 @@ pub use frame::{Frame, FrameType};
 pub use machine::{Connection, Side};
 pub use server::{ServerConnection, ServerEvent, ServerSettings, ServerSide};
 pub use types::{
-    Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, UNKNOWN, VERSION_MAX,
-    VERSION_MIN, VERSION_PUSH,
+    Completion, ErrorCode, ItemCounts, OperationId, Progress, StreamId, StreamMap, UNKNOWN,
+    VERSION_MAX, VERSION_MIN, VERSION_PUSH,
 };

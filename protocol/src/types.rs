@@ -14,6 +14,13 @@ pub const VERSION_PUSH: u16 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u32);
 
+/// A map keyed by stream id, as every frame looks one up. Hashed with foldhash, seeded per
+/// process: SipHash (std's default) on these integer keys was part of the per-stream cost that
+/// the change to this map, sized frame encoding and reused send queues cut by 16-19%
+/// (bench/RESULTS.md, issue 20). A peer chooses the ids, but cannot see the seed, and the map
+/// never holds more than the streams it may have open.
+pub type StreamMap<V> = foldhash::HashMap<StreamId, V>;
+
 impl StreamId {
     /// The connection itself: frames on stream 0 are connection-scoped.
     pub const CONNECTION: StreamId = StreamId(0);

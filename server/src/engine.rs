@@ -16,9 +16,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-
-// Seeded per process and much cheaper than SipHash on stream ids (see protocol::server).
-use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -29,7 +26,9 @@ use tracing::Instrument;
 use bytes::{Bytes, BytesMut};
 use nexus_protocol::frame::NONCE_LEN;
 use nexus_protocol::text::Printable;
-use nexus_protocol::{CallError, ErrorCode, ServerConnection, ServerEvent, ServerSide, StreamId};
+use nexus_protocol::{
+    CallError, ErrorCode, ServerConnection, ServerEvent, ServerSide, StreamId, StreamMap,
+};
 use tokio::sync::{oneshot, Notify};
 
 use crate::io;
@@ -45,7 +44,7 @@ pub(crate) struct ConnState {
     io: io::Connection,
     peer: SocketAddr,
     proto: RefCell<ServerConnection>,
-    streams: RefCell<HashMap<StreamId, Rc<StreamSlot>>>,
+    streams: RefCell<StreamMap<Rc<StreamSlot>>>,
     wakers: Wakers,
     finished: Cell<bool>,
     /// Stream data this connection holds, as last added to the shard's total.
@@ -146,7 +145,7 @@ pub(crate) fn start(
         io,
         peer,
         proto: RefCell::new(proto),
-        streams: RefCell::new(HashMap::default()),
+        streams: RefCell::new(StreamMap::default()),
         wakers: Wakers::default(),
         finished: Cell::new(false),
         held: Cell::new(0),

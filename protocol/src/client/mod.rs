@@ -6,9 +6,6 @@ mod handshake;
 mod push;
 mod stream;
 
-// foldhash: seeded per process, and a tenth the cost of SipHash on the integer keys of
-// every frame (stream ids; a peer can have only so many open, the map stays small).
-use foldhash::HashMap;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -19,7 +16,7 @@ use crate::error::WireError;
 use crate::frame::{Accept, Bind, Frame, NONCE_LEN};
 use crate::machine::{self, Connection, Core, Side};
 use crate::types::{
-    Completion, ErrorCode, OperationId, Progress, StreamId, VERSION_MAX, VERSION_MIN,
+    Completion, ErrorCode, OperationId, Progress, StreamId, StreamMap, VERSION_MAX, VERSION_MIN,
 };
 
 /// The client half of one connection, without IO: see [`Connection`] for how to drive it.
@@ -248,7 +245,7 @@ pub struct ClientSide {
     nonce: [u8; NONCE_LEN],
     next_stream: u32,
     draining: bool,
-    streams: HashMap<StreamId, Stream>,
+    streams: StreamMap<Stream>,
     /// Kept across compressed chunks: no zstd context per chunk.
     unpacker: compress::ChunkDecompressor,
     /// Where push CHUNK headers are carved from.
@@ -349,7 +346,7 @@ impl ClientConnection {
                 nonce,
                 next_stream: 1,
                 draining: false,
-                streams: HashMap::default(),
+                streams: StreamMap::default(),
                 unpacker: compress::ChunkDecompressor::default(),
                 header_arena: BytesMut::new(),
             },

@@ -7,17 +7,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-// foldhash: seeded per process, and a tenth the cost of SipHash on the integer keys of
-// every frame (stream ids; a peer can have only so many open, the map stays small).
-use foldhash::HashMap;
-
 use super::{ClientConnection, ClientEvent, Outcome, Phase, Stream, StreamState};
 use crate::conn::{earliest, MAX_WINDOW};
 use crate::error::{CallError, WireError};
 use crate::frame::{self, Frame, CHUNK_OVERHEAD_MAX};
 use crate::machine::frame_name;
 use crate::receive::{completion_mismatch, Expected};
-use crate::types::{Completion, ErrorCode, ItemCounts, StreamId, UNKNOWN};
+use crate::types::{Completion, ErrorCode, ItemCounts, StreamId, StreamMap, UNKNOWN};
 
 /// A frame from the server on a push stream, besides those a pull takes alike (INITIATED,
 /// PROGRESS, HEARTBEAT, CANCELLED, ERROR: `stream::on_frame`).
@@ -241,7 +237,7 @@ impl ClientConnection {
 /// A push the client may still send on: open, its COMPLETE not yet sent. Returns the stream and
 /// the size it declared.
 fn sending(
-    streams: &mut HashMap<StreamId, Stream>,
+    streams: &mut StreamMap<Stream>,
     stream: StreamId,
 ) -> Result<(&mut Stream, u64), CallError> {
     let s = streams

@@ -6,9 +6,6 @@ mod handshake;
 mod push;
 mod stream;
 
-// foldhash: seeded per process, and a tenth the cost of SipHash on the integer keys of
-// every frame (stream ids; a peer can have only so many open, the map stays small).
-use foldhash::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -18,7 +15,7 @@ use crate::conn::{self, Timers};
 use crate::error::WireError;
 use crate::frame::{Frame, Initiate, NONCE_LEN};
 use crate::machine::{self, Connection, Core, Side};
-use crate::types::{Completion, ErrorCode, ItemCounts, OperationId, StreamId};
+use crate::types::{Completion, ErrorCode, ItemCounts, OperationId, StreamId, StreamMap};
 
 /// The server half of one connection, without IO: see [`Connection`] for how to drive it.
 pub type ServerConnection = Connection<ServerSide>;
@@ -228,7 +225,7 @@ pub struct ServerSide {
     nonce: [u8; NONCE_LEN],
     last_stream: StreamId,
     draining: bool,
-    streams: HashMap<StreamId, Stream>,
+    streams: StreamMap<Stream>,
     /// When the next round of PROGRESS frames is due (once established).
     next_progress: Option<Instant>,
     /// Since when the client has left `max_pending_control` bytes unread.
@@ -392,7 +389,7 @@ impl ServerConnection {
                 nonce,
                 last_stream: StreamId::CONNECTION,
                 draining: false,
-                streams: HashMap::default(),
+                streams: StreamMap::default(),
                 next_progress: None,
                 blocked_since: None,
                 header_arena: BytesMut::new(),
