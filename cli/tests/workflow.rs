@@ -535,38 +535,58 @@ command = {{ run = ["sh", "-c", "echo \"$NEXUS_PAYLOAD_DIGEST $NEXUS_PAYLOAD_BYT
     );
 }
 
-#[test]
-fn a_timer_reports_the_ticks_that_fell_while_it_was_down() {
-    let dir = TempDir::new("wf-timer");
-    let log = dir.path().join("log");
+/// A timer sensor ticking every 100 ms (plus `sensor_extra`) whose rule (plus `rule_extra`)
+/// appends `$NEXUS_PAYLOAD_<FIELD>` of each tick to a log: the rules file, the log, and the
+/// state database to use.
+fn logging_timer(
+    dir: &Path,
+    sensor_extra: &str,
+    rule_extra: &str,
+    field: &str,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join("log");
     let rules = write_rules(
-        dir.path(),
+        dir,
         &format!(
             r#"
 [sensors.tick]
 kind = "timer"
 every = "100ms"
+{sensor_extra}
 
 [rules.r]
 on = "tick"
+{rule_extra}
 
 [[rules.r.steps]]
 name = "s"
-command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_MISSED >> {log}"] }}
+command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_{field} >> {log}"] }}
 "#,
             log = log.display()
         ),
     );
-    let db = dir.path().join("state.db");
-    let env = [("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())];
-    let run = spawn_run(Path::new(NEXUS), &[&rules], &env);
-    wait_until("a tick", || !read(&log).is_empty());
+    (rules, log, dir.join("state.db"))
+}
+
+/// Runs `nexus run RULES` until `started` holds, kills it, and stays down `down_ms`: the
+/// ticks of that time fall while nothing runs.
+fn run_then_stay_down(rules: &str, env: &[(&str, &str)], started: impl Fn() -> bool, down_ms: u64) {
+    let run = spawn_run(Path::new(NEXUS), &[rules], env);
+    wait_until("a tick", started);
     drop(run);
-    // Let at least five intervals fall while nothing runs.
     let down = Instant::now();
     wait_until("time to pass", || {
-        down.elapsed() >= Duration::from_millis(500)
+        down.elapsed() >= Duration::from_millis(down_ms)
     });
+}
+
+#[test]
+fn a_timer_reports_the_ticks_that_fell_while_it_was_down() {
+    let dir = TempDir::new("wf-timer");
+    let (rules, log, db) = logging_timer(dir.path(), "", "", "MISSED");
+    let env = [("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())];
+    // Let at least five intervals fall while nothing runs.
+    run_then_stay_down(&rules, &env, || !read(&log).is_empty(), 500);
     let before = read(&log).lines().count();
     let run = spawn_run(Path::new(NEXUS), &[&rules], &env);
     // A run left open by the kill may finish first (with missed = 0); the first new tick
@@ -774,28 +794,12 @@ command = { run = ["true"] }
 #[test]
 fn a_catch_up_timer_raises_every_tick_that_fell() {
     let dir = TempDir::new("wf-catch-up");
-    let log = dir.path().join("log");
-    let rules = write_rules(
+    let (rules, log, db) = logging_timer(
         dir.path(),
-        &format!(
-            r#"
-[sensors.tick]
-kind = "timer"
-every = "100ms"
-missed = "catch_up"
-
-[rules.r]
-on = "tick"
-concurrency = 8
-
-[[rules.r.steps]]
-name = "s"
-command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_SCHEDULED_MS >> {log}"] }}
-"#,
-            log = log.display()
-        ),
+        "missed = \"catch_up\"",
+        "concurrency = 8",
+        "SCHEDULED_MS",
     );
-    let db = dir.path().join("state.db");
     let env = [("BURST_NEXUS_WORKFLOW_STATE", db.to_str().unwrap())];
     let ticks = || -> Vec<i64> {
         let mut v: Vec<i64> = read(&log)
@@ -806,13 +810,7 @@ command = {{ run = ["sh", "-c", "echo $NEXUS_PAYLOAD_SCHEDULED_MS >> {log}"] }}
         v.dedup();
         v
     };
-    let run = spawn_run(Path::new(NEXUS), &[&rules], &env);
-    wait_until("a tick", || !ticks().is_empty());
-    drop(run);
-    let down = Instant::now();
-    wait_until("time to pass", || {
-        down.elapsed() >= Duration::from_millis(600)
-    });
+    run_then_stay_down(&rules, &env, || !ticks().is_empty(), 600);
     let restarted = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
