@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     /// Dropping it stops the tender.
     _tender_stop: Mutex<Option<crossbeam_channel::Sender<()>>>,
+    /// TLS for every connection, when on.
+    tls: Option<conn::Tls>,
 }
 
 struct Pool {
@@ -131,6 +133,23 @@ impl Client {
                 "pool stale time and tender interval must be above 0".into(),
             ));
         }
+        let tls = match config.tls.files().map_err(ClientError::Config)? {
+            None => None,
+            Some(files) => {
+                let server_name = match &config.tls.server_name {
+                    Some(name) => Some(nexus_io::tls::server_name(name).map_err(|e| {
+                        ClientError::Config(format!("burst.nexus.client.tls.server.name: {e}"))
+                    })?),
+                    None => None,
+                };
+                let config = nexus_io::tls::client_config(&files)
+                    .map_err(|e| ClientError::Config(e.to_string()))?;
+                Some(conn::Tls {
+                    config,
+                    server_name,
+                })
+            }
+        };
         let (backend, fallback) = select_backend(config.backend).map_err(ClientError::Backend)?;
         if let Some(reason) = fallback {
             tracing::warn!(%reason, "io_uring is unavailable; the client uses epoll.");
@@ -171,6 +190,7 @@ impl Client {
             closed: AtomicU64::new(0),
             counters: Arc::default(),
             _tender_stop: Mutex::new(Some(stop_tx)),
+            tls,
             config,
         });
         let weak = Arc::downgrade(&shared);
@@ -375,8 +395,8 @@ impl Shared {
                     self.remove_dead(&connection);
                     // A connection that could not be made, however fast it failed, is the
                     // answer: the endpoint is unreachable (its caller decides on retries).
-                    if let Some(message) = connection.connect_error() {
-                        back.fail(ErrorCode::UNREACHABLE, message);
+                    if let Some((code, message)) = connection.connect_error() {
+                        back.fail(code, message);
                         return;
                     }
                     stream = back;
@@ -465,6 +485,7 @@ impl Shared {
             backend: self.backend,
             settings: self.config.protocol.clone(),
             connect_timeout: self.config.connect_timeout,
+            tls: self.tls.clone(),
         };
         let index = self.next_io.fetch_add(1, Ordering::Relaxed) % self.io.len();
         let job: Job = Box::new(move || {

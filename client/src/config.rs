@@ -1,10 +1,17 @@
 //! What a client is configured with: from `burst.nexus.*` properties ([`ClientConfig::from_values`]),
 //! or built directly by embedders.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nexus_config::{bind, BadValue, Binding, Values};
+use nexus_io::tls::ClientFiles;
 use nexus_io::BackendChoice;
+
+/// An empty path means "not set".
+fn non_empty(path: PathBuf) -> Option<PathBuf> {
+    (!path.as_os_str().is_empty()).then_some(path)
+}
 use nexus_protocol::ClientSettings;
 
 use crate::transfer::RetryPolicy;
@@ -39,6 +46,42 @@ pub struct ClientConfig {
     /// Protocol limits and timers: window, frame size, heartbeat, handshake deadline, stream
     /// timeout (`burst.nexus.stream.timeout.ms`), secret (`burst.nexus.auth.secret`).
     pub protocol: ClientSettings,
+    /// TLS to the servers (`burst.nexus.client.tls.*`), off by default.
+    pub tls: TlsSettings,
+}
+
+/// A client's TLS.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsSettings {
+    /// Connect with TLS (`burst.nexus.client.tls`).
+    pub enabled: bool,
+    /// PEM CA bundle that signs server certificates (`burst.nexus.client.tls.ca`).
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain for mutual TLS (`burst.nexus.client.tls.cert`).
+    pub cert: Option<PathBuf>,
+    /// Its PEM key (`burst.nexus.client.tls.key`).
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must hold (`burst.nexus.client.tls.server.name`);
+    /// `None`: the address connected to.
+    pub server_name: Option<String>,
+}
+
+impl TlsSettings {
+    /// The files to load, when TLS is on; an error names what is missing.
+    pub fn files(&self) -> Result<Option<ClientFiles>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let ca = self.ca.clone().ok_or(
+            "burst.nexus.client.tls is on but burst.nexus.client.tls.ca is not set: the \
+             client needs the CA that signs the server's certificate",
+        )?;
+        Ok(Some(ClientFiles {
+            ca,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }))
+    }
 }
 
 impl Default for ClientConfig {
@@ -54,6 +97,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             protocol: ClientSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -106,6 +150,23 @@ impl ClientConfig {
         bind!("burst.nexus.stream.timeout.ms", millis, |c, v| {
             c.protocol.timers.stream_timeout = v
         }),
+        bind!("burst.nexus.client.tls", parse::<bool>, |c, v| {
+            c.tls.enabled = v
+        }),
+        bind!("burst.nexus.client.tls.ca", parse::<PathBuf>, |c, v| {
+            c.tls.ca = non_empty(v)
+        }),
+        bind!("burst.nexus.client.tls.cert", parse::<PathBuf>, |c, v| {
+            c.tls.cert = non_empty(v)
+        }),
+        bind!("burst.nexus.client.tls.key", parse::<PathBuf>, |c, v| {
+            c.tls.key = non_empty(v)
+        }),
+        bind!(
+            "burst.nexus.client.tls.server.name",
+            parse::<String>,
+            |c, v| { c.tls.server_name = (!v.is_empty()).then_some(v) }
+        ),
     ];
 
     /// The configuration `values` describe: `burst.nexus.client.*`, `burst.nexus.io.backend`,

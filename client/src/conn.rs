@@ -141,7 +141,7 @@ pub(crate) struct ConnHandle {
     pub(crate) last_used: Mutex<Instant>,
     /// Why the connection could not be made, once it failed to: set before its commands
     /// close, so a stream refused by the closed channel can say why.
-    connect_error: OnceLock<String>,
+    connect_error: OnceLock<(ErrorCode, String)>,
 }
 
 impl ConnHandle {
@@ -191,8 +191,10 @@ impl ConnHandle {
     }
 
     /// Why the connection could not be made, if that is how it ended.
-    pub(crate) fn connect_error(&self) -> Option<&str> {
-        self.connect_error.get().map(String::as_str)
+    pub(crate) fn connect_error(&self) -> Option<(ErrorCode, &str)> {
+        self.connect_error
+            .get()
+            .map(|(code, message)| (*code, message.as_str()))
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -213,6 +215,14 @@ pub(crate) struct Spawn {
     pub(crate) backend: Backend,
     pub(crate) settings: ClientSettings,
     pub(crate) connect_timeout: Duration,
+    pub(crate) tls: Option<Tls>,
+}
+
+/// A client's TLS: its configuration and the name servers must hold (`None`: the address).
+#[derive(Clone)]
+pub(crate) struct Tls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 /// A stream on this connection, from its Initiate command to its end (then removed).
@@ -254,6 +264,7 @@ pub(crate) async fn run(spawn: Spawn) {
         backend,
         settings,
         connect_timeout,
+        tls,
     } = spawn;
     let endpoint = handle.endpoint;
     let connected =
@@ -264,6 +275,7 @@ pub(crate) async fn run(spawn: Spawn) {
             return refuse(
                 &handle,
                 &mut commands,
+                ErrorCode::UNREACHABLE,
                 &format!("cannot connect to {endpoint}: {e}"),
             )
         }
@@ -272,15 +284,24 @@ pub(crate) async fn run(spawn: Spawn) {
             return refuse(
                 &handle,
                 &mut commands,
+                ErrorCode::UNREACHABLE,
                 &format!("cannot connect to {endpoint} within {ms} ms"),
             );
         }
+    };
+    let io = match tls {
+        None => io,
+        Some(tls) => match secure(io, tls, endpoint, settings.timers.handshake_timeout).await {
+            Ok(io) => io,
+            Err((code, message)) => return refuse(&handle, &mut commands, code, &message),
+        },
     };
     let mut nonce = [0u8; NONCE_LEN];
     if getrandom::fill(&mut nonce).is_err() {
         return refuse(
             &handle,
             &mut commands,
+            ErrorCode::INTERNAL,
             "no source of randomness for the handshake",
         );
     }
@@ -326,16 +347,50 @@ pub(crate) async fn run(spawn: Spawn) {
 }
 
 /// The connection could not be made: every stream sent to it fails with `message`.
-fn refuse(handle: &ConnHandle, commands: &mut UnboundedReceiver<Command>, message: &str) {
+/// Runs the TLS handshake on a new connection, within the handshake deadline. A refused
+/// certificate or a server without TLS is `auth_failed` or `protocol_error` (a retry will not
+/// change it); a connection that broke or timed out is `unreachable`, as a failed connect.
+async fn secure(
+    io: Connection,
+    tls: Tls,
+    endpoint: SocketAddr,
+    limit: Duration,
+) -> Result<Connection, (ErrorCode, String)> {
+    use nexus_io::tls::HandshakeError;
+    let name = tls
+        .server_name
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(endpoint.ip().into()));
+    let io = io
+        .client_tls(tls.config, name)
+        .map_err(|e| (ErrorCode::INTERNAL, format!("cannot start TLS: {e}")))?;
+    let error = match tokio::time::timeout(limit, io.handshake()).await {
+        Ok(Ok(())) => return Ok(io),
+        Ok(Err(error)) => error,
+        Err(_) => HandshakeError::Timeout(limit),
+    };
+    let code = match error {
+        HandshakeError::Tls(_) => ErrorCode::AUTH_FAILED,
+        HandshakeError::PlaintextNexus(_) | HandshakeError::NotTls(_) => ErrorCode::PROTOCOL_ERROR,
+        _ => ErrorCode::UNREACHABLE,
+    };
+    Err((code, format!("{endpoint}: {error}")))
+}
+
+fn refuse(
+    handle: &ConnHandle,
+    commands: &mut UnboundedReceiver<Command>,
+    code: ErrorCode,
+    message: &str,
+) {
     // `unreachable`, not `connection_lost`: nothing was connected, so nothing was lost.
     tracing::debug!(endpoint = %handle.endpoint, reason = %Printable(message), "Cannot connect.");
-    let _ = handle.connect_error.set(message.to_string());
+    let _ = handle.connect_error.set((code, message.to_string()));
     handle.advance(Status::Dead);
     commands.close();
     while let Ok(command) = commands.try_recv() {
         if let Command::Initiate(stream) = command {
             handle.stream_done();
-            stream.fail(ErrorCode::UNREACHABLE, message);
+            stream.fail(code, message);
         }
     }
 }
@@ -435,6 +490,15 @@ impl Host for Actor {
             }
             ClientEvent::Closed(error) => {
                 self.handle.advance(Status::Dead);
+                // A TLS failure after the handshake (in TLS 1.3 the server judges a client
+                // certificate only then) says more than "connection lost".
+                let error = match self.io.tls_failure() {
+                    Some(message) => Some(nexus_protocol::WireError {
+                        code: ErrorCode::AUTH_FAILED,
+                        message,
+                    }),
+                    None => error,
+                };
                 match error {
                     Some(e) => {
                         tracing::debug!(endpoint = %self.handle.endpoint, code = %e.code, reason = %Printable(&e.message), "Connection closed.");
@@ -778,6 +842,9 @@ impl Actor {
     /// A connection error as a user should read it: what to change, where that is known.
     fn explain(&self, e: &nexus_protocol::WireError) -> String {
         let endpoint = self.handle.endpoint;
+        if self.io.tls_failure().is_some() {
+            return format!("{endpoint}: {}", e.message);
+        }
         match e.code {
             ErrorCode::AUTH_FAILED if self.has_secret => format!(
                 "{endpoint} refused our authentication: {} (check burst.nexus.auth.secret \

@@ -28,7 +28,7 @@ pub mod telemetry;
 pub mod transfer;
 
 pub use client::{Client, ClientError, PoolStats, StreamOptions};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, TlsSettings};
 pub use nexus_io::{Backend, BackendChoice, BackendError, ProbeError};
 pub use nexus_protocol::{ClientSettings, Completion, ErrorCode, ItemCounts, OperationId, Outcome};
 pub use operation::{Operation, OperationOptions, OperationProgress, StreamSummary};

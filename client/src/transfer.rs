@@ -660,6 +660,25 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
+/// The host name of an endpoint as [`parse_endpoint`] takes it (`node7:1270` gives `node7`),
+/// or `None` when it is an IP address: the name a TLS client checks the server's
+/// certificate against when `burst.nexus.client.tls.server.name` does not say.
+pub fn endpoint_host_name(text: &str) -> Option<&str> {
+    if text.parse::<SocketAddr>().is_ok()
+        || text
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+    {
+        return None;
+    }
+    let host = match text.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => text,
+    };
+    (!host.is_empty() && host.parse::<std::net::IpAddr>().is_err()).then_some(host)
+}
+
 /// A manifest: one `ENDPOINT PARADATA OUTPUT` per line (`-` for stdout), blank lines and
 /// `#` comments skipped. Errors name the line.
 pub fn parse_manifest(text: &str) -> Result<Vec<Entry>, String> {
@@ -797,6 +816,16 @@ mod tests {
         assert_eq!(parse_endpoint("localhost:7").unwrap().port(), 7);
         assert!(parse_endpoint("localhost").unwrap().ip().is_loopback());
         assert!(parse_endpoint("no-such-host.invalid").is_err());
+    }
+
+    #[test]
+    fn host_names_are_told_from_addresses() {
+        assert_eq!(endpoint_host_name("node7:1270"), Some("node7"));
+        assert_eq!(endpoint_host_name("node7"), Some("node7"));
+        assert_eq!(endpoint_host_name("a.example.org:9"), Some("a.example.org"));
+        for address in ["10.0.0.5", "10.0.0.5:1270", "[::1]", "[::1]:9", "::1", ""] {
+            assert_eq!(endpoint_host_name(address), None, "{address}");
+        }
     }
 
     #[test]

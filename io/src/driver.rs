@@ -271,7 +271,7 @@ async fn write_loop<H: Host>(host: Rc<H>, batch: WriteBatch) {
         if segments.is_empty() {
             if host.protocol().borrow().is_closed() || host.close_when_flushed() {
                 // Everything is out: FIN. The peer's FIN ends the connection (see `drive`).
-                host.socket().shutdown_write();
+                host.socket().shutdown_write().await;
                 return;
             }
             host.wakers().writer.notified().await;

@@ -13,12 +13,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub mod driver;
 pub mod recv;
+pub mod tls;
 
 /// Which IO backend to use, as configured (`burst.nexus.io.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -205,40 +207,113 @@ impl Listener {
                     Err(e) => return Err(e),
                 };
                 stream.set_nodelay(true)?;
-                Ok((Connection::Uring(Rc::new(stream)), peer))
+                Ok((Connection::plain(Socket::Uring(Rc::new(stream))), peer))
             }
             Listener::Epoll(l) => {
                 let (stream, peer) = l.accept().await?;
                 stream.set_nodelay(true)?;
-                Ok((Connection::Epoll(Rc::new(stream)), peer))
+                Ok((Connection::plain(Socket::Epoll(Rc::new(stream))), peer))
             }
         }
     }
 }
 
-/// A connected socket; clones share it (one reader task, one writer task).
+/// A connected socket, plain or with a TLS session ([`tls`]); clones share it (one reader
+/// task, one writer task).
 #[derive(Clone)]
-#[allow(missing_docs)] // the variants are the two backends
-pub enum Connection {
-    Uring(Rc<tokio_uring::net::TcpStream>),
-    Epoll(Rc<tokio::net::TcpStream>),
+pub struct Connection {
+    socket: Socket,
+    tls: Option<Rc<tls::Session>>,
 }
 
 impl Connection {
+    fn plain(socket: Socket) -> Connection {
+        Connection { socket, tls: None }
+    }
+
     /// Connects to `addr` with TCP_NODELAY. Must run inside a runtime of `backend`.
     pub async fn connect(backend: Backend, addr: SocketAddr) -> io::Result<Self> {
         match backend {
             Backend::IoUring => {
                 let stream = tokio_uring::net::TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                Ok(Connection::Uring(Rc::new(stream)))
+                Ok(Connection::plain(Socket::Uring(Rc::new(stream))))
             }
             Backend::Epoll => {
                 let stream = tokio::net::TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                Ok(Connection::Epoll(Rc::new(stream)))
+                Ok(Connection::plain(Socket::Epoll(Rc::new(stream))))
             }
         }
+    }
+
+    /// This connection as the server end of a TLS session; [`handshake`](Self::handshake)
+    /// next.
+    pub fn server_tls(self, config: Arc<rustls::ServerConfig>) -> io::Result<Connection> {
+        let session = tls::Session::server(config)?;
+        Ok(Connection {
+            socket: self.socket,
+            tls: Some(Rc::new(session)),
+        })
+    }
+
+    /// This connection as the client end of a TLS session with the server `name`;
+    /// [`handshake`](Self::handshake) next.
+    pub fn client_tls(
+        self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<Connection> {
+        let session = tls::Session::client(config, name)?;
+        Ok(Connection {
+            socket: self.socket,
+            tls: Some(Rc::new(session)),
+        })
+    }
+
+    /// Runs the TLS handshake when the connection has a session (else returns at once).
+    /// Bound it with a deadline: a peer may stop half-way.
+    pub async fn handshake(&self) -> Result<(), tls::HandshakeError> {
+        match &self.tls {
+            Some(session) => tls::handshake(&self.socket, session).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the connection has a TLS session.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The first TLS failure on this connection, described (a refused certificate, an
+    /// alert), for messages that would otherwise only say that the connection was lost.
+    pub fn tls_failure(&self) -> Option<String> {
+        self.tls.as_ref().and_then(|session| session.failure())
+    }
+
+    /// Sends `bytes` as they are, outside any TLS session, and closes the way TCP expects
+    /// (half-close, then read and drop until the peer's FIN or `deadline`): how a TLS port
+    /// refuses a plaintext client in words it can read.
+    pub async fn refuse_in_plaintext(&self, bytes: Bytes, deadline: Instant) {
+        let socket = &self.socket;
+        let refuse = async {
+            let (result, _) = socket.write_all(vec![bytes]).await;
+            socket.shutdown(std::net::Shutdown::Write);
+            if result.is_err() {
+                return;
+            }
+            let mut scratch = BytesMut::with_capacity(4096);
+            loop {
+                scratch.clear();
+                let (result, back) = socket.read_up_to(scratch, usize::MAX).await;
+                scratch = back;
+                if !matches!(result, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline.into(), refuse).await;
+        socket.shutdown(std::net::Shutdown::Both);
     }
 
     /// Reads into the spare capacity of `buf` (after its current contents) and returns it.
@@ -249,30 +324,10 @@ impl Connection {
 
     /// As [`read`](Self::read), taking at most `max` bytes (at least 1), so a caller can stop
     /// a read at a frame boundary.
-    pub async fn read_up_to(&self, mut buf: BytesMut, max: usize) -> (io::Result<usize>, BytesMut) {
-        if buf.len() == buf.capacity() {
-            buf.reserve(64 << 10);
-        }
-        let max = max.max(1);
-        match self {
-            Connection::Uring(s) => {
-                // tokio-uring reads at the start of a plain buffer, over what it holds; a
-                // slice of the spare capacity appends (its set_init grows the length).
-                use tokio_uring::buf::BoundedBuf;
-                let (len, capacity) = (buf.len(), buf.capacity());
-                let end = len + (capacity - len).min(max);
-                let (result, slice) = s.read(buf.slice(len..end)).await;
-                (result, slice.into_inner())
-            }
-            Connection::Epoll(s) => loop {
-                if let Err(e) = s.readable().await {
-                    return (Err(e), buf);
-                }
-                match s.try_read_buf(&mut (&mut buf).limit(max)) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    result => return (result, buf),
-                }
-            },
+    pub async fn read_up_to(&self, buf: BytesMut, max: usize) -> (io::Result<usize>, BytesMut) {
+        match &self.tls {
+            None => self.socket.read_up_to(buf, max).await,
+            Some(session) => tls::read(&self.socket, session, buf, max).await,
         }
     }
 
@@ -280,89 +335,32 @@ impl Connection {
     /// before `bytes` are queued (`SO_RCVLOWAT`; at least 1). A read that finds data still
     /// returns what there is; the kernel also wakes early when its buffer or the peer's window
     /// runs short, or at the peer's FIN, so waiting for more than will come cannot hang.
+    /// With TLS the mark counts ciphertext, which is a little more than the plaintext.
     pub fn set_recv_lowat(&self, bytes: usize) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Connection::Uring(s) => s.as_raw_fd(),
-            Connection::Epoll(s) => s.as_raw_fd(),
-        };
-        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `fd` is this connection's open socket (borrowed for the call); the option
-        // value points to a live c_int and its exact size is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.socket.set_recv_lowat(bytes)
     }
 
     /// Writes all of `segments` (gathered, as few system calls as the socket allows) and
     /// hands the vector back so the caller can recycle the buffers.
     pub async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
-        let total: usize = segments.iter().map(Bytes::len).sum();
-        match self {
-            Connection::Uring(s) => {
-                let mut pending = segments;
-                let mut left = total;
-                loop {
-                    let (result, back) = s.writev(pending).await;
-                    match result {
-                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), back),
-                        Ok(n) if n >= left => return (Ok(()), back),
-                        // A short write: resubmit the rest (new handles, no data copied).
-                        // Buffers of the first attempt are then freed, not recycled: rare.
-                        Ok(n) => {
-                            left -= n;
-                            pending = remaining(&back, n);
-                        }
-                        Err(e) => return (Err(e), back),
-                    }
-                }
-            }
-            Connection::Epoll(s) => {
-                let mut written = 0;
-                while written < total {
-                    if let Err(e) = s.writable().await {
-                        return (Err(e), segments);
-                    }
-                    let slices = io_slices(&segments, written);
-                    match s.try_write_vectored(&slices) {
-                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), segments),
-                        Ok(n) => written += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return (Err(e), segments),
-                    }
-                }
-                (Ok(()), segments)
-            }
+        match &self.tls {
+            None => self.socket.write_all(segments).await,
+            Some(session) => tls::write(&self.socket, session, segments).await,
         }
     }
 
     /// Shuts down both directions: a pending read returns, the peer sees FIN.
     pub fn shutdown(&self) {
-        self.shutdown_how(std::net::Shutdown::Both);
+        self.socket.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Half-closes: the peer sees FIN after everything written so far; reading goes on.
-    pub fn shutdown_write(&self) {
-        self.shutdown_how(std::net::Shutdown::Write);
-    }
-
-    fn shutdown_how(&self, how: std::net::Shutdown) {
-        // Errors mean the socket is already gone, which is the goal.
-        let _ = match self {
-            Connection::Uring(s) => s.shutdown(how),
-            Connection::Epoll(s) => socket2::SockRef::from(&**s).shutdown(how),
-        };
+    /// Half-closes: the peer sees FIN after everything written so far (with TLS, after the
+    /// session's close_notify); reading goes on.
+    pub async fn shutdown_write(&self) {
+        if let Some(session) = &self.tls {
+            tls::close(&self.socket, session).await;
+        }
+        self.socket.shutdown(std::net::Shutdown::Write);
     }
 
     /// Closes a connection whose protocol has ended the way TCP expects: waits for `flushed`
@@ -402,6 +400,115 @@ impl Connection {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A connected socket of either backend.
+#[derive(Clone)]
+pub(crate) enum Socket {
+    Uring(Rc<tokio_uring::net::TcpStream>),
+    Epoll(Rc<tokio::net::TcpStream>),
+}
+
+impl Socket {
+    async fn read_up_to(&self, mut buf: BytesMut, max: usize) -> (io::Result<usize>, BytesMut) {
+        if buf.len() == buf.capacity() {
+            buf.reserve(64 << 10);
+        }
+        let max = max.max(1);
+        match self {
+            Socket::Uring(s) => {
+                // tokio-uring reads at the start of a plain buffer, over what it holds; a
+                // slice of the spare capacity appends (its set_init grows the length).
+                use tokio_uring::buf::BoundedBuf;
+                let (len, capacity) = (buf.len(), buf.capacity());
+                let end = len + (capacity - len).min(max);
+                let (result, slice) = s.read(buf.slice(len..end)).await;
+                (result, slice.into_inner())
+            }
+            Socket::Epoll(s) => loop {
+                if let Err(e) = s.readable().await {
+                    return (Err(e), buf);
+                }
+                match s.try_read_buf(&mut (&mut buf).limit(max)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => return (result, buf),
+                }
+            },
+        }
+    }
+
+    fn set_recv_lowat(&self, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Socket::Uring(s) => s.as_raw_fd(),
+            Socket::Epoll(s) => s.as_raw_fd(),
+        };
+        let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is this connection's open socket (borrowed for the call); the option
+        // value points to a live c_int and its exact size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    async fn write_all(&self, segments: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+        let total: usize = segments.iter().map(Bytes::len).sum();
+        match self {
+            Socket::Uring(s) => {
+                let mut pending = segments;
+                let mut left = total;
+                loop {
+                    let (result, back) = s.writev(pending).await;
+                    match result {
+                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), back),
+                        Ok(n) if n >= left => return (Ok(()), back),
+                        // A short write: resubmit the rest (new handles, no data copied).
+                        // Buffers of the first attempt are then freed, not recycled: rare.
+                        Ok(n) => {
+                            left -= n;
+                            pending = remaining(&back, n);
+                        }
+                        Err(e) => return (Err(e), back),
+                    }
+                }
+            }
+            Socket::Epoll(s) => {
+                let mut written = 0;
+                while written < total {
+                    if let Err(e) = s.writable().await {
+                        return (Err(e), segments);
+                    }
+                    let slices = io_slices(&segments, written);
+                    match s.try_write_vectored(&slices) {
+                        Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), segments),
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return (Err(e), segments),
+                    }
+                }
+                (Ok(()), segments)
+            }
+        }
+    }
+
+    fn shutdown(&self, how: std::net::Shutdown) {
+        // Errors mean the socket is already gone, which is the goal.
+        let _ = match self {
+            Socket::Uring(s) => s.shutdown(how),
+            Socket::Epoll(s) => socket2::SockRef::from(&**s).shutdown(how),
+        };
     }
 }
 

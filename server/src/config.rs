@@ -8,7 +8,13 @@ use std::time::Duration;
 use nexus_config::{bind, BadValue, Binding, Values};
 use nexus_protocol::ServerSettings;
 
+use crate::io::tls::{Mode as TlsMode, ServerFiles};
 use crate::io::BackendChoice;
+
+/// An empty path means "not set".
+fn non_empty(path: PathBuf) -> Option<PathBuf> {
+    (!path.as_os_str().is_empty()).then_some(path)
+}
 
 /// Everything a [`Server`](crate::Server) needs to start.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +74,68 @@ pub struct ServerConfig {
     /// Protocol limits and timers: max frame size, streams per connection, window, heartbeat,
     /// handshake deadline, stream timeout, secret.
     pub protocol: ServerSettings,
+    /// TLS on the data port (`burst.nexus.server.tls.*`), off by default.
+    pub tls: TlsSettings,
+}
+
+/// TLS on the data port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    /// off, tls or mutual (`burst.nexus.server.tls.mode`).
+    pub mode: TlsMode,
+    /// PEM certificate chain (`burst.nexus.server.tls.cert`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (`burst.nexus.server.tls.key`).
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle for client certificates (`burst.nexus.server.tls.client.ca`).
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for a change (`burst.nexus.server.tls.reload.ms`,
+    /// default 10 s).
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            mode: TlsMode::Off,
+            cert: None,
+            key: None,
+            client_ca: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// The files to load, when TLS is on; an error names the property that is missing.
+    pub fn files(&self) -> Result<Option<ServerFiles>, BadValue> {
+        if self.mode == TlsMode::Off {
+            return Ok(None);
+        }
+        let missing = |name: &str| {
+            BadValue(format!(
+                "burst.nexus.server.tls.mode is {} but {name} is not set",
+                self.mode
+            ))
+        };
+        let cert = self
+            .cert
+            .clone()
+            .ok_or_else(|| missing("burst.nexus.server.tls.cert"))?;
+        let key = self
+            .key
+            .clone()
+            .ok_or_else(|| missing("burst.nexus.server.tls.key"))?;
+        if self.mode == TlsMode::Mutual && self.client_ca.is_none() {
+            return Err(missing("burst.nexus.server.tls.client.ca"));
+        }
+        Ok(Some(ServerFiles {
+            mode: self.mode,
+            cert,
+            key,
+            client_ca: self.client_ca.clone(),
+        }))
+    }
 }
 
 impl Default for ServerConfig {
@@ -92,6 +160,7 @@ impl Default for ServerConfig {
             packer_concurrency: 2,
             ring_entries: 256,
             protocol: ServerSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -198,6 +267,23 @@ impl ServerConfig {
         bind!("burst.nexus.server.insecure", parse::<bool>, |c, v| {
             c.insecure = v
         }),
+        bind!("burst.nexus.server.tls.mode", parse::<TlsMode>, |c, v| {
+            c.tls.mode = v
+        }),
+        bind!("burst.nexus.server.tls.cert", parse::<PathBuf>, |c, v| {
+            c.tls.cert = non_empty(v)
+        }),
+        bind!("burst.nexus.server.tls.key", parse::<PathBuf>, |c, v| {
+            c.tls.key = non_empty(v)
+        }),
+        bind!(
+            "burst.nexus.server.tls.client.ca",
+            parse::<PathBuf>,
+            |c, v| { c.tls.client_ca = non_empty(v) }
+        ),
+        bind!("burst.nexus.server.tls.reload.ms", millis, |c, v| {
+            c.tls.reload_interval = v
+        }),
     ];
 
     /// The configuration `values` describe, checked as a whole ([`check`](Self::check)).
@@ -232,12 +318,16 @@ impl ServerConfig {
                  (PROTOCOL.md 4.1)"
             )));
         }
-        if !self.bind.is_loopback() && self.protocol.secret.is_none() && !self.insecure {
+        self.tls.files()?;
+        // Mutual TLS authenticates every client by its certificate: it may stand in for the
+        // secret. Plain TLS authenticates only the server.
+        let authenticated = self.protocol.secret.is_some() || self.tls.mode == TlsMode::Mutual;
+        if !self.bind.is_loopback() && !authenticated && !self.insecure {
             return Err(BadValue(format!(
                 "refusing to listen on {} without authentication: anyone who can reach it could \
                  read every file under the root. Set burst.nexus.auth.secret (or \
-                 burst.nexus.auth.secret.file), or burst.nexus.server.insecure=true if the \
-                 network is trusted",
+                 burst.nexus.auth.secret.file), or burst.nexus.server.tls.mode=mutual, or \
+                 burst.nexus.server.insecure=true if the network is trusted",
                 self.bind
             )));
         }

@@ -170,7 +170,9 @@ pub(crate) fn start(
 }
 
 async fn run(state: Rc<ConnState>) {
-    driver::drive(Rc::clone(&state), WriteBatch::default()).await;
+    if state.tls_handshake().await {
+        driver::drive(Rc::clone(&state), WriteBatch::default()).await;
+    }
     state.halt_all_streams();
     // The connection's buffers go with it: its share of the shard's memory is free.
     state.release_all();
@@ -179,6 +181,47 @@ async fn run(state: Rc<ConnState>) {
     stats::sub(&state.shard.stats.connections_open, 1);
     state.shard.connection_ended.notify_one();
     tracing::debug!(peer = %state.peer, "Connection ended.");
+}
+
+impl ConnState {
+    /// Runs the TLS handshake, when the connection has TLS, within the handshake deadline.
+    /// False when it failed: counted, logged, and a plaintext Nexus client told why in
+    /// plaintext (a preface and a connection ERROR it can read).
+    async fn tls_handshake(&self) -> bool {
+        if !self.io.is_tls() {
+            return true;
+        }
+        let limit = self.shard.config().protocol.timers.handshake_timeout;
+        let result = match tokio::time::timeout(limit, self.io.handshake()).await {
+            Ok(result) => result,
+            Err(_) => Err(io::tls::HandshakeError::Timeout(limit)),
+        };
+        let Err(error) = result else {
+            return true;
+        };
+        stats::add(&self.shard.stats.tls_handshake_failures, 1);
+        if let Some(suppressed) = self.shard.peer_log() {
+            tracing::warn!(peer = %self.peer, suppressed, %error, "TLS handshake failed.");
+        }
+        if let io::tls::HandshakeError::PlaintextNexus(_) = error {
+            let mut refusal = BytesMut::from(&nexus_protocol::frame::PREFACE[..]);
+            nexus_protocol::Frame::Error {
+                stream: StreamId::CONNECTION,
+                code: ErrorCode::PROTOCOL_ERROR,
+                message: "this port requires TLS: connect with burst.nexus.client.tls=true and \
+                          the server's CA in burst.nexus.client.tls.ca"
+                    .into(),
+            }
+            .encode(&mut refusal);
+            let deadline = Instant::now() + driver::LINGER;
+            self.io
+                .refuse_in_plaintext(refusal.freeze(), deadline)
+                .await;
+        } else {
+            self.io.shutdown();
+        }
+        false
+    }
 }
 
 impl Host for ConnState {

@@ -32,12 +32,14 @@ mod stats;
 pub mod synthetic;
 pub mod telemetry;
 mod throttle;
+mod tls;
 mod upload;
 
 use nexus_io as io;
 
 pub use builtin::{FileSource, SyntheticSource};
-pub use config::ServerConfig;
+pub use config::{ServerConfig, TlsSettings};
+pub use nexus_io::tls::Mode as TlsMode;
 pub use nexus_io::{
     probe_io_uring, select_backend, Backend, BackendChoice, BackendError, ProbeError,
 };

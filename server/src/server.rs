@@ -15,6 +15,7 @@ use crate::shard;
 use crate::source::Registry;
 use crate::stats::{ServerStats, StatsSnapshot};
 use crate::throttle::AuthThrottle;
+use crate::tls::{self, Identity};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub struct Server {
     stats: Arc<ServerStats>,
     shutdown: watch::Sender<Option<Duration>>,
     threads: Vec<JoinHandle<()>>,
+    tls: Option<Arc<Identity>>,
+    /// Dropped to stop the TLS file watcher.
+    tls_watch: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Server {
@@ -70,6 +74,7 @@ impl Server {
         if let Some(reason) = fallback {
             tracing::warn!(%reason, "io_uring is unavailable; using epoll.");
         }
+        let tls = load_tls(&config)?;
         let listeners = bind(&config)?;
         let address = listeners[0]
             .local_addr()
@@ -80,6 +85,9 @@ impl Server {
         let config = Arc::new(config);
         let registry = Arc::new(registry);
         let stats = Arc::new(ServerStats::new(listeners.len(), backend));
+        if let Some(identity) = &tls {
+            let _ = stats.tls.set(Arc::clone(identity));
+        }
         let packer = Arc::new(Packer::start(listeners.len()).map_err(StartError::Thread)?);
         let throttle = Arc::new(AuthThrottle::new(config.auth_failures_max));
         let (shutdown, _) = watch::channel(None);
@@ -103,14 +111,36 @@ impl Server {
                 .map_err(StartError::Thread)?;
             threads.push(thread);
         }
-        tracing::info!(%address, %backend, shards = threads.len(), "Listening.");
+        let tls_watch = match &tls {
+            Some(identity) => {
+                let (stop, stopped) = crossbeam_channel::bounded(1);
+                let thread = tls::watch(Arc::clone(identity), config.tls.reload_interval, stopped)
+                    .map_err(StartError::Thread)?;
+                Some((stop, thread))
+            }
+            None => None,
+        };
+        let mode = config.tls.mode;
+        tracing::info!(%address, %backend, shards = threads.len(), tls = %mode, "Listening.");
         Ok(Server {
             address,
             backend,
             stats,
             shutdown,
             threads,
+            tls,
+            tls_watch,
         })
+    }
+
+    /// Loads the TLS files again for new connections (running ones keep their session).
+    /// `nexus serve` calls it on SIGHUP; the files are also checked every
+    /// `burst.nexus.server.tls.reload.ms`. A failed reload keeps the previous identity.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        match &self.tls {
+            Some(identity) => identity.reload("asked").map_err(|e| e.to_string()),
+            None => Err("TLS is off (burst.nexus.server.tls.mode)".into()),
+        }
     }
 
     /// The address the server listens on (with the real port when 0 was asked for).
@@ -144,6 +174,10 @@ impl Server {
     fn stop(&mut self, drain: Duration) {
         // Receivers gone means the shards have stopped already.
         let _ = self.shutdown.send(Some(drain));
+        if let Some((stop, thread)) = self.tls_watch.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 tracing::error!("A shard thread panicked.");
@@ -156,6 +190,24 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop(Duration::ZERO);
     }
+}
+
+/// The TLS identity, when TLS is on; says once whether the kernel could have taken the
+/// records (kernel TLS), which this version does not use either way.
+fn load_tls(config: &ServerConfig) -> Result<Option<Arc<Identity>>, StartError> {
+    let Some(files) = config.tls.files().map_err(|e| StartError::Config(e.0))? else {
+        return Ok(None);
+    };
+    let identity = Identity::load(files).map_err(|e| StartError::Config(e.to_string()))?;
+    match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp") {
+        Ok(ulps) if ulps.split_whitespace().any(|ulp| ulp == "tls") => tracing::info!(
+            "TLS runs in user space (rustls); this version does not hand sessions to kernel TLS."
+        ),
+        _ => tracing::info!(
+            "Kernel TLS is unavailable (no tls in /proc/sys/net/ipv4/tcp_available_ulp); TLS runs in user space (rustls)."
+        ),
+    }
+    Ok(Some(Arc::new(identity)))
 }
 
 /// One listening socket per shard on the same address (SO_REUSEPORT); with port 0 the first

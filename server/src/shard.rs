@@ -264,6 +264,19 @@ fn accept(shard: &Rc<ShardContext>, connection: io::Connection, peer: std::net::
     } else {
         None
     };
+    // With TLS, the connection is wrapped here and its handshake runs first in the
+    // engine's task: a refusal then reaches the client inside TLS, where it can read it.
+    let connection = match shard.stats.tls.get() {
+        None => connection,
+        Some(identity) => match connection.server_tls(identity.current()) {
+            Ok(connection) => connection,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "Cannot start a TLS session.");
+                shard.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        },
+    };
     let mut connections = shard.connections.borrow_mut();
     connections.retain(|c| c.strong_count() > 0);
     let state = engine::start(Rc::clone(shard), connection, peer, refuse);

@@ -77,6 +77,10 @@ pub struct ServerStats {
     pub(crate) pushes_timeout: AtomicU64,
     pub(crate) protocol_errors: [AtomicU64; 4],
     pub(crate) packer_peak: AtomicU64,
+    /// TLS handshakes that failed (certificates, alerts, plaintext peers, timeouts).
+    pub(crate) tls_handshake_failures: AtomicU64,
+    /// The TLS identity, when TLS is on (its expiry and reloads are metrics).
+    pub(crate) tls: std::sync::OnceLock<std::sync::Arc<crate::tls::Identity>>,
     pub(crate) shards: Box<[ShardTraffic]>,
     /// Failed and refused streams by code, in the order of [`stream_error_labels`].
     stream_errors: Box<[AtomicU64]>,
@@ -121,6 +125,8 @@ pub struct StatsSnapshot {
     pub chunks_sent: u64,
     /// Of those, the chunks sent zstd-compressed.
     pub chunks_compressed: u64,
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: u64,
     /// The most chunks one stream has had in preparation (being compressed, or compressed and
     /// waiting for their turn) at once: at most `burst.nexus.stream.parcel.packer.concurrency`.
     pub packer_peak: u64,
@@ -198,6 +204,7 @@ impl ServerStats {
                 .map(|s| s.chunks_compressed.load(Relaxed))
                 .sum(),
             packer_peak: self.packer_peak.load(Relaxed),
+            tls_handshake_failures: self.tls_handshake_failures.load(Relaxed),
             memory_held: self
                 .shards
                 .iter()

@@ -85,6 +85,13 @@ pub mod names {
     pub const PUSH_COMMIT: &str = "nexus_server_push_commit_seconds";
     /// Push duration.
     pub const PUSH_DURATION: &str = "nexus_server_push_duration_seconds";
+    /// Seconds until the data port's TLS certificate expires (negative once it has); only
+    /// with TLS on.
+    pub const TLS_CERT_EXPIRY: &str = "nexus_server_tls_certificate_expiry_seconds";
+    /// TLS handshakes that failed (refused certificates, plaintext peers, timeouts).
+    pub const TLS_HANDSHAKE_FAILURES: &str = "nexus_server_tls_handshake_failures_total";
+    /// TLS identity reloads, by `outcome`: ok or failed.
+    pub const TLS_RELOADS: &str = "nexus_server_tls_reloads_total";
 }
 
 /// Bucket bounds of [`names::STREAM_DURATION`], in seconds: 1 ms to an hour.
@@ -299,6 +306,27 @@ pub const METRICS: &[(&str, &str, &str, &str, &str)] = &[
     (names::PROCESS_OPEN_FDS, "gauge", "", "", "Open file descriptors."),
     (names::PROCESS_MAX_FDS, "gauge", "", "", "The limit of open file descriptors."),
     (
+        names::TLS_CERT_EXPIRY,
+        "gauge",
+        "",
+        "",
+        "Seconds until the data port's TLS certificate expires (negative once it has); only with TLS on.",
+    ),
+    (
+        names::TLS_HANDSHAKE_FAILURES,
+        "counter",
+        "",
+        "",
+        "TLS handshakes that failed: refused certificates, plaintext clients, timeouts.",
+    ),
+    (
+        names::TLS_RELOADS,
+        "counter",
+        "outcome",
+        "",
+        "Reloads of the TLS files (on change or SIGHUP), by outcome: ok or failed.",
+    ),
+    (
         names::PROCESS_START_TIME,
         "gauge",
         "",
@@ -357,6 +385,17 @@ pub fn publish(stats: &ServerStats) {
     for (code, value) in PROTOCOL_ERROR_CODES.iter().zip(s.protocol_errors_by_reason) {
         let reason = code.name().unwrap_or("unknown");
         counter!(names::PROTOCOL_ERRORS, "reason" => reason).absolute(value);
+    }
+    if let Some(identity) = stats.tls.get() {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(seconds) = identity.expires_in() {
+            gauge!(names::TLS_CERT_EXPIRY).set(seconds);
+        }
+        counter!(names::TLS_HANDSHAKE_FAILURES)
+            .absolute(stats.tls_handshake_failures.load(Relaxed));
+        counter!(names::TLS_RELOADS, "outcome" => "ok").absolute(identity.reloads.load(Relaxed));
+        counter!(names::TLS_RELOADS, "outcome" => "failed")
+            .absolute(identity.reload_failures.load(Relaxed));
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `http`: the admin endpoint over plain sockets ([`http_get`], [`scrape_sample`]);
 //! - `proxy`: [`Proxy`], a TCP proxy that cuts connections when told, for fault injection;
 //! - `fake`: [`FakeServer`], a scripted server that answers INITIATE with any frames;
+//! - `tls`: [`Pki`], a test CA and the certificates it issues, as PEM files;
 //! - here: [`TempDir`], [`wait_until`], test data ([`write_pattern_file`], [`log_text`]).
 //!
 //! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
@@ -20,6 +21,7 @@ mod http;
 mod process;
 mod proxy;
 mod server;
+mod tls;
 pub use driver::{connection_error, exchange_raw, read_frames_until_close, Client, Pulled};
 pub use fake::{default_accept, FakeServer};
 pub use http::{http_get, http_request, prometheus_sample, scrape_sample};
@@ -29,6 +31,7 @@ pub use process::{
 };
 pub use proxy::Proxy;
 pub use server::{builtin_registry, push_registry, start_server, start_with, test_config};
+pub use tls::{CertFiles, Pki, Validity};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
