@@ -187,13 +187,13 @@ fn main() -> ExitCode {
         Command::Pull(args) => pull(args),
         Command::Push(PushCommand { args, properties }) => {
             let (backend, level) = (args.console.backend.clone(), args.console.log_level());
-            match client(backend, &properties, level) {
+            match client(backend, &properties, level, args.host_name()) {
                 Ok(client) => push::run(&client, args),
                 Err(code) => code,
             }
         }
         Command::Verify(VerifyCommand { args, properties }) => {
-            match client(args.backend.clone(), &properties, "warn") {
+            match client(args.backend.clone(), &properties, "warn", None) {
                 Ok(client) => push::verify(&client, args),
                 Err(code) => code,
             }
@@ -420,7 +420,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(admin) = &admin {
         admin.set_phase(Phase::Ready);
     }
-    let signal = Signals::wait_or_park(signals);
+    // SIGHUP reloads the TLS files (they are also watched); without TLS it only says so.
+    let reload = || {
+        if let Err(e) = server.reload_tls() {
+            tracing::warn!(error = %e, "SIGHUP: nothing reloaded.");
+        }
+        true
+    };
+    let signal = Signals::wait_or_park_reloading(signals, reload);
     tracing::info!(
         signal,
         drain_ms = drain.as_millis() as u64,
@@ -437,17 +444,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A client from the properties (and `--backend`), or the exit code of why not.
+/// A client from the properties (and `--backend`), or the exit code of why not. With TLS,
+/// `host_name` (the server as the user named it) is what the server's certificate must
+/// hold, unless burst.nexus.client.tls.server.name says otherwise.
 fn client(
     backend: Option<String>,
     properties: &PropertyArgs,
     level: &str,
+    host_name: Option<String>,
 ) -> Result<nexus_client::Client, ExitCode> {
     let flags = backend
         .map(|v| vec![("burst.nexus.io.backend", v)])
         .unwrap_or_default();
     resolve(flags, properties, level)
         .and_then(|v| ClientConfig::from_values(&v))
+        .map(|mut config| {
+            if config.tls.server_name.is_none() {
+                config.tls.server_name = host_name;
+            }
+            config
+        })
         .map_err(|e| e.to_string())
         .and_then(|config| nexus_client::Client::new(config).map_err(|e| e.to_string()))
         .map_err(|e| fail(&e))
@@ -456,7 +472,7 @@ fn client(
 fn pull(command: PullCommand) -> ExitCode {
     let PullCommand { args, properties } = command;
     let (backend, level) = (args.console.backend.clone(), args.console.log_level());
-    match client(backend, &properties, level) {
+    match client(backend, &properties, level, args.host_name()) {
         Ok(client) => pull::run(&client, args),
         Err(code) => code,
     }
@@ -491,12 +507,14 @@ fn return_freed_memory_to_the_system() {
     }
 }
 
-/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns: one that arrives
-/// before anyone waits is kept, not fatal (a SIGTERM just after start still drains).
+/// SIGTERM and SIGINT (and SIGHUP), caught from the moment [`Signals::install`] returns: one
+/// that arrives before anyone waits is kept, not fatal (a SIGTERM just after start still
+/// drains).
 pub(crate) struct Signals {
     runtime: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -512,37 +530,59 @@ impl Signals {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int)) => Some(Signals { runtime, term, int }),
-            (Err(e), _) | (_, Err(e)) => {
+            (Ok(term), Ok(int), Ok(hup)) => Some(Signals {
+                runtime,
+                term,
+                int,
+                hup,
+            }),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 tracing::error!(error = %e, "Cannot watch for signals.");
                 None
             }
         }
     }
 
-    /// Blocks until SIGTERM or SIGINT and returns its name; without handlers (`None`),
-    /// until the process is killed.
+    /// Blocks until SIGTERM, SIGINT or SIGHUP and returns its name; without handlers
+    /// (`None`), until the process is killed.
     pub(crate) fn wait_or_park(signals: Option<Signals>) -> &'static str {
+        Signals::wait_or_park_reloading(signals, || false)
+    }
+
+    /// As [`wait_or_park`](Self::wait_or_park), but a SIGHUP calls `on_hangup`, and the
+    /// wait goes on when it returns true.
+    pub(crate) fn wait_or_park_reloading(
+        signals: Option<Signals>,
+        on_hangup: impl FnMut() -> bool,
+    ) -> &'static str {
         match signals {
-            Some(signals) => signals.wait(),
+            Some(signals) => signals.wait(on_hangup),
             None => loop {
                 std::thread::park();
             },
         }
     }
 
-    /// Blocks until SIGTERM or SIGINT; returns its name.
-    pub(crate) fn wait(self) -> &'static str {
+    /// Blocks until SIGTERM or SIGINT, or a SIGHUP whose `on_hangup` returns false; returns
+    /// the name of the signal that ended the wait.
+    pub(crate) fn wait(self, mut on_hangup: impl FnMut() -> bool) -> &'static str {
         let Signals {
             runtime,
             mut term,
             mut int,
+            mut hup,
         } = self;
         runtime.block_on(async {
-            tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return "SIGTERM",
+                    _ = int.recv() => return "SIGINT",
+                    _ = hup.recv() => if !on_hangup() {
+                        return "SIGHUP";
+                    },
+                }
             }
         })
     }

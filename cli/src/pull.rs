@@ -74,6 +74,14 @@ pub(crate) struct PullArgs {
     pub(crate) console: crate::ConsoleArgs,
 }
 
+impl PullArgs {
+    /// The server's host name, when the endpoint names one: what its TLS certificate must hold.
+    pub(crate) fn host_name(&self) -> Option<String> {
+        let endpoint = self.endpoint.as_deref()?;
+        nexus_client::transfer::endpoint_host_name(endpoint).map(str::to_string)
+    }
+}
+
 pub(crate) fn run(client: &Client, args: PullArgs) -> ExitCode {
     let entries = match entries(&args) {
         Ok(entries) => entries,
@@ -277,14 +285,14 @@ pub(crate) fn progress(
     (bar, stop)
 }
 
-/// Ctrl-C or SIGTERM runs `cancel` (on another thread) and sets the returned flag. Installed
+/// Ctrl-C, SIGTERM or SIGHUP runs `cancel` (on another thread) and sets the returned flag. Installed
 /// by the caller before its transfer starts.
 pub(crate) fn on_signal(cancel: impl FnOnce() + Send + 'static) -> Arc<AtomicBool> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupted);
     if let Some(signals) = crate::Signals::install() {
         std::thread::spawn(move || {
-            signals.wait();
+            signals.wait(|| false);
             flag.store(true, Ordering::Release);
             cancel();
         });

@@ -66,6 +66,14 @@ pub(crate) struct PushArgs {
     pub(crate) console: crate::ConsoleArgs,
 }
 
+impl PushArgs {
+    /// The server's host name, when the endpoint names one: what its TLS certificate must hold.
+    pub(crate) fn host_name(&self) -> Option<String> {
+        let endpoint = self.target.first()?;
+        nexus_client::transfer::endpoint_host_name(endpoint).map(str::to_string)
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct VerifyArgs {
     /// The file, relative to each server's root (burst.nexus.server.root).

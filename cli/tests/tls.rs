@@ -1,0 +1,116 @@
+//! TLS through the binaries, as an operator sets it up: `nexus serve` and `nexus pull` as
+//! real processes configured by environment variables, certificates made by the test. A
+//! pull by host name, the expiry metric on a real scrape, the refusal a plaintext client
+//! reads (and the server's log line), and a SIGHUP reload.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use nexus_testkit::{
+    run_pull, scrape_sample, spawn_serve, stderr_of, synthetic_bytes, wait_until, CertFiles, Pki,
+    TempDir, Validity,
+};
+
+fn nexus() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nexus"))
+}
+
+fn install(files: &CertFiles, live: &CertFiles) {
+    for (from, to) in [(&files.cert, &live.cert), (&files.key, &live.key)] {
+        let staged = to.with_extension("new");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+}
+
+#[test]
+fn serve_and_pull_over_tls_by_environment() {
+    let first = Pki::new("cli-first");
+    let second = Pki::new("cli-second");
+    let dir = TempDir::new("cli-tls");
+    let live = CertFiles {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server-key.pem"),
+    };
+    install(&first.server("a", &["localhost"], Validity::Current), &live);
+    let (cert, key) = (live.cert.to_str().unwrap(), live.key.to_str().unwrap());
+    let served = spawn_serve(
+        nexus(),
+        &[
+            ("BURST_NEXUS_SERVER_ROOT", dir.path().to_str().unwrap()),
+            ("BURST_NEXUS_SERVER_TLS_MODE", "tls"),
+            ("BURST_NEXUS_SERVER_TLS_CERT", cert),
+            ("BURST_NEXUS_SERVER_TLS_KEY", key),
+            // Only SIGHUP reloads in this test.
+            ("BURST_NEXUS_SERVER_TLS_RELOAD_MS", "3600000"),
+        ],
+    );
+    let endpoint = format!("localhost:{}", served.address.port());
+    let out = dir.path().join("out.bin");
+    let pull = |ca: &Path| {
+        run_pull(
+            nexus(),
+            &[&endpoint, "synthetic:3MiB", "-o", out.to_str().unwrap()],
+            &[
+                ("BURST_NEXUS_CLIENT_TLS", "true"),
+                ("BURST_NEXUS_CLIENT_TLS_CA", ca.to_str().unwrap()),
+                ("BURST_NEXUS_CLIENT_RETRY_MAX", "0"),
+            ],
+        )
+    };
+
+    // By host name: the certificate holds `localhost`, not the address.
+    let pulled = pull(&first.ca);
+    assert!(pulled.status.success(), "{}", stderr_of(&pulled));
+    assert_eq!(std::fs::read(&out).unwrap(), synthetic_bytes(0, 3 << 20));
+
+    // The certificate is valid until 4000: the metric says so.
+    let admin = served.admin.unwrap();
+    let expiry = scrape_sample(admin, "nexus_server_tls_certificate_expiry_seconds");
+    assert!(expiry > 60.0 * 365.0 * 86_400.0 * 19.0, "{expiry}");
+
+    // A plaintext client reads why it is refused; the server logs it.
+    let plain = run_pull(
+        nexus(),
+        &[&endpoint, "synthetic:10", "-o", out.to_str().unwrap()],
+        &[("BURST_NEXUS_CLIENT_RETRY_MAX", "0")],
+    );
+    assert!(!plain.status.success());
+    assert!(
+        stderr_of(&plain).contains("this port requires TLS"),
+        "{}",
+        stderr_of(&plain)
+    );
+    wait_until("the server's log line", || {
+        served
+            .log
+            .lock()
+            .iter()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("plaintext Nexus client"))
+    });
+    assert_eq!(
+        scrape_sample(admin, "nexus_server_tls_handshake_failures_total"),
+        1.0
+    );
+
+    // SIGHUP: the second CA's certificate for new connections.
+    install(
+        &second.server("b", &["localhost"], Validity::Current),
+        &live,
+    );
+    let pid = served.child.0.id() as i32;
+    // SAFETY: kill(2) with a live child's pid and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_until("the reload", || {
+        scrape_sample(admin, "nexus_server_tls_reloads_total{outcome=\"ok\"}") == 1.0
+    });
+    let refused = pull(&first.ca);
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("UnknownIssuer"),
+        "{}",
+        stderr_of(&refused)
+    );
+    let pulled = pull(&second.ca);
+    assert!(pulled.status.success(), "{}", stderr_of(&pulled));
+}
