@@ -169,11 +169,38 @@ pub(crate) fn iperf3_at(
     None
 }
 
+/// TLS for the nginx baseline: its certificate and key, and the CA curl trusts.
+pub(crate) struct Https<'a> {
+    pub(crate) cert: &'a Path,
+    pub(crate) key: &'a Path,
+    pub(crate) ca: &'a Path,
+}
+
 /// nginx serving `root` with sendfile (one process, `master_process off`), and
 /// `curl -o /dev/null` of `file`. Returns None when either is missing.
 pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Side> {
+    nginx_curl_over(root, file, scratch, None)
+}
+
+/// [`nginx_curl`], over https when `https` is given: TLS 1.3 with AES-128-GCM on both ends
+/// (the suite Nexus prefers), so the two compare at the same cipher.
+pub(crate) fn nginx_curl_over(
+    root: &Path,
+    file: &str,
+    scratch: &Path,
+    https: Option<&Https<'_>>,
+) -> Option<Side> {
     let port = free_port();
     let prefix = scratch.join("nginx");
+    let listen = match https {
+        None => format!("listen 127.0.0.1:{port};"),
+        Some(tls) => format!(
+            "listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_protocols TLSv1.3;",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    };
     std::fs::create_dir_all(prefix.join("logs")).ok()?;
     let config = prefix.join("nginx.conf");
     std::fs::write(
@@ -185,7 +212,7 @@ pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Side
              client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n\
              fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n\
              scgi_temp_path {tmp}/scgi;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+             server {{ {listen} root {root}; }}\n}}\n",
             pid = prefix.join("nginx.pid").display(),
             log = prefix.join("logs/error.log").display(),
             tmp = prefix.display(),
@@ -205,12 +232,25 @@ pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Side
         .spawn()
         .ok()?;
     let mut server = Daemon::new(ChildGuard(server));
-    let url = format!("http://127.0.0.1:{port}/{file}");
+    let (url, tls_args) = match https {
+        None => (format!("http://127.0.0.1:{port}/{file}"), Vec::new()),
+        Some(tls) => (
+            format!("https://localhost:{port}/{file}"),
+            vec![
+                "--cacert".to_string(),
+                tls.ca.display().to_string(),
+                "--tlsv1.3".into(),
+                "--tls13-ciphers".into(),
+                "TLS_AES_128_GCM_SHA256".into(),
+            ],
+        ),
+    };
     // Wait until it answers (a HEAD request), then count from a fresh start.
     let mut up = false;
     for _ in 0..100 {
         let head = Command::new("curl")
             .args(["-sf", "-I", "-o", "/dev/null", &url])
+            .args(&tls_args)
             .status();
         if head.is_ok_and(|s| s.success()) {
             up = true;
@@ -223,14 +263,11 @@ pub(crate) fn nginx_curl(root: &Path, file: &str, scratch: &Path) -> Option<Side
         return None;
     }
     server.reset_cpu();
-    let out = run_measured(Command::new("curl").args([
-        "-sf",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download}",
-        &url,
-    ]))
+    let out = run_measured(
+        Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-w", "%{size_download}", &url])
+            .args(&tls_args),
+    )
     .ok()?;
     if !out.ok {
         eprintln!("curl failed: {}", out.stderr);

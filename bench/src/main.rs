@@ -23,6 +23,9 @@
 //! | `push-file` (in `push`) | the same into the `file:` sink (fsync, rename) | the same pull |
 //! | `replication` | a push along a chain of 3 servers, links capped by `tc tbf` in network namespaces | one push to one server over the same links |
 //! | `replication-fanout` (in `replication`) | 3 pushes from the client at once | the same single push |
+//! | `tls-single` (in `tls`) | one `synthetic:` stream over TLS 1.3 (AES-128-GCM) | the same in plaintext |
+//! | `tls-mux16` (in `tls`) | 16 streams on one TLS connection | the same in plaintext |
+//! | `tls-file` (in `tls`) | one `file:` from page cache over TLS | nginx https + curl, TLS 1.3 AES-128-GCM |
 //! | `workflow-streams` (in `workflow`) | 4 KiB streams/s from `nexus serve --rules` (each end an event) | the same from `nexus serve` |
 //! | `workflow-events` (in `workflow`) | `POST /sensors/NAME` per second, each starting a run | `GET /healthz` on the same connection |
 //! | `workflow-latency` (in `workflow`) | a POST to its run's end on a live `events:runs` stream | - (p50, p99) |
@@ -42,6 +45,7 @@ mod netns;
 mod procs;
 mod push;
 mod report;
+mod tls;
 mod workflow;
 
 use std::net::SocketAddr;
@@ -159,7 +163,7 @@ fn main() {
     let _hog = hog.then(cpu_hog);
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 14] = [
+    let scenarios: [(&str, Scenario); 15] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -174,6 +178,7 @@ fn main() {
         ("push", push::push),
         ("replication", push::replication),
         ("workflow", workflow::workflow),
+        ("tls", tls::tls),
     ];
     for (name, run) in scenarios {
         if options.wants(name) {

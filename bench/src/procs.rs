@@ -167,14 +167,22 @@ pub(crate) fn nexus_binary() -> PathBuf {
 /// `nexus serve` as deployed (one shard per core) on `backend`, serving `root`. A connection
 /// lives on one shard, so one-connection scenarios use one core of the server either way.
 pub(crate) fn nexus_server(backend: &str, root: &Path) -> (Daemon, SocketAddr) {
+    nexus_server_with(backend, root, &[])
+}
+
+/// [`nexus_server`] with more environment (TLS, say).
+pub(crate) fn nexus_server_with(
+    backend: &str,
+    root: &Path,
+    env: &[(&str, &str)],
+) -> (Daemon, SocketAddr) {
     let root = root.to_string_lossy().into_owned();
-    let (guard, address) = nexus_testkit::spawn_nexus_serve(
-        &nexus_binary(),
-        &[
-            ("BURST_NEXUS_IO_BACKEND", backend),
-            ("BURST_NEXUS_SERVER_ROOT", &root),
-        ],
-    );
+    let mut all = vec![
+        ("BURST_NEXUS_IO_BACKEND", backend),
+        ("BURST_NEXUS_SERVER_ROOT", root.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let (guard, address) = nexus_testkit::spawn_nexus_serve(&nexus_binary(), &all);
     (Daemon::new(guard), address)
 }
 
