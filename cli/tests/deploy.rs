@@ -52,19 +52,28 @@ fn setting(text: &str, key: &str) -> String {
 #[test]
 fn the_systemd_unit_verifies_clean_and_outlasts_the_drain() {
     let unit = read("deploy/systemd/nexus.service");
-    // systemd-analyze checks that ExecStart is executable: point it at the built binary.
-    let dir = TempDir::new("systemd");
-    let path = dir.path().join("nexus.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/nexus", env!("CARGO_BIN_EXE_nexus")),
-    )
-    .unwrap();
-    let (ok, stdout, stderr) = run("systemd-analyze", &["verify", path.to_str().unwrap()]);
-    assert!(
-        ok && stderr.trim().is_empty(),
-        "systemd-analyze verify:\n{stdout}{stderr}"
+    // The TLS lines (credentials for the key) as an operator uncomments them: they verify too.
+    let with_tls = unit.replace("#LoadCredential=", "LoadCredential=").replace(
+        "#Environment=BURST_NEXUS_SERVER_TLS",
+        "Environment=BURST_NEXUS_SERVER_TLS",
     );
+    assert!(with_tls.contains("LoadCredential=tls-key:") && with_tls.contains("=%d/tls-key"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    for unit in [&unit, &with_tls] {
+        // systemd-analyze checks that ExecStart is executable: point it at the built binary.
+        let dir = TempDir::new("systemd");
+        let path = dir.path().join("nexus.service");
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/nexus", env!("CARGO_BIN_EXE_nexus")),
+        )
+        .unwrap();
+        let (ok, stdout, stderr) = run("systemd-analyze", &["verify", path.to_str().unwrap()]);
+        assert!(
+            ok && stderr.trim().is_empty(),
+            "systemd-analyze verify:\n{stdout}{stderr}"
+        );
+    }
     let stop: u64 = setting(&unit, "TimeoutStopSec=").parse().unwrap();
     assert!(
         stop > drain_seconds(),
@@ -450,6 +459,33 @@ fn the_kubernetes_manifest_keeps_secrets_out_and_the_admin_port_in() {
     let budget = text.split("BURST_NEXUS_SERVER_MEMORY_MAX").nth(1).unwrap();
     assert!(budget.contains("value: 512MiB"));
     assert!(text.contains("memory: 1Gi"));
+}
+
+/// TLS in the Kubernetes manifest: the Secret cert-manager's Certificate fills is the one the
+/// pod mounts, and the server's TLS files are in that mount.
+#[test]
+fn the_kubernetes_manifest_serves_the_certificate_cert_manager_renews() {
+    let text = read("deploy/kubernetes/nexus.yaml");
+    let certificate = &text[text.find("kind: Certificate").unwrap()..];
+    let secret = setting(certificate, "secretName:");
+    let volume = &text[text.find("- name: tls\n          secret:").unwrap()..];
+    assert_eq!(setting(volume, "secretName:"), secret);
+    let mount = &text[text.find("- name: tls\n              mountPath:").unwrap()..];
+    let dir = setting(mount, "mountPath:");
+    for variable in ["CERT", "KEY", "CLIENT_CA"] {
+        let name = format!("- name: BURST_NEXUS_SERVER_TLS_{variable}\n");
+        let env = &text[text.find(&name).unwrap() + name.len()..];
+        let path = setting(env, "value:");
+        assert!(path.starts_with(&format!("{dir}/")), "{variable}: {path}");
+    }
+    assert_eq!(
+        setting(
+            &text[text.find("- name: BURST_NEXUS_SERVER_TLS_MODE").unwrap()..],
+            "value:"
+        ),
+        "tls"
+    );
+    assert!(certificate.contains("rotationPolicy: Always"));
 }
 
 /// The Dockerfile's documented `docker run`: with its environment (the image's ENV and the
