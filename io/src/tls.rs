@@ -740,6 +740,18 @@ mod tests {
         assert_eq!(not_after(&[0x30]), None);
     }
 
+    proptest::proptest! {
+        /// Whatever a certificate file holds, reading its expiry returns, without a panic.
+        #[test]
+        fn any_bytes_give_an_expiry_or_none(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = not_after(&data);
+            // And the same bytes behind a plausible certificate prefix.
+            let mut framed = vec![0x30, 0x82, 0x01, 0xFF, 0x30, 0x82, 0x01, 0xF0, 0xA0, 0x03, 2, 1, 2];
+            framed.extend_from_slice(&data);
+            let _ = not_after(&framed);
+        }
+    }
+
     #[test]
     fn modes_parse_and_print() {
         for mode in [Mode::Off, Mode::Tls, Mode::Mutual] {

@@ -1,5 +1,6 @@
 //! Bad input against a real server, on both IO backends: each gets a clear error, and the
-//! server keeps serving other clients. Also authentication and the connection limit.
+//! server keeps serving other clients. Also authentication and the connection limit, and the
+//! same inputs inside TLS, and bytes that are not TLS on a TLS port.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -10,10 +11,10 @@ use bytes::BytesMut;
 use nexus_protocol::auth::{self, Role};
 use nexus_protocol::frame::{Bind, Frame, NONCE_LEN, PREFACE};
 use nexus_protocol::{ClientSettings, ErrorCode, VERSION_MAX, VERSION_MIN};
-use nexus_server::{Backend, Server};
+use nexus_server::{Backend, Server, TlsMode, TlsSettings};
 use nexus_testkit::{
-    both_backends, builtin_registry, connection_error, exchange_raw, read_frames_until_close,
-    start_server, start_with, test_config, Client, TempDir,
+    both_backends, builtin_registry, connection_error, exchange_raw, exchange_raw_tls,
+    read_frames_until_close, start_server, start_with, test_config, Client, Pki, TempDir, Validity,
 };
 
 /// A good client still gets its data.
@@ -266,3 +267,124 @@ fn non_loopback_without_a_secret_is_refused() {
     let server = Server::start(config, builtin_registry(dir.path())).unwrap();
     assert!(server.local_addr().port() > 0);
 }
+
+/// A server with TLS on (a certificate for 127.0.0.1 from a test CA).
+fn tls_server(backend: Backend, dir: &TempDir, pki: &Pki, handshake: Duration) -> Server {
+    let cert = pki.server("server", &["127.0.0.1"], Validity::Current);
+    let mut config = test_config(backend, dir.path());
+    config.protocol.timers.handshake_timeout = handshake;
+    config.tls = TlsSettings {
+        mode: TlsMode::Tls,
+        cert: Some(cert.cert),
+        key: Some(cert.key),
+        ..TlsSettings::default()
+    };
+    start_with(config, builtin_registry(dir.path()))
+}
+
+/// A TLS client still gets through the handshake and the server's ACCEPT.
+fn still_serving_tls(server: &Server, pki: &Pki) {
+    let frames = exchange_raw_tls(
+        server.local_addr(),
+        &pki.ca,
+        &bind_frame([9; NONCE_LEN]),
+        true,
+    );
+    assert!(
+        frames.iter().any(|f| matches!(f, Frame::Accept(_))),
+        "{frames:?}"
+    );
+}
+
+/// The hostile inputs of `garbage`, inside TLS: the same clear errors, and the server goes on.
+fn garbage_inside_tls(backend: Backend) {
+    let dir = TempDir::new("garbage-tls");
+    let pki = Pki::new("garbage");
+    let server = tls_server(backend, &dir, &pki, Duration::from_secs(10));
+    let mut huge = bind_frame([1; NONCE_LEN]);
+    huge.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0x10, 0, 0, 0, 0, 0, 0, 1]);
+    let mut truncated = bind_frame([2; NONCE_LEN]);
+    truncated.extend_from_slice(&[0, 0, 0, 40, 0x10, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3]);
+    let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
+        (
+            "HTTP",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            ErrorCode::PROTOCOL_ERROR,
+            "HTTP",
+        ),
+        (
+            "a TLS record inside TLS",
+            vec![0x16, 3, 1, 0, 5],
+            ErrorCode::PROTOCOL_ERROR,
+            "TLS",
+        ),
+        (
+            "length 0xFFFFFFFF",
+            huge,
+            ErrorCode::FRAME_TOO_LARGE,
+            "4294967295",
+        ),
+        (
+            "truncated frame then close",
+            truncated,
+            ErrorCode::PROTOCOL_ERROR,
+            "middle of a frame",
+        ),
+    ];
+    for (what, bytes, code, needle) in cases {
+        let frames = exchange_raw_tls(server.local_addr(), &pki.ca, &bytes, true);
+        let (got, message) = connection_error(&frames);
+        assert_eq!(got, code, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: {message:?} lacks {needle:?}"
+        );
+        still_serving_tls(&server, &pki);
+    }
+    assert!(server.stats().protocol_errors >= 4);
+}
+both_backends!(garbage_inside_tls_gets_the_same_errors, garbage_inside_tls);
+
+/// Bytes that are not TLS on a TLS port close that connection (counted, no panic); a
+/// handshake that stops half-way is closed at the handshake deadline; the server goes on.
+fn not_tls_on_a_tls_port(backend: Backend) {
+    let dir = TempDir::new("not-tls");
+    let pki = Pki::new("not-tls");
+    let deadline = Duration::from_millis(800);
+    let server = tls_server(backend, &dir, &pki, deadline);
+    let mut random = vec![0u8; 4096];
+    getrandom::fill(&mut random).unwrap();
+    random[0] = 0x42;
+    let mut bad_record = vec![0x16, 0x03, 0x01, 0xFF, 0xFF];
+    bad_record.extend_from_slice(&random[..100]);
+    // What the server answers before it closes: nothing, or a TLS alert record (0x15).
+    let answer = |socket: &mut TcpStream| {
+        socket
+            .set_read_timeout(Some(nexus_testkit::PATIENCE))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(socket, &mut answer);
+        assert!(answer.is_empty() || answer[0] == 0x15, "{answer:02x?}");
+    };
+    for bytes in [random, bad_record] {
+        let mut socket = TcpStream::connect(server.local_addr()).unwrap();
+        let _ = socket.write_all(&bytes);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+        answer(&mut socket);
+        still_serving_tls(&server, &pki);
+    }
+    // Half a ClientHello, then silence.
+    let mut socket = TcpStream::connect(server.local_addr()).unwrap();
+    let start = Instant::now();
+    socket
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01])
+        .unwrap();
+    answer(&mut socket);
+    assert!(start.elapsed() >= deadline, "closed before the deadline");
+    still_serving_tls(&server, &pki);
+    assert_eq!(server.stats().tls_handshake_failures, 3);
+}
+both_backends!(
+    not_tls_on_a_tls_port_is_closed_and_counted,
+    not_tls_on_a_tls_port
+);

@@ -288,6 +288,11 @@ pub fn exchange_raw(address: SocketAddr, bytes: &[u8], fin: bool) -> Vec<Frame> 
 /// connection.
 pub fn read_frames_until_close(socket: &mut TcpStream) -> Vec<Frame> {
     socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    read_frames_until_eof(socket)
+}
+
+/// As [`read_frames_until_close`], from any stream (a TLS session, say) whose reads time out.
+pub fn read_frames_until_eof(socket: &mut impl Read) -> Vec<Frame> {
     let mut received = Vec::new();
     let mut chunk = [0u8; 65536];
     loop {
@@ -309,8 +314,58 @@ pub fn read_frames_until_close(socket: &mut TcpStream) -> Vec<Frame> {
     while let Some(frame) = nexus_protocol::frame::decode(&mut buf, 16 << 20).unwrap() {
         frames.push(frame);
     }
-    assert!(buf.is_empty(), "trailing partial frame from the server");
+    assert!(
+        buf.is_empty(),
+        "trailing partial frame from the server: {frames:?} then {:02x?}",
+        &buf[..buf.len().min(64)]
+    );
     frames
+}
+
+/// [`exchange_raw`] inside TLS: a TLS 1.3 session (ALPN nexus/2) trusting the PEM CA `ca`,
+/// then `bytes`, then close_notify and FIN if `fin`; the frames the server sent until it
+/// closed.
+pub fn exchange_raw_tls(
+    address: SocketAddr,
+    ca: &std::path::Path,
+    bytes: &[u8],
+    fin: bool,
+) -> Vec<Frame> {
+    let mut stream = tls_stream(address, ca);
+    // The server may close before reading everything; a failed write is not the point here.
+    let _ = stream.write_all(bytes).and_then(|()| stream.flush());
+    if fin {
+        stream.conn.send_close_notify();
+        let _ = stream.flush();
+        let _ = stream.sock.shutdown(std::net::Shutdown::Write);
+    }
+    read_frames_until_eof(&mut stream)
+}
+
+/// A blocking TLS 1.3 client session to `address`, trusting the PEM CA `ca`, with ALPN
+/// nexus/2 and the server checked against 127.0.0.1 (its address); reads time out after
+/// [`PATIENCE`].
+pub fn tls_stream(
+    address: SocketAddr,
+    ca: &std::path::Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"nexus/2".to_vec()];
+    let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(address).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    rustls::StreamOwned::new(conn, sock)
 }
 
 /// The connection-level ERROR among `frames`, panicking if there is none.

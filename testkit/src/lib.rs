@@ -22,7 +22,10 @@ mod process;
 mod proxy;
 mod server;
 mod tls;
-pub use driver::{connection_error, exchange_raw, read_frames_until_close, Client, Pulled};
+pub use driver::{
+    connection_error, exchange_raw, exchange_raw_tls, read_frames_until_close,
+    read_frames_until_eof, tls_stream, Client, Pulled,
+};
 pub use fake::{default_accept, FakeServer};
 pub use http::{http_get, http_request, prometheus_sample, scrape_sample};
 pub use process::{
