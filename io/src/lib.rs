@@ -247,6 +247,19 @@ impl Connection {
         }
     }
 
+    /// Adopts a connected std socket (with TCP_NODELAY). Must run inside a runtime of
+    /// `backend`.
+    pub fn from_std(backend: Backend, stream: std::net::TcpStream) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        Ok(Connection::plain(match backend {
+            Backend::IoUring => {
+                Socket::Uring(Rc::new(tokio_uring::net::TcpStream::from_std(stream)))
+            }
+            Backend::Epoll => Socket::Epoll(Rc::new(tokio::net::TcpStream::from_std(stream)?)),
+        }))
+    }
+
     /// This connection as the server end of a TLS session; [`handshake`](Self::handshake)
     /// next.
     pub fn server_tls(self, config: Arc<rustls::ServerConfig>) -> io::Result<Connection> {
