@@ -294,6 +294,25 @@ fn admin_address(values: &Values) -> Result<Option<SocketAddr>, BadValue> {
     }
 }
 
+/// The admin endpoint's https configuration (`burst.nexus.admin.tls.cert` and `.key`), or
+/// `None` when neither is set (plain http).
+pub(crate) fn admin_tls(
+    values: &Values,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    let path = |name: &str| -> Result<Option<PathBuf>, String> {
+        let path = values.parse::<PathBuf>(name).map_err(|e| e.to_string())?;
+        Ok(path.filter(|p| !p.as_os_str().is_empty()))
+    };
+    match (
+        path("burst.nexus.admin.tls.cert")?,
+        path("burst.nexus.admin.tls.key")?,
+    ) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => nexus_server::admin::https_config(&cert, &key).map(Some),
+        _ => Err("burst.nexus.admin.tls.cert and burst.nexus.admin.tls.key go together".into()),
+    }
+}
+
 /// A fatal error before or while starting: exit 2 with one line on stderr, as JSON when JSON
 /// logs were asked for (a container's log pipeline parses every line).
 fn fail(message: &str) -> ExitCode {
@@ -401,9 +420,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     // The admin endpoint comes up before the server, so /readyz says "starting" until the
     // server listens.
+    let admin_tls = match admin_tls(&values) {
+        Ok(tls) => tls,
+        Err(e) => return fail(&e),
+    };
     let admin = match admin_address.zip(render) {
         Some((address, render)) => {
-            let started = Admin::start_with(address, render, routes);
+            let started = Admin::start_with_tls(address, render, routes, admin_tls);
             match started {
                 Ok(admin) => Some(admin),
                 Err(e) => return fail(&e.to_string()),
@@ -594,7 +617,7 @@ mod tests {
     use nexus_server::ServerConfig;
 
     /// Every property is read by someone: the server's or the client's binding table, or
-    /// this binary (admin address, log format) or the secret reader (two properties, one
+    /// this binary (admin address and TLS, log format) or the secret reader (two properties, one
     /// value). A property nobody reads would be a setting that silently does nothing.
     #[test]
     fn every_property_is_bound_exactly_where_it_is_read() {
@@ -609,6 +632,8 @@ mod tests {
             )
             .chain([
                 "burst.nexus.admin.address",
+                "burst.nexus.admin.tls.cert",
+                "burst.nexus.admin.tls.key",
                 "burst.nexus.log.format",
                 "burst.nexus.auth.secret",
                 "burst.nexus.auth.secret.file",

@@ -161,7 +161,8 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     let admin = match admin_address.zip(render) {
         Some((address, render)) => {
             let started = routes(&values, &workflow).and_then(|routes| {
-                nexus_server::admin::Admin::start_with(address, render, Some(routes))
+                let tls = crate::admin_tls(&values)?;
+                nexus_server::admin::Admin::start_with_tls(address, render, Some(routes), tls)
                     .map_err(|e| e.to_string())
             });
             match started {

@@ -1,13 +1,13 @@
 //! TLS through the binaries, as an operator sets it up: `nexus serve` and `nexus pull` as
 //! real processes configured by environment variables, certificates made by the test. A
 //! pull by host name, the expiry metric on a real scrape, the refusal a plaintext client
-//! reads (and the server's log line), and a SIGHUP reload.
+//! reads (and the server's log line), a SIGHUP reload, and the admin endpoint over https.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
 use nexus_testkit::{
-    run_pull, scrape_sample, spawn_serve, stderr_of, synthetic_bytes, wait_until, CertFiles, Pki,
+    https_get, run_pull, spawn_serve, stderr_of, synthetic_bytes, wait_until, CertFiles, Pki,
     TempDir, Validity,
 };
 
@@ -33,6 +33,7 @@ fn serve_and_pull_over_tls_by_environment() {
         key: dir.path().join("server-key.pem"),
     };
     install(&first.server("a", &["localhost"], Validity::Current), &live);
+    let admin_cert = first.server("admin", &["localhost"], Validity::Current);
     let (cert, key) = (live.cert.to_str().unwrap(), live.key.to_str().unwrap());
     let served = spawn_serve(
         nexus(),
@@ -43,6 +44,15 @@ fn serve_and_pull_over_tls_by_environment() {
             ("BURST_NEXUS_SERVER_TLS_KEY", key),
             // Only SIGHUP reloads in this test.
             ("BURST_NEXUS_SERVER_TLS_RELOAD_MS", "3600000"),
+            // The admin endpoint over https, with its own copy of the first certificate.
+            (
+                "BURST_NEXUS_ADMIN_TLS_CERT",
+                admin_cert.cert.to_str().unwrap(),
+            ),
+            (
+                "BURST_NEXUS_ADMIN_TLS_KEY",
+                admin_cert.key.to_str().unwrap(),
+            ),
         ],
     );
     let endpoint = format!("localhost:{}", served.address.port());
@@ -64,10 +74,17 @@ fn serve_and_pull_over_tls_by_environment() {
     assert!(pulled.status.success(), "{}", stderr_of(&pulled));
     assert_eq!(std::fs::read(&out).unwrap(), synthetic_bytes(0, 3 << 20));
 
-    // The certificate is valid until 4000: the metric says so.
+    // The certificate is valid until 4000: the metric says so, scraped over https (a
+    // plain http request gets no answer from the https port).
     let admin = served.admin.unwrap();
-    let expiry = scrape_sample(admin, "nexus_server_tls_certificate_expiry_seconds");
+    let scrape = |series: &str| {
+        let (status, body) = https_get(admin, &first.ca, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        nexus_testkit::prometheus_sample(&body, series).unwrap_or(0.0)
+    };
+    let expiry = scrape("nexus_server_tls_certificate_expiry_seconds");
     assert!(expiry > 60.0 * 365.0 * 86_400.0 * 19.0, "{expiry}");
+    assert!(nexus_testkit::http_get(admin, "/metrics").map_or(true, |(status, _)| status != 200));
 
     // A plaintext client reads why it is refused; the server logs it.
     let plain = run_pull(
@@ -88,10 +105,7 @@ fn serve_and_pull_over_tls_by_environment() {
             .iter()
             .any(|l| l.contains("TLS handshake failed") && l.contains("plaintext Nexus client"))
     });
-    assert_eq!(
-        scrape_sample(admin, "nexus_server_tls_handshake_failures_total"),
-        1.0
-    );
+    assert_eq!(scrape("nexus_server_tls_handshake_failures_total"), 1.0);
 
     // SIGHUP: the second CA's certificate for new connections.
     install(
@@ -102,7 +116,7 @@ fn serve_and_pull_over_tls_by_environment() {
     // SAFETY: kill(2) with a live child's pid and a valid signal number.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     wait_until("the reload", || {
-        scrape_sample(admin, "nexus_server_tls_reloads_total{outcome=\"ok\"}") == 1.0
+        scrape("nexus_server_tls_reloads_total{outcome=\"ok\"}") == 1.0
     });
     let refused = pull(&first.ca);
     assert!(!refused.status.success());

@@ -335,6 +335,20 @@ pub const PROPERTIES: &[Property] = &[
         "Admin HTTP endpoint (/metrics, /healthz, /readyz; with a workflow also /runs and POST /sensors/NAME) of `nexus serve` and `nexus run`; empty: none.",
     ),
     p(
+        "burst.nexus.admin.tls.cert",
+        Path,
+        "",
+        "",
+        "PEM certificate chain for the admin endpoint: with .tls.key it serves https (TLS 1.3) instead of http; empty, the default: http.",
+    ),
+    p(
+        "burst.nexus.admin.tls.key",
+        Path,
+        "",
+        "",
+        "PEM private key of the admin endpoint's certificate.",
+    ),
+    p(
         "burst.nexus.log.format",
         Choice,
         "text",

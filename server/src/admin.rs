@@ -183,6 +183,18 @@ impl Admin {
         metrics: RenderMetrics,
         routes: Option<Arc<dyn Routes>>,
     ) -> Result<Admin, AdminError> {
+        Admin::start_with_tls(address, metrics, routes, None)
+    }
+
+    /// As [`start_with`](Self::start_with), over https when `tls` is given (see
+    /// [`https_config`]).
+    pub fn start_with_tls(
+        address: SocketAddr,
+        metrics: RenderMetrics,
+        routes: Option<Arc<dyn Routes>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Admin, AdminError> {
+        let https = tls.is_some();
         let bind_error = |source| AdminError::Bind { address, source };
         let listener = std::net::TcpListener::bind(address).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
@@ -200,9 +212,10 @@ impl Admin {
             .map_err(AdminError::Start)?;
         std::thread::Builder::new()
             .name("nexus-admin".into())
-            .spawn(move || runtime.block_on(serve(listener, shared)))
+            .spawn(move || runtime.block_on(serve(listener, shared, tls)))
             .map_err(AdminError::Start)?;
-        tracing::info!(admin = %address, "Admin endpoint listening (/metrics, /healthz, /readyz).");
+        let scheme = if https { "https" } else { "http" };
+        tracing::info!(admin = %address, scheme, "Admin endpoint listening (/metrics, /healthz, /readyz).");
         Ok(Admin { phase, address })
     }
 
@@ -217,7 +230,32 @@ impl Admin {
     }
 }
 
-async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
+/// The admin endpoint's https configuration from its PEM files (TLS 1.3, ALPN http/1.1).
+pub fn https_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let files = crate::io::tls::ServerFiles {
+        mode: crate::io::tls::Mode::Tls,
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        client_ca: None,
+    };
+    let identity = crate::io::tls::server_config(&files).map_err(|e| {
+        e.to_string()
+            .replace("burst.nexus.server.tls.", "burst.nexus.admin.tls.")
+    })?;
+    let mut config = (*identity.config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -241,15 +279,30 @@ async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let shared = Arc::clone(&shared);
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let shared = Arc::clone(&shared);
                 async move { Ok::<_, Infallible>(route(&shared, request).await) }
             });
-            let connection = http1::Builder::new()
+            let http = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_DEADLINE)
-                .serve_connection(TokioIo::new(stream), service);
+                .clone();
+            // The TLS handshake counts in the connection's deadline too.
+            let connection = async move {
+                match acceptor {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "Admin TLS handshake failed."),
+                    },
+                }
+            };
             let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
             drop(slot);
         });

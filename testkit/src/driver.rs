@@ -349,6 +349,17 @@ pub fn tls_stream(
     address: SocketAddr,
     ca: &std::path::Path,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    tls_stream_to(address, ca, name, b"nexus/2")
+}
+
+/// [`tls_stream`] checking the server against `name`, offering the ALPN protocol `alpn`.
+pub fn tls_stream_to(
+    address: SocketAddr,
+    ca: &std::path::Path,
+    name: rustls::pki_types::ServerName<'static>,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -360,8 +371,7 @@ pub fn tls_stream(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"nexus/2".to_vec()];
-    let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    config.alpn_protocols = vec![alpn.to_vec()];
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let sock = TcpStream::connect(address).unwrap();
     sock.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -47,6 +47,27 @@ pub fn http_request(
     Ok((status, body))
 }
 
+/// An https GET (TLS 1.3, ALPN http/1.1) of `path` from `address`, checking its certificate
+/// against the PEM CA `ca` and the name `localhost`: the status code and the body.
+pub fn https_get(address: SocketAddr, ca: &std::path::Path, path: &str) -> (u16, String) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = crate::tls_stream_to(address, ca, name, b"http/1.1");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}
+
 /// The value of the sample `series` (a metric name with its labels, as printed) in a
 /// Prometheus text scrape.
 pub fn prometheus_sample(scrape: &str, series: &str) -> Option<f64> {

@@ -24,10 +24,10 @@ mod server;
 mod tls;
 pub use driver::{
     connection_error, exchange_raw, exchange_raw_tls, read_frames_until_close,
-    read_frames_until_eof, tls_stream, Client, Pulled,
+    read_frames_until_eof, tls_stream, tls_stream_to, Client, Pulled,
 };
 pub use fake::{default_accept, FakeServer};
-pub use http::{http_get, http_request, prometheus_sample, scrape_sample};
+pub use http::{http_get, http_request, https_get, prometheus_sample, scrape_sample};
 pub use process::{
     entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_run, spawn_serve,
     spawn_serve_with, stderr_of, ChildGuard, Running, Served,
