@@ -366,6 +366,19 @@ enum Handshake {
 }
 
 impl Handshake {
+    /// One step of the handshake over `incoming` (see [`step`]).
+    fn step(
+        &mut self,
+        incoming: &mut [u8],
+        out: &mut BytesMut,
+        plain: &mut BytesMut,
+    ) -> (usize, Step) {
+        match self {
+            Handshake::Server(c) => step(c.process_tls_records(incoming), out, plain),
+            Handshake::Client(c) => step(c.process_tls_records(incoming), out, plain),
+        }
+    }
+
     fn is_handshaking(&self) -> bool {
         match self {
             Handshake::Server(c) => c.is_handshaking(),
@@ -909,25 +922,13 @@ pub(crate) async fn handshake(socket: &Socket, session: &Session) -> Result<(), 
     let mut first = true;
     let mut peer_closed = false;
     loop {
-        let (discard, next) = {
+        let next = {
             let mut incoming = session.incoming.borrow_mut();
             let mut plain = session.plain.borrow_mut();
-            let (discard, next) = match &mut *handshake {
-                Handshake::Server(c) => step(
-                    c.process_tls_records(&mut incoming[..]),
-                    &mut out,
-                    &mut plain,
-                ),
-                Handshake::Client(c) => step(
-                    c.process_tls_records(&mut incoming[..]),
-                    &mut out,
-                    &mut plain,
-                ),
-            };
+            let (discard, next) = handshake.step(&mut incoming[..], &mut out, &mut plain);
             incoming.advance(discard);
-            (discard, next)
+            next
         };
-        let _ = discard;
         match next {
             Step::Send => {
                 if !out.is_empty() {
@@ -968,18 +969,7 @@ pub(crate) async fn handshake(socket: &Socket, session: &Session) -> Result<(), 
                 // The alert that tells the peer why, if rustls has one queued.
                 let mut incoming = BytesMut::new();
                 let mut plain = BytesMut::new();
-                let _ = match &mut *handshake {
-                    Handshake::Server(c) => step(
-                        c.process_tls_records(&mut incoming[..]),
-                        &mut out,
-                        &mut plain,
-                    ),
-                    Handshake::Client(c) => step(
-                        c.process_tls_records(&mut incoming[..]),
-                        &mut out,
-                        &mut plain,
-                    ),
-                };
+                let _ = handshake.step(&mut incoming[..], &mut out, &mut plain);
                 if !out.is_empty() {
                     let _ = socket.write_all(vec![out.split().freeze()]).await;
                 }

@@ -41,10 +41,9 @@ fn bind_frame(nonce: [u8; NONCE_LEN]) -> Vec<u8> {
     out
 }
 
-fn garbage(backend: Backend) {
-    let dir = TempDir::new("garbage");
-    let server = start_server(backend, dir.path());
-    let address = server.local_addr();
+/// Bad first bytes and bad frames, each with the error it must get: (what, bytes, code,
+/// a word the message must hold).
+fn hostile_cases() -> Vec<(&'static str, Vec<u8>, ErrorCode, &'static str)> {
     let mut random = vec![0u8; 4096];
     getrandom::fill(&mut random).unwrap();
     random[0] = 0x42; // never the preface's first byte
@@ -57,7 +56,7 @@ fn garbage(backend: Backend) {
     truncated.extend_from_slice(&[0, 0, 0, 40, 0x10, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3]);
     let mut unknown_type = bind_frame([3; NONCE_LEN]);
     unknown_type.extend_from_slice(&[0, 0, 0, 0, 0x55, 0, 0, 0, 0, 0, 0, 0]);
-    let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
+    vec![
         ("random bytes", random, ErrorCode::PROTOCOL_ERROR, "preface"),
         (
             "HTTP",
@@ -89,17 +88,32 @@ fn garbage(backend: Backend) {
             ErrorCode::PROTOCOL_ERROR,
             "0x55",
         ),
-    ];
-    for (what, bytes, code, needle) in cases {
-        let frames = exchange_raw(address, &bytes, true);
+    ]
+}
+
+/// Sends each of [`hostile_cases`] through `exchange` (bytes in, the server's frames out)
+/// and checks its error, and after each that `still_serving` holds.
+fn each_case_gets_its_error(exchange: impl Fn(&[u8]) -> Vec<Frame>, still_serving: impl Fn()) {
+    for (what, bytes, code, needle) in hostile_cases() {
+        let frames = exchange(&bytes);
         let (got, message) = connection_error(&frames);
         assert_eq!(got, code, "{what}: {message}");
         assert!(
             message.contains(needle),
             "{what}: {message:?} lacks {needle:?}"
         );
-        still_serving(&server);
+        still_serving();
     }
+}
+
+fn garbage(backend: Backend) {
+    let dir = TempDir::new("garbage");
+    let server = start_server(backend, dir.path());
+    let address = server.local_addr();
+    each_case_gets_its_error(
+        |bytes| exchange_raw(address, bytes, true),
+        || still_serving(&server),
+    );
     assert!(server.stats().protocol_errors >= 5);
 }
 both_backends!(garbage_gets_a_clear_error_and_the_server_goes_on, garbage);
@@ -301,47 +315,11 @@ fn garbage_inside_tls(backend: Backend) {
     let dir = TempDir::new("garbage-tls");
     let pki = Pki::new("garbage");
     let server = tls_server(backend, &dir, &pki, Duration::from_secs(10));
-    let mut huge = bind_frame([1; NONCE_LEN]);
-    huge.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0x10, 0, 0, 0, 0, 0, 0, 1]);
-    let mut truncated = bind_frame([2; NONCE_LEN]);
-    truncated.extend_from_slice(&[0, 0, 0, 40, 0x10, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3]);
-    let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
-        (
-            "HTTP",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            ErrorCode::PROTOCOL_ERROR,
-            "HTTP",
-        ),
-        (
-            "a TLS record inside TLS",
-            vec![0x16, 3, 1, 0, 5],
-            ErrorCode::PROTOCOL_ERROR,
-            "TLS",
-        ),
-        (
-            "length 0xFFFFFFFF",
-            huge,
-            ErrorCode::FRAME_TOO_LARGE,
-            "4294967295",
-        ),
-        (
-            "truncated frame then close",
-            truncated,
-            ErrorCode::PROTOCOL_ERROR,
-            "middle of a frame",
-        ),
-    ];
-    for (what, bytes, code, needle) in cases {
-        let frames = exchange_raw_tls(server.local_addr(), &pki.ca, &bytes, true);
-        let (got, message) = connection_error(&frames);
-        assert_eq!(got, code, "{what}: {message}");
-        assert!(
-            message.contains(needle),
-            "{what}: {message:?} lacks {needle:?}"
-        );
-        still_serving_tls(&server, &pki);
-    }
-    assert!(server.stats().protocol_errors >= 4);
+    each_case_gets_its_error(
+        |bytes| exchange_raw_tls(server.local_addr(), &pki.ca, bytes, true),
+        || still_serving_tls(&server, &pki),
+    );
+    assert!(server.stats().protocol_errors >= 5);
 }
 both_backends!(garbage_inside_tls_gets_the_same_errors, garbage_inside_tls);
 

@@ -35,7 +35,12 @@ pub fn http_request(
     let _ = socket.write_all(body);
     let mut response = Vec::new();
     let _ = socket.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
+    parse_response(&response)
+}
+
+/// The status code and body of an HTTP/1.1 response.
+fn parse_response(response: &[u8]) -> std::io::Result<(u16, String)> {
+    let response = String::from_utf8_lossy(response).into_owned();
     let status = response
         .split(' ')
         .nth(1)
@@ -56,16 +61,7 @@ pub fn https_get(address: SocketAddr, ca: &std::path::Path, path: &str) -> (u16,
     stream.write_all(head.as_bytes()).unwrap();
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
+    parse_response(&response).unwrap()
 }
 
 /// The value of the sample `series` (a metric name with its labels, as printed) in a
