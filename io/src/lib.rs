@@ -348,9 +348,19 @@ impl Connection {
     /// before `bytes` are queued (`SO_RCVLOWAT`; at least 1). A read that finds data still
     /// returns what there is; the kernel also wakes early when its buffer or the peer's window
     /// runs short, or at the peer's FIN, so waiting for more than will come cannot hang.
-    /// With TLS the mark counts ciphertext, which is a little more than the plaintext.
+    ///
+    /// With TLS, `bytes` counts plaintext still to come, and part of it may already sit in
+    /// the session, read and not yet opened: the session sets the kernel's mark itself before
+    /// each wait, to `bytes` less what it holds (a mark of the whole rest would wait for bytes
+    /// that were already read, and hang at the end of a stream).
     pub fn set_recv_lowat(&self, bytes: usize) -> io::Result<()> {
-        self.socket.set_recv_lowat(bytes)
+        match &self.tls {
+            None => self.socket.set_recv_lowat(bytes),
+            Some(session) => {
+                session.want_recv_lowat(bytes);
+                Ok(())
+            }
+        }
     }
 
     /// Writes all of `segments` (gathered, as few system calls as the socket allows) and

@@ -350,6 +350,11 @@ pub(crate) struct Session {
     write_lock: tokio::sync::Mutex<()>,
     /// The first TLS failure, described, for the owner's error messages.
     failure: RefCell<Option<String>>,
+    /// The low-water mark the owner asked for, in plaintext bytes (see
+    /// [`Connection::set_recv_lowat`](crate::Connection::set_recv_lowat)), and the one the
+    /// kernel has (0: never set, i.e. 1 byte; `usize::MAX`: setting it failed, leave it).
+    lowat_wanted: Cell<usize>,
+    lowat_set: Cell<usize>,
 }
 
 enum State {
@@ -579,6 +584,30 @@ impl Session {
             outgoing: Cell::new(None),
             write_lock: tokio::sync::Mutex::new(()),
             failure: RefCell::new(None),
+            lowat_wanted: Cell::new(1),
+            lowat_set: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn want_recv_lowat(&self, bytes: usize) {
+        self.lowat_wanted.set(bytes.max(1));
+    }
+
+    /// Before a wait for ciphertext: the kernel's low-water mark is what the owner wants
+    /// less what this session already holds, or 1 byte when that is small.
+    fn set_recv_lowat(&self, socket: &Socket) {
+        if self.lowat_set.get() == usize::MAX {
+            return;
+        }
+        let held = self.incoming.borrow().len() + self.plain.borrow().len();
+        let mark = recv_lowat_mark(self.lowat_wanted.get(), held);
+        if mark == self.lowat_set.get().max(1) {
+            return;
+        }
+        match socket.set_recv_lowat(mark) {
+            Ok(()) => self.lowat_set.set(mark),
+            // Only an optimisation: reads work the same without it.
+            Err(_) => self.lowat_set.set(usize::MAX),
         }
     }
 
@@ -693,6 +722,19 @@ impl Session {
     }
 }
 
+/// The kernel's low-water mark for a wait, when the owner wants `wanted` more plaintext bytes
+/// and the session holds `held` bytes (ciphertext not yet opened, plaintext not yet taken):
+/// never more than `wanted - held`, since what is still on the way is at least that much
+/// (records only add bytes); 1 byte when that is under 64 KiB.
+fn recv_lowat_mark(wanted: usize, held: usize) -> usize {
+    let rest = wanted.saturating_sub(held);
+    if rest >= 64 << 10 {
+        rest
+    } else {
+        1
+    }
+}
+
 /// Handles the handshake messages of one record after the handshake: key updates (and
 /// session tickets, which this client does not use). A message split across records is
 /// refused: TLS allows it, but no peer splits a 5-byte key update.
@@ -755,6 +797,7 @@ pub(crate) async fn read(
         if buf.len() > start || closed {
             return (Ok(buf.len() - start), buf);
         }
+        session.set_recv_lowat(socket);
         let (result, incoming) = read_ciphertext(socket, session).await;
         *session.incoming.borrow_mut() = incoming;
         match result {
@@ -1197,6 +1240,24 @@ mod tests {
             let mut framed = vec![0x30, 0x82, 0x01, 0xFF, 0x30, 0x82, 0x01, 0xF0, 0xA0, 0x03, 2, 1, 2];
             framed.extend_from_slice(&data);
             let _ = not_after(&framed);
+        }
+    }
+
+    #[test]
+    fn the_low_water_mark_leaves_out_what_the_session_holds() {
+        assert_eq!(recv_lowat_mark(1 << 20, 0), 1 << 20);
+        // The bench's hang: 900 KiB of a frame to come, 16 KiB of it already read.
+        assert_eq!(recv_lowat_mark(900 << 10, 16 << 10), 884 << 10);
+        assert_eq!(recv_lowat_mark(100 << 10, 50 << 10), 1, "small: any byte");
+        assert_eq!(recv_lowat_mark(1, 10), 1);
+        for wanted in [1, 70_000, 1 << 20] {
+            for held in [0, 1, 16_406, 1 << 19] {
+                let mark = recv_lowat_mark(wanted, held);
+                assert!(
+                    mark == 1 || mark <= wanted - held,
+                    "{wanted} {held}: {mark}"
+                );
+            }
         }
     }
 
