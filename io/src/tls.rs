@@ -949,6 +949,19 @@ fn step<Data>(
     (discard, step)
 }
 
+/// Where the record after the first `from` bytes of `incoming` ends, once it has all come;
+/// for a header no record can have, the end of what has come (rustls then refuses it at
+/// once rather than after a wait).
+fn next_record_end(incoming: &[u8], from: usize) -> Option<usize> {
+    let header = incoming.get(from..from + HEADER)?;
+    let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if !(20..=24).contains(&header[0]) || length > MAX_CIPHERTEXT {
+        return Some(incoming.len());
+    }
+    let end = from + HEADER + length;
+    (end <= incoming.len()).then_some(end)
+}
+
 /// Runs the handshake of `session` on `socket`, then sets up the record layer.
 pub(crate) async fn handshake(socket: &Socket, session: &Session) -> Result<(), HandshakeError> {
     let peer = session.role.peer();
@@ -964,12 +977,18 @@ pub(crate) async fn handshake(socket: &Socket, session: &Session) -> Result<(), 
     let mut out = BytesMut::new();
     let mut first = true;
     let mut peer_closed = false;
+    // rustls sees the records one at a time, and none after the one that ends the handshake:
+    // what follows (data, a key update, close_notify) is for the record layer. Shown to
+    // rustls, a key update request would be answered by a message rustls keeps to send with
+    // its next record, and the hand-over would drop it.
+    let mut visible = 0;
     loop {
         let next = {
             let mut incoming = session.incoming.borrow_mut();
             let mut plain = session.plain.borrow_mut();
-            let (discard, next) = handshake.step(&mut incoming[..], &mut out, &mut plain);
+            let (discard, next) = handshake.step(&mut incoming[..visible], &mut out, &mut plain);
             incoming.advance(discard);
+            visible -= discard;
             next
         };
         match next {
@@ -980,6 +999,10 @@ pub(crate) async fn handshake(socket: &Socket, session: &Session) -> Result<(), 
                 }
             }
             Step::Read => {
+                if let Some(end) = next_record_end(&session.incoming.borrow(), visible) {
+                    visible = end;
+                    continue;
+                }
                 let (result, incoming) = read_ciphertext(socket, session).await;
                 *session.incoming.borrow_mut() = incoming;
                 if result.map_err(io_error)? == 0 {
@@ -1126,7 +1149,7 @@ fn describe(error: &rustls::Error, role: Role) -> String {
                 Alert::ProtocolVersion => "it does not speak TLS 1.3".to_string(),
                 other => format!("alert {other:?}"),
             };
-            format!("{peer} ended the TLS handshake: {what}")
+            format!("{peer} ended the TLS session: {what}")
         }
         Error::NoApplicationProtocol => {
             format!("{peer} does not speak nexus/2 over TLS (no common ALPN protocol)")
