@@ -370,6 +370,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     registry.register(SyntheticSource);
     registry.register_sink(DiscardSink);
+    #[cfg(feature = "s3")]
+    match nexus_workflow::WorkflowConfig::from_values(&values) {
+        Ok(workflow) => {
+            registry.register(nexus_workflow::s3::S3Source::new(workflow.s3.clone()));
+            registry.register_sink(nexus_workflow::s3::S3Sink::new(workflow.s3));
+        }
+        Err(e) => return fail(&e.to_string()),
+    }
     match &config.upload_root {
         None => registry.register_sink(FileSink::disabled()),
         Some(root) => match FileSink::new(root, config.upload_max_size, config.pipe_size) {

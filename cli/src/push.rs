@@ -470,7 +470,13 @@ fn entry_report(job: &Job, done: &Done, quorum: Option<usize>) -> (Value, u8) {
         (None, true) => EXIT_STREAM,
         (None, false) => 0,
     };
-    if !job.chain.is_empty() {
+    if job.chain.is_empty() {
+        // The sink's own report (s3: names the object and its ETag), as JSON where it is.
+        if let Some(report) = &done.report {
+            entry["report"] =
+                serde_json::from_str(report).unwrap_or_else(|_| Value::String(report.clone()));
+        }
+    } else {
         let replicas = replicas(job, done);
         let committed = replicas
             .iter()

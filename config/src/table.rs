@@ -468,6 +468,27 @@ pub const PROPERTIES: &[Property] = &[
         "Name the server's certificate must hold; default: the host as given (a name or an IP address).",
     ),
     p(
+        "burst.nexus.s3.endpoint",
+        Text,
+        "",
+        "",
+        "S3 endpoint URL for the s3 sensor and the s3: source and sink (http:// only where named so, as for a local S3); empty: AWS, for the region. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or the instance's role.",
+    ),
+    p(
+        "burst.nexus.s3.region",
+        Text,
+        "us-east-1",
+        "",
+        "S3 region.",
+    ),
+    p(
+        "burst.nexus.s3.buckets",
+        Text,
+        "",
+        "",
+        "Comma-separated buckets nexus serve serves as s3:BUCKET/KEY and takes pushes into; empty: none (other buckets are permission_denied).",
+    ),
+    p(
         "burst.nexus.workflow.state",
         Path,
         "nexus-workflow.db",

@@ -9,6 +9,7 @@
 //! - `proxy`: [`Proxy`], a TCP proxy that cuts connections when told, for fault injection;
 //! - `fake`: [`FakeServer`], a scripted server that answers INITIATE with any frames;
 //! - `tls`: [`Pki`], a test CA and the certificates it issues, as PEM files;
+//! - `moto`: [`Moto`], a real S3 server (moto) on a free port;
 //! - here: [`TempDir`], [`wait_until`], test data ([`write_pattern_file`], [`log_text`]).
 //!
 //! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
@@ -18,6 +19,7 @@
 mod driver;
 mod fake;
 mod http;
+mod moto;
 mod process;
 mod proxy;
 mod server;
@@ -28,6 +30,7 @@ pub use driver::{
 };
 pub use fake::{default_accept, FakeServer};
 pub use http::{http_get, http_request, https_get, prometheus_sample, scrape_sample};
+pub use moto::{Moto, S3_KEY_ID, S3_SECRET};
 pub use process::{
     entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_run, spawn_serve,
     spawn_serve_with, stderr_of, ChildGuard, Running, Served,

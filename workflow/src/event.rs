@@ -121,6 +121,20 @@ pub fn kind_schema(kind: &str) -> Option<Value> {
                 "mtime_ms": {"type": "integer"}
             }
         }),
+        "s3" => json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["change", "bucket", "key", "relative", "etag", "size", "last_modified_ms"],
+            "properties": {
+                "change": {"enum": ["created", "modified", "deleted"]},
+                "bucket": {"type": "string"},
+                "key": {"type": "string", "description": "the object's key"},
+                "relative": {"type": "string", "description": "the key under the sensor's prefix"},
+                "etag": {"type": "string", "description": "the ETag, without quotes (the last known one for deleted)"},
+                "size": {"type": "integer", "minimum": 0},
+                "last_modified_ms": {"type": "integer"}
+            }
+        }),
         "streams" => json!({
             "type": "object",
             "additionalProperties": false,

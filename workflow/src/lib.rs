@@ -19,6 +19,9 @@ pub mod exec;
 /// the tests that replay its corpus, not part of the API (feature `fuzz`, or `cfg(fuzzing)`).
 #[cfg(any(fuzzing, feature = "fuzz"))]
 pub mod fuzz;
+/// S3: the `s3` sensor, and the `s3:` source and sink (feature `s3`).
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod sensor;
 pub mod serve;
 pub mod spec;
@@ -67,6 +70,41 @@ pub struct WorkflowConfig {
     pub retention: Duration,
     /// Which stream ends become `streams` events (`burst.nexus.workflow.streams.events`).
     pub streams_events: StreamsEvents,
+    /// Where S3 is, for the `s3` sensor and the `s3:` source and sink (`burst.nexus.s3.*`).
+    pub s3: S3Config,
+}
+
+/// S3 settings (`burst.nexus.s3.*`). Credentials are not properties: they come as the AWS
+/// tools take them (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or the
+/// instance's role).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The S3 endpoint (`burst.nexus.s3.endpoint`); empty: AWS, for the region.
+    pub endpoint: String,
+    /// The region (`burst.nexus.s3.region`).
+    pub region: String,
+    /// The buckets `nexus serve` serves as `s3:BUCKET/KEY` and takes pushes into
+    /// (`burst.nexus.s3.buckets`); none by default.
+    pub buckets: Vec<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            buckets: Vec::new(),
+        }
+    }
+}
+
+/// A comma-separated list; blanks around names and empty names are dropped.
+fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Which stream ends become events of the `streams` sensor.
@@ -101,6 +139,7 @@ impl Default for WorkflowConfig {
             http_body_max: 1 << 20,
             retention: Duration::from_secs(7 * 24 * 3600),
             streams_events: StreamsEvents::All,
+            s3: S3Config::default(),
         }
     }
 }
@@ -136,6 +175,15 @@ impl WorkflowConfig {
             parse::<StreamsEvents>,
             |c, v| c.streams_events = v
         ),
+        bind!("burst.nexus.s3.endpoint", parse::<String>, |c, v| {
+            c.s3.endpoint = v
+        }),
+        bind!("burst.nexus.s3.region", parse::<String>, |c, v| {
+            c.s3.region = v
+        }),
+        bind!("burst.nexus.s3.buckets", parse::<String>, |c, v| {
+            c.s3.buckets = list(&v)
+        }),
     ];
 
     /// The configuration `values` describe.

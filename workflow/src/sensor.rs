@@ -38,6 +38,12 @@ pub(crate) fn spawn(
             Ok(Some(thread.spawn(move || ticks(&shared, &name))?))
         }
         SensorKind::File { .. } => Ok(Some(thread.spawn(move || watch(&shared, &name))?)),
+        #[cfg(feature = "s3")]
+        SensorKind::S3 { .. } => Ok(Some(
+            thread.spawn(move || crate::s3::sensor(&shared, &name))?,
+        )),
+        #[cfg(not(feature = "s3"))]
+        SensorKind::S3 { .. } => Ok(None),
         SensorKind::Http | SensorKind::Streams | SensorKind::Runs => Ok(None),
     }
 }
@@ -45,7 +51,7 @@ pub(crate) fn spawn(
 /// Raises, retrying a state write that failed (with backoff) for up to the sensor's
 /// timeout. False when it could not be recorded: a timer counts the tick as missed, a file
 /// sensor starts again with a rescan (which raises it again).
-fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>) -> bool {
+pub(crate) fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>) -> bool {
     let timeout = shared
         .plan
         .sensors

@@ -48,6 +48,10 @@ pub struct SensorSpec {
     pub debounce: Option<String>,
     /// http: the payload's JSON Schema (default: any object).
     pub schema: Option<toml::Value>,
+    /// s3: the bucket listed.
+    pub bucket: Option<String>,
+    /// s3: the folder of keys listed (`landing/2026`: the objects under it); default all.
+    pub prefix: Option<String>,
     /// Longest one poll of the sensor may take (file rescan), default `30s`.
     pub timeout: Option<String>,
 }
@@ -293,6 +297,15 @@ pub enum SensorKind {
         /// Quiet time per file.
         debounce: Duration,
     },
+    /// A bucket's objects under a prefix, listed every `every`.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The folder of keys (no leading or trailing `/`); empty: the whole bucket.
+        prefix: String,
+        /// Time between listings.
+        every: Duration,
+    },
     /// `POST /sensors/NAME` on the admin endpoint.
     Http,
     /// Every stream that ends on this node.
@@ -308,6 +321,7 @@ impl SensorKind {
             SensorKind::Timer { .. } => "timer",
             SensorKind::Cron { .. } => "cron",
             SensorKind::File { .. } => "file",
+            SensorKind::S3 { .. } => "s3",
             SensorKind::Http => "http",
             SensorKind::Streams => "streams",
             SensorKind::Runs => "runs",
@@ -497,6 +511,10 @@ fn compile_sensor(name: &str, s: &SensorSpec) -> Result<Sensor, String> {
         }
     };
     let timeout = duration_field("timeout", s.timeout.as_ref(), Duration::from_secs(30))?;
+    if s.kind != "s3" {
+        unused("bucket", s.bucket.is_some())?;
+        unused("prefix", s.prefix.is_some())?;
+    }
     let kind = match s.kind.as_str() {
         "timer" => {
             unused("schedule", s.schedule.is_some())?;
@@ -560,10 +578,38 @@ fn compile_sensor(name: &str, s: &SensorSpec) -> Result<Sensor, String> {
             unused("missed", s.missed.is_some())?;
             SensorKind::Http
         }
+        "s3" => {
+            unused("schedule", s.schedule.is_some())?;
+            unused("path", s.path.is_some())?;
+            unused("missed", s.missed.is_some())?;
+            unused("schema", s.schema.is_some())?;
+            if !cfg!(feature = "s3") {
+                return Err("this nexus was built without the s3 feature".into());
+            }
+            let bucket = s
+                .bucket
+                .clone()
+                .filter(|b| !b.is_empty())
+                .ok_or("an s3 sensor needs bucket = \"NAME\"")?;
+            let every = duration_field("every", s.every.as_ref(), Duration::from_secs(30))?;
+            if every < Duration::from_millis(100) {
+                return Err("every: at least 100ms".into());
+            }
+            SensorKind::S3 {
+                bucket,
+                prefix: s
+                    .prefix
+                    .as_deref()
+                    .unwrap_or("")
+                    .trim_matches('/')
+                    .to_string(),
+                every,
+            }
+        }
         other => {
             return Err(format!(
-                "kind {other:?}: write timer, cron, file or http (streams and runs are built in)"
-            ))
+            "kind {other:?}: write timer, cron, file, s3 or http (streams and runs are built in)"
+        ))
         }
     };
     let source = match (&kind, &s.schema) {
