@@ -10,6 +10,7 @@
 //! - `fake`: [`FakeServer`], a scripted server that answers INITIATE with any frames;
 //! - `tls`: [`Pki`], a test CA and the certificates it issues, as PEM files;
 //! - `moto`: [`Moto`], a real S3 server (moto) on a free port;
+//! - `mariadb`: [`MariaDb`], a private MariaDB server with its binary log on;
 //! - here: [`TempDir`], [`wait_until`], test data ([`write_pattern_file`], [`log_text`]).
 //!
 //! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
@@ -19,6 +20,7 @@
 mod driver;
 mod fake;
 mod http;
+mod mariadb;
 mod moto;
 mod process;
 mod proxy;
@@ -30,6 +32,7 @@ pub use driver::{
 };
 pub use fake::{default_accept, FakeServer};
 pub use http::{http_get, http_request, https_get, prometheus_sample, scrape_sample};
+pub use mariadb::MariaDb;
 pub use moto::{Moto, S3_KEY_ID, S3_SECRET};
 pub use process::{
     entry_states, json_stdout, rss_of, run_pull, spawn_nexus_serve, spawn_run, spawn_serve,

@@ -135,6 +135,25 @@ pub fn kind_schema(kind: &str) -> Option<Value> {
                 "last_modified_ms": {"type": "integer"}
             }
         }),
+        "mysql" => json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["table", "inserts", "updates", "deletes", "rows", "binlog_file",
+                         "binlog_position", "from_ms", "to_ms", "fired_ms"],
+            "properties": {
+                "table": {"type": "string", "description": "DATABASE.TABLE"},
+                "inserts": {"type": "integer", "minimum": 0},
+                "updates": {"type": "integer", "minimum": 0},
+                "deletes": {"type": "integer", "minimum": 0},
+                "rows": {"type": "integer", "minimum": 1, "description": "inserts + updates + deletes"},
+                "binlog_file": {"type": "string"},
+                "binlog_position": {"type": "integer", "minimum": 0,
+                                    "description": "the end of the last transaction counted"},
+                "from_ms": {"type": "integer", "description": "binlog time of the first change counted (second precision)"},
+                "to_ms": {"type": "integer", "description": "binlog time of the last change counted"},
+                "fired_ms": {"type": "integer"}
+            }
+        }),
         "streams" => json!({
             "type": "object",
             "additionalProperties": false,

@@ -19,6 +19,9 @@ pub mod exec;
 /// the tests that replay its corpus, not part of the API (feature `fuzz`, or `cfg(fuzzing)`).
 #[cfg(any(fuzzing, feature = "fuzz"))]
 pub mod fuzz;
+/// The `mysql` pressure sensor (feature `mysql`).
+#[cfg(feature = "mysql")]
+pub mod mysql;
 /// S3: the `s3` sensor, and the `s3:` source and sink (feature `s3`).
 #[cfg(feature = "s3")]
 pub mod s3;
@@ -482,6 +485,14 @@ impl Drop for Workflow {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The next item of a stream (for the sensors that read one on their own runtime).
+#[cfg(any(feature = "s3", feature = "mysql"))]
+pub(crate) fn next_item<S: futures_core::Stream + Unpin + ?Sized>(
+    stream: &mut S,
+) -> impl std::future::Future<Output = Option<S::Item>> + '_ {
+    std::future::poll_fn(move |cx| std::pin::Pin::new(&mut *stream).poll_next(cx))
 }
 
 /// A unique id for events that have no natural one (`streams`, an HTTP event without an

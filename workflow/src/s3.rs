@@ -11,13 +11,10 @@
 //! object created, overwritten or deleted while the process was down raises its event once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_core::Stream;
 use nexus_protocol::{ErrorCode, ItemCounts};
 use nexus_server::sink::{threaded, BlockingConsumer, Consumer, PushRequest, Sink};
 use nexus_server::{pipe, Opened, Source, SourceError, StreamRequest};
@@ -70,11 +67,6 @@ fn runtime() -> Result<Runtime, String> {
         .map_err(|e| format!("cannot start the S3 client's runtime: {e}"))
 }
 
-/// The next item of a stream.
-fn next<S: Stream + Unpin + ?Sized>(stream: &mut S) -> impl Future<Output = Option<S::Item>> + '_ {
-    std::future::poll_fn(move |cx| Pin::new(&mut *stream).poll_next(cx))
-}
-
 /// What the sensor knows of one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
@@ -104,7 +96,7 @@ async fn list(store: &AmazonS3, prefix: &str) -> Result<BTreeMap<String, Seen>, 
     let prefix = (!prefix.is_empty()).then(|| Path::from(prefix));
     let mut stream = store.list(prefix.as_ref());
     let mut found = BTreeMap::new();
-    while let Some(meta) = next(&mut stream).await {
+    while let Some(meta) = crate::next_item(&mut stream).await {
         let meta = meta.map_err(|e| e.to_string())?;
         let etag = meta.e_tag.unwrap_or_default();
         found.insert(
@@ -308,7 +300,7 @@ impl Source for S3Source {
                         .map_err(|e| failure(&bucket, &path, e))?
                         .into_stream();
                     let mut gathered = BytesMut::new();
-                    while let Some(piece) = next(&mut body).await {
+                    while let Some(piece) = crate::next_item(&mut body).await {
                         let piece = piece.map_err(|e| failure(&bucket, &path, e))?;
                         gathered.extend_from_slice(&piece);
                         if gathered.len() >= CHUNK

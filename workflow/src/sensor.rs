@@ -44,6 +44,12 @@ pub(crate) fn spawn(
         )),
         #[cfg(not(feature = "s3"))]
         SensorKind::S3 { .. } => Ok(None),
+        #[cfg(feature = "mysql")]
+        SensorKind::Mysql { .. } => Ok(Some(
+            thread.spawn(move || crate::mysql::sensor(&shared, &name))?,
+        )),
+        #[cfg(not(feature = "mysql"))]
+        SensorKind::Mysql { .. } => Ok(None),
         SensorKind::Http | SensorKind::Streams | SensorKind::Runs => Ok(None),
     }
 }

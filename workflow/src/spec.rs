@@ -52,6 +52,16 @@ pub struct SensorSpec {
     pub bucket: Option<String>,
     /// s3: the folder of keys listed (`landing/2026`: the objects under it); default all.
     pub prefix: Option<String>,
+    /// mysql: `mysql://USER:PASSWORD@HOST:PORT`.
+    pub url: Option<String>,
+    /// mysql: the table counted, `DATABASE.TABLE`.
+    pub table: Option<String>,
+    /// mysql: rows changed that raise an event (default 1000).
+    pub threshold: Option<u64>,
+    /// mysql: the longest a change waits for its event (default `1m`).
+    pub max_delay: Option<String>,
+    /// mysql: the replica id the sensor announces (unique among the server's replicas).
+    pub server_id: Option<u32>,
     /// Longest one poll of the sensor may take (file rescan), default `30s`.
     pub timeout: Option<String>,
 }
@@ -306,6 +316,19 @@ pub enum SensorKind {
         /// Time between listings.
         every: Duration,
     },
+    /// Rows of one table changed, read from a MySQL or MariaDB binary log.
+    Mysql {
+        /// The server.
+        url: String,
+        /// `DATABASE.TABLE`.
+        table: String,
+        /// Rows changed that raise an event.
+        threshold: u64,
+        /// The longest a counted change waits for its event.
+        max_delay: Duration,
+        /// The replica id announced.
+        server_id: u32,
+    },
     /// `POST /sensors/NAME` on the admin endpoint.
     Http,
     /// Every stream that ends on this node.
@@ -322,6 +345,7 @@ impl SensorKind {
             SensorKind::Cron { .. } => "cron",
             SensorKind::File { .. } => "file",
             SensorKind::S3 { .. } => "s3",
+            SensorKind::Mysql { .. } => "mysql",
             SensorKind::Http => "http",
             SensorKind::Streams => "streams",
             SensorKind::Runs => "runs",
@@ -515,6 +539,13 @@ fn compile_sensor(name: &str, s: &SensorSpec) -> Result<Sensor, String> {
         unused("bucket", s.bucket.is_some())?;
         unused("prefix", s.prefix.is_some())?;
     }
+    if s.kind != "mysql" {
+        unused("url", s.url.is_some())?;
+        unused("table", s.table.is_some())?;
+        unused("threshold", s.threshold.is_some())?;
+        unused("max_delay", s.max_delay.is_some())?;
+        unused("server_id", s.server_id.is_some())?;
+    }
     let kind = match s.kind.as_str() {
         "timer" => {
             unused("schedule", s.schedule.is_some())?;
@@ -606,10 +637,52 @@ fn compile_sensor(name: &str, s: &SensorSpec) -> Result<Sensor, String> {
                 every,
             }
         }
+        "mysql" => {
+            unused("every", s.every.is_some())?;
+            unused("schedule", s.schedule.is_some())?;
+            unused("path", s.path.is_some())?;
+            unused("missed", s.missed.is_some())?;
+            unused("schema", s.schema.is_some())?;
+            if !cfg!(feature = "mysql") {
+                return Err("this nexus was built without the mysql feature".into());
+            }
+            let url = s
+                .url
+                .clone()
+                .filter(|u| u.starts_with("mysql://"))
+                .ok_or("a mysql sensor needs url = \"mysql://USER:PASSWORD@HOST:PORT\"")?;
+            let table = s
+                .table
+                .clone()
+                .filter(|t| t.split_once('.').is_some_and(|(d, n)| !d.is_empty() && !n.is_empty()))
+                .ok_or("a mysql sensor needs table = \"DATABASE.TABLE\"")?;
+            let threshold = s.threshold.unwrap_or(1000);
+            if threshold == 0 {
+                return Err("threshold: at least 1 row".into());
+            }
+            let max_delay =
+                duration_field("max_delay", s.max_delay.as_ref(), Duration::from_secs(60))?;
+            if max_delay < Duration::from_millis(10) {
+                return Err("max_delay: at least 10ms".into());
+            }
+            // A default replica id from the sensor's name, away from the small ids servers
+            // are usually given.
+            let server_id = s.server_id.unwrap_or_else(|| {
+                let h = name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+                0x4e00_0000 | (h & 0x00ff_ffff)
+            });
+            SensorKind::Mysql {
+                url,
+                table,
+                threshold,
+                max_delay,
+                server_id,
+            }
+        }
         other => {
             return Err(format!(
-            "kind {other:?}: write timer, cron, file, s3 or http (streams and runs are built in)"
-        ))
+                "kind {other:?}: write timer, cron, file, s3, mysql or http (streams and runs are built in)"
+            ))
         }
     };
     let source = match (&kind, &s.schema) {
