@@ -29,6 +29,7 @@
 //! | `workflow-streams` (in `workflow`) | 4 KiB streams/s from `nexus serve --rules` (each end an event) | the same from `nexus serve` |
 //! | `workflow-events` (in `workflow`) | `POST /sensors/NAME` per second, each starting a run | `GET /healthz` on the same connection |
 //! | `workflow-latency` (in `workflow`) | a POST to its run's end on a live `events:runs` stream | - (p50, p99) |
+//! | `mysql` | rows/s the mysql sensor reads and counts from a MariaDB binlog, from a checkpoint | `mariadb-binlog --read-from-remote-server` over the same range |
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
 //! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] [--json-out FILE]
@@ -41,6 +42,7 @@
 #![allow(clippy::print_stdout)]
 
 mod baselines;
+mod mysql;
 mod netns;
 mod procs;
 mod push;
@@ -163,7 +165,7 @@ fn main() {
     let _hog = hog.then(cpu_hog);
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 15] = [
+    let scenarios: [(&str, Scenario); 16] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -179,6 +181,7 @@ fn main() {
         ("replication", push::replication),
         ("workflow", workflow::workflow),
         ("tls", tls::tls),
+        ("mysql", mysql::mysql),
     ];
     for (name, run) in scenarios {
         if options.wants(name) {

@@ -2,6 +2,7 @@
 //! installed by `scripts/test`) with its own data directory in a temp dir, on 127.0.0.1 and
 //! a free port, with the binary log on; killed and removed when the test ends.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -107,13 +108,20 @@ impl MariaDb {
 
     fn try_sql(&self, sql: &str) -> Result<String, String> {
         let client = program("mariadb", "NEXUS_MARIADB", "/usr/bin/mariadb");
-        let out = Command::new(client)
+        // The SQL on stdin: a script of any length.
+        let mut child = Command::new(client)
             .arg("--no-defaults")
             .arg(format!("--socket={}", self.socket().display()))
-            .args(["-uroot", "--batch", "--skip-column-names", "-e", sql])
-            .stdin(Stdio::null())
-            .output()
+            .args(["-uroot", "--batch", "--skip-column-names"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(sql.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
