@@ -17,9 +17,9 @@ use mysql_async::{BinlogStreamRequest, Conn, Opts};
 use serde_json::json;
 
 use crate::event::{unix_ms, Event};
-use crate::sensor::raise;
+use crate::sensor::{raise, restarting};
 use crate::spec::SensorKind;
-use crate::{telemetry, Shared};
+use crate::Shared;
 
 /// A position in the binary log.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -140,35 +140,13 @@ pub(crate) fn sensor(shared: &Shared, name: &str) {
     let SensorKind::Mysql { .. } = &sensor.kind else {
         return;
     };
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
+    restarting(shared, name, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(sensor = name, error = %e, "Cannot start the mysql sensor's runtime.");
-                return;
-            }
-        };
-        let started = Instant::now();
-        match runtime.block_on(follow(shared, name)) {
-            Ok(()) => return,
-            Err(e) => {
-                telemetry::sensor_error(name);
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
-                }
-                tracing::warn!(sensor = name, error = %e, wait_ms = backoff.as_millis() as u64,
-                               "MySQL sensor failed; starting it again from its checkpoint.");
-                if shared.stop.wait(backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
+            .map_err(|e| format!("cannot start the sensor's runtime: {e}"))?;
+        runtime.block_on(follow(shared, name))
+    });
 }
 
 /// Where the sensor starts: after its last checkpoint or open cursor, else the log's end.
@@ -282,28 +260,27 @@ async fn follow(shared: &Shared, name: &str) -> Result<(), String> {
                 }
                 open.last_s = header.timestamp();
             }
+            // A transaction's end: its rows count from here.
             Some(EventData::XidEvent(_)) => {
-                committed.add(&open);
-                open = Counts::default();
-                if end > 0 {
-                    at = Position {
-                        file: file.clone(),
-                        position: end,
-                    };
-                }
+                commit(&mut committed, &mut open, &mut at, &file, end);
             }
             Some(EventData::QueryEvent(query)) if query.query().eq_ignore_ascii_case("COMMIT") => {
-                committed.add(&open);
-                open = Counts::default();
-                if end > 0 {
-                    at = Position {
-                        file: file.clone(),
-                        position: end,
-                    };
-                }
+                commit(&mut committed, &mut open, &mut at, &file, end);
             }
             _ => {}
         }
+    }
+}
+
+/// A transaction ended at `end` of `file`: its rows join the committed ones.
+fn commit(committed: &mut Counts, open: &mut Counts, at: &mut Position, file: &str, end: u64) {
+    committed.add(open);
+    *open = Counts::default();
+    if end > 0 {
+        *at = Position {
+            file: file.to_string(),
+            position: end,
+        };
     }
 }
 

@@ -25,9 +25,9 @@ use serde_json::json;
 use tokio::runtime::Runtime;
 
 use crate::event::Event;
-use crate::sensor::raise;
+use crate::sensor::{raise, restarting};
 use crate::spec::SensorKind;
-use crate::{telemetry, S3Config, Shared};
+use crate::{S3Config, Shared};
 
 /// Chunks queued ahead of the client per `s3:` stream.
 const DEPTH: usize = 8;
@@ -125,21 +125,10 @@ pub(crate) fn sensor(shared: &Shared, name: &str) {
     else {
         return;
     };
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match poll(shared, name, bucket, prefix, *every, sensor.timeout) {
-            Ok(()) => return,
-            Err(e) => {
-                telemetry::sensor_error(name);
-                tracing::warn!(sensor = name, bucket = %bucket, prefix = %prefix, error = %e,
-                               wait_ms = backoff.as_millis() as u64, "S3 sensor failed; starting it again.");
-                if shared.stop.wait(backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
+    restarting(shared, name, || {
+        poll(shared, name, bucket, prefix, *every, sensor.timeout)
+            .map_err(|e| format!("s3://{bucket}/{prefix}: {e}"))
+    });
 }
 
 /// Polls until stopped (`Ok`) or until something fails.

@@ -366,14 +366,32 @@ fn watch(shared: &Shared, name: &str) {
     else {
         return;
     };
+    restarting(shared, name, || {
+        watch_once(shared, name, path, *recursive, *debounce)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    });
+}
+
+/// Runs a sensor's `attempt` until it returns `Ok` (the workflow stopped). After each
+/// failure: counted (`nexus_workflow_sensor_errors_total`), logged, and tried again after a
+/// backoff from 500 ms doubling to 60 s, back to 500 ms after an attempt that ran a minute.
+pub(crate) fn restarting(
+    shared: &Shared,
+    name: &str,
+    mut attempt: impl FnMut() -> Result<(), String>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match watch_once(shared, name, path, *recursive, *debounce) {
+        let started = Instant::now();
+        match attempt() {
             Ok(()) => return,
             Err(e) => {
                 telemetry::sensor_error(name);
-                tracing::warn!(sensor = name, path = %path.display(), error = %e,
-                               wait_ms = backoff.as_millis() as u64, "File sensor failed; starting it again.");
+                if started.elapsed() >= Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(sensor = name, error = %e, wait_ms = backoff.as_millis() as u64,
+                               "Sensor failed; starting it again from its checkpoints.");
                 if shared.stop.wait(backoff) {
                     return;
                 }

@@ -5,24 +5,14 @@
 
 use std::path::Path;
 
-use nexus_client::{Client, ClientConfig};
 use nexus_testkit::{wait_until, TempDir};
-use nexus_workflow::{Plan, Raised, RunView, State, Store, Workflow, WorkflowConfig};
+use nexus_workflow::{Raised, RunView, State, Store, Workflow};
 use serde_json::json;
 
+mod common;
+
 fn start(dir: &Path, rules: &str) -> Workflow {
-    let config = WorkflowConfig {
-        state: dir.join("state.db"),
-        ..WorkflowConfig::default()
-    };
-    let plan = Plan::compile(rules, &config).unwrap();
-    let store = Store::open(&config.state).unwrap();
-    let client = Client::new(ClientConfig {
-        threads: 1,
-        ..ClientConfig::default()
-    })
-    .unwrap();
-    Workflow::start(plan, store, client, config).unwrap()
+    common::start_with(common::config(dir), rules)
 }
 
 fn run_of(workflow: &Workflow, id: i64) -> Option<RunView> {

@@ -7,23 +7,13 @@
 
 use std::path::Path;
 
-use nexus_client::{Client, ClientConfig};
 use nexus_testkit::{wait_until, MariaDb, TempDir};
-use nexus_workflow::{Event, Plan, State, Store, Workflow, WorkflowConfig};
+use nexus_workflow::{Event, State, Workflow};
+
+mod common;
 
 fn start(dir: &Path, rules: &str) -> Workflow {
-    let config = WorkflowConfig {
-        state: dir.join("state.db"),
-        ..WorkflowConfig::default()
-    };
-    let plan = Plan::compile(rules, &config).unwrap();
-    let store = Store::open(&config.state).unwrap();
-    let client = Client::new(ClientConfig {
-        threads: 1,
-        ..ClientConfig::default()
-    })
-    .unwrap();
-    Workflow::start(plan, store, client, config).unwrap()
+    common::start_with(common::config(dir), rules)
 }
 
 /// A server in ROW format with tables `shop.orders` (watched) and `shop.other`, and a user

@@ -11,13 +11,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nexus_client::{Client, ClientConfig, Ended, ErrorCode, Outcome, PushOptions, StreamOptions};
+use nexus_client::{Client, Ended, ErrorCode, Outcome, PushOptions, StreamOptions};
 use nexus_server::{Backend, Registry};
 use nexus_testkit::{
     digest, start_with, test_config, wait_until, Moto, TempDir, S3_KEY_ID, S3_SECRET,
 };
 use nexus_workflow::s3::{store, S3Sink, S3Source};
-use nexus_workflow::{Event, Plan, State, Store, Workflow, WorkflowConfig};
+use nexus_workflow::{Event, State, Workflow, WorkflowConfig};
 use object_store::aws::AmazonS3;
 use object_store::path::Path as Key;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -77,20 +77,20 @@ impl Bucket {
     }
 }
 
+mod common;
+
 fn start(dir: &Path, moto: &Moto, rules: &str) -> Workflow {
     let config = WorkflowConfig {
-        state: dir.join("state.db"),
         s3: s3_config(moto),
-        ..WorkflowConfig::default()
+        ..common::config(dir)
     };
-    let plan = Plan::compile(rules, &config).unwrap();
-    let store = Store::open(&config.state).unwrap();
-    let client = Client::new(ClientConfig {
-        threads: 1,
-        ..ClientConfig::default()
-    })
-    .unwrap();
-    Workflow::start(plan, store, client, config).unwrap()
+    common::start_with(config, rules)
+}
+
+/// A Nexus server with the `s3:` source and sink, and a client.
+fn serve(moto: &Moto, dir: &Path) -> (nexus_server::Server, Client) {
+    let server = start_with(test_config(Backend::Epoll, dir), registry(moto, dir));
+    (server, common::client())
 }
 
 fn sensor_rules(extra: &str) -> String {
@@ -275,15 +275,7 @@ fn pushes_into_s3_and_pulls_out_of_it_are_byte_exact() {
     let moto = Moto::start();
     let bucket = Bucket::new(&moto);
     let dir = TempDir::new("s3-stream");
-    let server = start_with(
-        test_config(Backend::Epoll, dir.path()),
-        registry(&moto, dir.path()),
-    );
-    let client = Client::new(ClientConfig {
-        threads: 1,
-        ..ClientConfig::default()
-    })
-    .unwrap();
+    let (server, client) = serve(&moto, dir.path());
     // One PUT (under a part), and a multipart upload of three parts, the last one short.
     for (key, len) in [
         ("small.bin", 100_000usize),
@@ -338,15 +330,7 @@ fn a_cancelled_push_leaves_no_object_and_mistakes_get_clear_errors() {
     let moto = Moto::start();
     let bucket = Bucket::new(&moto);
     let dir = TempDir::new("s3-errors");
-    let server = start_with(
-        test_config(Backend::Epoll, dir.path()),
-        registry(&moto, dir.path()),
-    );
-    let client = Client::new(ClientConfig {
-        threads: 1,
-        ..ClientConfig::default()
-    })
-    .unwrap();
+    let (server, client) = serve(&moto, dir.path());
     // Past one part, so a multipart upload is under way when the push is cancelled.
     let mut push = client.push(
         server.local_addr(),
