@@ -36,11 +36,25 @@ const DEPTH: usize = 8;
 /// few KiB, a stream is faster in chunks of a MiB.
 const CHUNK: usize = 1 << 20;
 
-/// The part size of a multipart upload; a push smaller than this is one plain PUT.
-const PART: usize = 8 << 20;
+/// The part size of a multipart upload (more for a push declared too large for
+/// [`MAX_PARTS`] of them); a push up to one part is one plain PUT.
+const PART: u64 = 8 << 20;
 
-/// Parts of one push uploaded at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// S3's limit on the parts of one upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// S3's largest object.
+const MAX_OBJECT: u64 = 5 << 40;
+
+/// Bytes of parts uploaded at once per push (at least one part).
+const IN_FLIGHT: u64 = 32 << 20;
+
+/// The part size for a push of `declared` bytes: 8 MiB, or the whole MiBs that fit it in
+/// [`MAX_PARTS`]. Unknown: 8 MiB, so such a push can reach 10,000 x 8 MiB (78 GiB).
+fn part_size(declared: Option<u64>) -> u64 {
+    let needed = declared.map_or(0, |d| d.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20);
+    needed.max(PART)
+}
 
 /// A client for `bucket`. Building it does no IO.
 pub fn store(config: &S3Config, bucket: &str) -> Result<AmazonS3, String> {
@@ -346,6 +360,13 @@ impl Sink for S3Sink {
             request.paradata.body,
             &request.paradata.params,
         )?;
+        if request.declared.is_some_and(|d| d > MAX_OBJECT) {
+            return Err(SourceError::new(
+                ErrorCode::RESOURCE_EXHAUSTED,
+                "an S3 object is at most 5 TiB",
+            ));
+        }
+        let part = part_size(request.declared);
         threaded(
             Upload {
                 config: self.config.clone(),
@@ -355,6 +376,7 @@ impl Sink for S3Sink {
                 buffer: BytesMut::new(),
                 writer: None,
                 bytes: 0,
+                part,
             },
             DEPTH,
         )
@@ -371,6 +393,8 @@ struct Upload {
     buffer: BytesMut,
     writer: Option<WriteMultipart>,
     bytes: u64,
+    /// The part size.
+    part: u64,
 }
 
 impl Upload {
@@ -403,15 +427,28 @@ impl BlockingConsumer for Upload {
             return Ok(());
         };
         self.bytes += data.len() as u64;
+        if self.bytes > self.part * MAX_PARTS {
+            return Err(SourceError::new(
+                ErrorCode::RESOURCE_EXHAUSTED,
+                format!(
+                    "s3://{}/{}: more than {MAX_PARTS} parts of {} MiB; declare the push's size \
+                     (nexus push does for a file) and the parts grow to fit",
+                    self.bucket,
+                    self.path,
+                    self.part >> 20
+                ),
+            ));
+        }
         if self.writer.is_none() {
             self.buffer.extend_from_slice(&data);
-            if self.buffer.len() <= PART {
+            if self.buffer.len() as u64 <= self.part {
                 return Ok(());
             }
             let upload = runtime
                 .block_on(store.put_multipart(&self.path))
                 .map_err(|e| self.failed(e))?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+            let part = usize::try_from(self.part).unwrap_or(usize::MAX);
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
             let _inside = runtime.enter();
             writer.put(self.buffer.split().freeze());
             self.writer = Some(writer);
@@ -420,7 +457,8 @@ impl BlockingConsumer for Upload {
         let Some(writer) = self.writer.as_mut() else {
             return Ok(());
         };
-        let waited = runtime.block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT));
+        let in_flight = usize::try_from((IN_FLIGHT / self.part).max(1)).unwrap_or(1);
+        let waited = runtime.block_on(writer.wait_for_capacity(in_flight));
         if let Err(e) = waited {
             return Err(self.failed(e));
         }
@@ -478,6 +516,18 @@ mod tests {
             Seen::parse("1:2:a:b").map(|s| s.etag),
             Some("a:b".to_string())
         );
+    }
+
+    #[test]
+    fn parts_grow_to_fit_a_declared_size_in_ten_thousand() {
+        assert_eq!(part_size(None), 8 << 20);
+        assert_eq!(part_size(Some(1 << 30)), 8 << 20);
+        // 78.125 GiB fit in 10,000 parts of 8 MiB; one byte more needs 9 MiB parts.
+        assert_eq!(part_size(Some(10_000 * (8 << 20))), 8 << 20);
+        assert_eq!(part_size(Some(10_000 * (8 << 20) + 1)), 9 << 20);
+        let largest = part_size(Some(MAX_OBJECT));
+        assert!(largest * MAX_PARTS >= MAX_OBJECT && largest <= 5 << 30);
+        assert_eq!(largest % (1 << 20), 0);
     }
 
     #[test]

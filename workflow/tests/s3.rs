@@ -368,6 +368,19 @@ fn a_cancelled_push_leaves_no_object_and_mistakes_get_clear_errors() {
     let (code, message) = error(pull(&client, &server, "s3:secrets/key").1.outcome);
     assert_eq!(code, ErrorCode::PERMISSION_DENIED);
     assert!(message.contains("burst.nexus.s3.buckets"), "{message}");
+    // Above S3's largest object, refused before any data.
+    let mut huge = client.push(
+        server.local_addr(),
+        &format!("s3:{BUCKET}/huge"),
+        PushOptions {
+            size: Some(6 << 40),
+            ..PushOptions::default()
+        },
+    );
+    let _ = huge.write(Bytes::from_static(b"x"));
+    let (code, message) = error(huge.finish().outcome);
+    assert_eq!(code, ErrorCode::RESOURCE_EXHAUSTED);
+    assert!(message.contains("5 TiB"), "{message}");
     let mut denied = client.push(
         server.local_addr(),
         "s3:secrets/key",
