@@ -496,6 +496,13 @@ pub const PROPERTIES: &[Property] = &[
         "The workflow's SQLite database (event log, checkpoints, runs): nexus run, nexus serve --rules and nexus runs use it; a relative path is from the working directory.",
     ),
     p(
+        "burst.nexus.workflow.bus",
+        Text,
+        "embedded",
+        "",
+        "How nodes share the workflow: embedded (this node runs what its sensors raise), or the AMQP URL of a RabbitMQ broker (amqp://USER:PASSWORD@HOST:PORT/VHOST) whose queues every node with the same rules consumes.",
+    ),
+    p(
         "burst.nexus.workflow.rule.concurrency",
         Integer,
         "4",

@@ -157,6 +157,11 @@ pub trait Routes: Send + Sync {
     fn body_limit(&self) -> usize;
     /// The answer.
     fn respond(&self, request: RouteRequest) -> RouteResponse;
+    /// Whether the embedder is ready, for `/readyz` once the server is: `Err` says why not
+    /// (a broker it cannot reach, say). Ready by default.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A running admin endpoint; it serves until the process ends.
@@ -365,7 +370,10 @@ fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" => match phase {
-            1 => reply(StatusCode::OK, TEXT, "ready\n".into()),
+            1 => match shared.routes.as_ref().map_or(Ok(()), |r| r.ready()) {
+                Ok(()) => reply(StatusCode::OK, TEXT, "ready\n".into()),
+                Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
+            },
             2 => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
             _ => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into()),
         },

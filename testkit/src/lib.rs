@@ -11,6 +11,7 @@
 //! - `tls`: [`Pki`], a test CA and the certificates it issues, as PEM files;
 //! - `moto`: [`Moto`], a real S3 server (moto) on a free port;
 //! - `mariadb`: [`MariaDb`], a private MariaDB server with its binary log on;
+//! - `rabbitmq`: [`RabbitMq`], a private RabbitMQ node that can be stopped and started;
 //! - here: [`TempDir`], [`wait_until`], test data ([`write_pattern_file`], [`log_text`]).
 //!
 //! Every wait has a deadline and panics with what it was waiting for, so a hung server fails
@@ -24,6 +25,7 @@ mod mariadb;
 mod moto;
 mod process;
 mod proxy;
+mod rabbitmq;
 mod server;
 mod tls;
 pub use driver::{
@@ -39,6 +41,7 @@ pub use process::{
     spawn_serve_with, stderr_of, ChildGuard, Running, Served,
 };
 pub use proxy::Proxy;
+pub use rabbitmq::RabbitMq;
 pub use server::{builtin_registry, push_registry, start_server, start_with, test_config};
 pub use tls::{CertFiles, Pki, Validity};
 

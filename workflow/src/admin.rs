@@ -124,6 +124,11 @@ impl WorkflowRoutes {
                 TEXT,
                 format!("the payload does not fit the schema of sensor {name}:\n{message}\n"),
             ),
+            Err(RaiseError::Unavailable(e)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("{e}; try again\n"),
+            ),
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
         }
     }
@@ -206,5 +211,9 @@ impl Routes for WorkflowRoutes {
                 "POST /sensors/NAME\n".into(),
             ),
         }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.workflow.ready()
     }
 }

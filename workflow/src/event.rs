@@ -34,6 +34,17 @@ impl Event {
 
     /// The event as templates and the `events:` source see it: `id`, `sensor`, `time`
     /// (RFC 3339), `time_ms`, `payload`.
+    /// An event from [`to_json`](Self::to_json)'s form; `None` if a field is missing.
+    pub fn from_json(value: &Value) -> Option<Event> {
+        Some(Event {
+            id: value.get("id")?.as_str()?.to_string(),
+            sensor: value.get("sensor")?.as_str()?.to_string(),
+            time_ms: value.get("time_ms")?.as_i64()?,
+            payload: value.get("payload")?.clone(),
+        })
+    }
+
+    /// The event as JSON: `{id, sensor, time, time_ms, payload}`.
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,

@@ -13,6 +13,9 @@
 //! least once, and a restart resumes unfinished runs.
 
 pub mod admin;
+/// The AMQP 0-9-1 bus (feature `amqp`).
+#[cfg(feature = "amqp")]
+pub mod bus;
 pub mod event;
 pub mod exec;
 /// Fuzz entry point for what the HTTP sensor reads from the network: for the fuzz target and
@@ -51,6 +54,8 @@ pub use stop::Stop;
 pub use store::{RunView, State, Store};
 
 use crate::exec::{Failure, Job};
+#[cfg(feature = "amqp")]
+use crate::spec::BUILT_IN_SENSORS;
 use crate::spec::{Action, Rule, Step};
 
 /// Workflow settings from `burst.nexus.workflow.*`.
@@ -75,6 +80,9 @@ pub struct WorkflowConfig {
     pub streams_events: StreamsEvents,
     /// Where S3 is, for the `s3` sensor and the `s3:` source and sink (`burst.nexus.s3.*`).
     pub s3: S3Config,
+    /// `embedded`, or the AMQP URL of the broker the nodes share
+    /// (`burst.nexus.workflow.bus`).
+    pub bus: String,
 }
 
 /// S3 settings (`burst.nexus.s3.*`). Credentials are not properties: they come as the AWS
@@ -143,6 +151,7 @@ impl Default for WorkflowConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             streams_events: StreamsEvents::All,
             s3: S3Config::default(),
+            bus: "embedded".into(),
         }
     }
 }
@@ -178,6 +187,8 @@ impl WorkflowConfig {
             parse::<StreamsEvents>,
             |c, v| c.streams_events = v
         ),
+        bind!("burst.nexus.workflow.bus", parse::<String>, |c, v| c.bus =
+            v),
         bind!("burst.nexus.s3.endpoint", parse::<String>, |c, v| {
             c.s3.endpoint = v
         }),
@@ -214,6 +225,9 @@ pub enum RaiseError {
     /// The state could not be written.
     #[error("{0}")]
     Store(String),
+    /// The bus could not take it (its broker is down): try again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What happened to a raised event.
@@ -250,6 +264,9 @@ pub(crate) struct Shared {
     step_slots: HashMap<(String, String), Arc<Slots>>,
     /// Bumped on every new event: the `events:` source waits on it.
     appended: (Mutex<u64>, Condvar),
+    /// The AMQP bus, when `burst.nexus.workflow.bus` names a broker.
+    #[cfg(feature = "amqp")]
+    bus: Option<bus::Bus>,
 }
 
 /// A counting semaphore for step concurrency.
@@ -315,6 +332,39 @@ impl Workflow {
                 }
             }
         }
+        let mut threads = Vec::new();
+        #[cfg(feature = "amqp")]
+        let (bus, delivered) = if config.bus == "embedded" {
+            (None, None)
+        } else {
+            if !config.bus.starts_with("amqp://") {
+                return Err(std::io::Error::other(format!(
+                    "burst.nexus.workflow.bus {:?}: write embedded, or amqp://USER:PASSWORD@HOST:PORT/VHOST",
+                    config.bus
+                )));
+            }
+            let rules = plan
+                .rules
+                .values()
+                .filter(|r| bus_borne(&r.on))
+                .map(|r| {
+                    (
+                        r.name.clone(),
+                        u16::try_from(r.concurrency).unwrap_or(u16::MAX),
+                    )
+                })
+                .collect();
+            let (tx, rx) = unbounded();
+            let (bus, thread) = bus::Bus::start(config.bus.clone(), rules, tx)?;
+            threads.push(thread);
+            (Some(bus), Some(rx))
+        };
+        #[cfg(not(feature = "amqp"))]
+        if config.bus != "embedded" {
+            return Err(std::io::Error::other(
+                "burst.nexus.workflow.bus: this nexus was built without the amqp feature",
+            ));
+        }
         let shared = Arc::new(Shared {
             plan,
             store,
@@ -324,6 +374,8 @@ impl Workflow {
             queues,
             step_slots,
             appended: (Mutex::new(0), Condvar::new()),
+            #[cfg(feature = "amqp")]
+            bus,
         });
         let io = |e: store::StoreError| std::io::Error::other(e.to_string());
         let settled = shared.store.settle().map_err(io)?;
@@ -336,6 +388,17 @@ impl Workflow {
             );
         }
         for run in open {
+            if shared.on_bus(&run.rule) {
+                // Its delivery went back to the broker with the last process's connection:
+                // the broker gives it out again, here or to another node, and a delivery
+                // here queues this run again (from its first step that did not succeed).
+                let message = "interrupted; the bus gives its event out again";
+                shared
+                    .store
+                    .finish_run(run.id, State::Failed, Some(message), None)
+                    .map_err(io)?;
+                continue;
+            }
             match shared.queues.get(&run.rule) {
                 Some(queue) => {
                     let _ = queue.send(run);
@@ -350,7 +413,15 @@ impl Workflow {
                 }
             }
         }
-        let mut threads = Vec::new();
+        #[cfg(feature = "amqp")]
+        if let Some(delivered) = delivered {
+            let intake = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("nexus-bus-intake".into())
+                    .spawn(move || bus_intake(&intake, &delivered))?,
+            );
+        }
         for (rule, concurrency, rx) in receivers {
             for i in 0..concurrency {
                 let shared = Arc::clone(&shared);
@@ -451,6 +522,18 @@ impl Workflow {
             || self.shared.plan.rules.values().any(|r| r.on == "streams")
     }
 
+    /// Whether the workflow can take events: `Err` says why not (its bus has lost the
+    /// broker). For `/readyz`.
+    pub fn ready(&self) -> Result<(), String> {
+        #[cfg(feature = "amqp")]
+        if let Some(bus) = &self.shared.bus {
+            if !bus.is_connected() {
+                return Err("the workflow bus is not connected to its broker".into());
+            }
+        }
+        Ok(())
+    }
+
     /// Whether [`stop`](Self::stop) was called.
     pub fn is_stopped(&self) -> bool {
         self.shared.stop.is_stopped()
@@ -470,6 +553,10 @@ impl Workflow {
     /// Returns once every sensor and worker thread has ended.
     pub fn stop(&self) {
         self.shared.stop.stop();
+        #[cfg(feature = "amqp")]
+        if let Some(bus) = &self.shared.bus {
+            bus.stop();
+        }
         self.shared.appended.1.notify_all();
         for slots in self.shared.step_slots.values() {
             slots.wake_all();
@@ -488,7 +575,7 @@ impl Drop for Workflow {
 }
 
 /// The next item of a stream (for the sensors that read one on their own runtime).
-#[cfg(any(feature = "s3", feature = "mysql"))]
+#[cfg(any(feature = "s3", feature = "mysql", feature = "amqp"))]
 pub(crate) fn next_item<S: futures_core::Stream + Unpin + ?Sized>(
     stream: &mut S,
 ) -> impl std::future::Future<Output = Option<S::Item>> + '_ {
@@ -518,12 +605,63 @@ impl Shared {
         cursor: Option<(&str, &str)>,
     ) -> Result<Raised, RaiseError> {
         let rules = self.matching(&event)?;
+        #[cfg(feature = "amqp")]
+        if let Some(bus) = &self.bus {
+            return self.publish(bus, event, cursor, &rules);
+        }
         let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
         let runs = self
             .store
             .raise(&event, cursor, &names)
             .map_err(|e| RaiseError::Store(e.to_string()))?;
         Ok(self.dispatch(event, &rules, runs))
+    }
+
+    /// Whether runs of `rule` come from the bus (its sensor's events go through the broker).
+    fn on_bus(&self, rule: &str) -> bool {
+        #[cfg(feature = "amqp")]
+        if self.bus.is_some() {
+            return self.plan.rules.get(rule).is_some_and(|r| bus_borne(&r.on));
+        }
+        let _ = rule;
+        false
+    }
+
+    /// Publishes `event` for each of `rules` and, once the broker confirmed them all,
+    /// records it here with no runs: its cursor moves, and the runs happen where the broker
+    /// delivers them.
+    #[cfg(feature = "amqp")]
+    fn publish(
+        &self,
+        bus: &bus::Bus,
+        event: Event,
+        cursor: Option<(&str, &str)>,
+        rules: &[&Rule],
+    ) -> Result<Raised, RaiseError> {
+        let store = |e: store::StoreError| RaiseError::Store(e.to_string());
+        if self
+            .store
+            .has_event(&event.sensor, &event.id)
+            .map_err(store)?
+        {
+            telemetry::event(&event.sensor, "duplicate");
+            return Ok(Raised::Duplicate { id: event.id });
+        }
+        for rule in rules {
+            bus.publish(&rule.name, &event)
+                .map_err(|e| RaiseError::Unavailable(format!("workflow bus: {e}")))?;
+        }
+        match self.store.raise(&event, cursor, &[]).map_err(store)? {
+            Some(_) => {
+                telemetry::event(&event.sensor, "accepted");
+                self.appended();
+                Ok(Raised::New {
+                    id: event.id,
+                    runs: Vec::new(),
+                })
+            }
+            None => Ok(Raised::Duplicate { id: event.id }),
+        }
     }
 
     /// Checks `event` against its sensor's schema; the rules it starts.
@@ -573,6 +711,7 @@ impl Shared {
                     id: *id,
                     rule: rule.name.clone(),
                     event: event.clone(),
+                    delivery: None,
                 });
             }
         }
@@ -643,6 +782,50 @@ impl Shared {
     }
 }
 
+/// Whether a rule on `sensor` takes its runs from the bus: the events of every sensor but
+/// the built-in ones (`streams`, `runs`: what ended on this node stays on this node).
+#[cfg(feature = "amqp")]
+fn bus_borne(sensor: &str) -> bool {
+    !BUILT_IN_SENSORS.contains(&sensor)
+}
+
+/// Takes what the bus delivers: records the event and queues its run, or, when the run
+/// already succeeded here, acks it at once.
+#[cfg(feature = "amqp")]
+fn bus_intake(shared: &Shared, delivered: &Receiver<bus::Delivered>) {
+    let Some(bus) = &shared.bus else {
+        return;
+    };
+    while let Ok((rule, event, delivery, _redelivered)) = delivered.recv() {
+        match shared.store.take_delivery(&event, &rule) {
+            Ok(Some(id)) => {
+                telemetry::run_queued(&rule);
+                shared.appended();
+                if let Some(queue) = shared.queues.get(&rule) {
+                    let _ = queue.send(store::OpenRun {
+                        id,
+                        rule,
+                        event,
+                        delivery: Some(delivery),
+                    });
+                }
+            }
+            Ok(None) => {
+                metrics::counter!(telemetry::names::BUS_DUPLICATES, "rule" => rule.clone())
+                    .increment(1);
+                tracing::info!(rule = %rule, event = %event.id,
+                               "The bus delivered an event whose run already succeeded here; acked.");
+                bus.settle(delivery, bus::Settle::Ack);
+            }
+            Err(e) => {
+                tracing::warn!(rule = %rule, event = %event.id, error = %e,
+                               "Cannot record an event from the bus; it goes back to the queue.");
+                bus.settle(delivery, bus::Settle::Requeue);
+            }
+        }
+    }
+}
+
 /// How often ended events past the retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -695,8 +878,20 @@ fn worker(shared: &Shared, runs: &Receiver<store::OpenRun>) {
         let Some(rule) = shared.plan.rules.get(&run.rule) else {
             continue;
         };
-        if let Err(e) = execute(shared, rule, &run) {
+        let ended = execute(shared, rule, &run);
+        if let Err(e) = &ended {
             tracing::error!(run = run.id, rule = %rule.name, error = %e, "A run's state could not be written.");
+        }
+        #[cfg(feature = "amqp")]
+        if let (Some(bus), Some(delivery)) = (&shared.bus, run.delivery.clone()) {
+            match ended {
+                Ok(Some(State::Success)) => bus.settle(delivery, bus::Settle::Ack),
+                Ok(Some(_)) => bus.settle(delivery, bus::Settle::Dead),
+                // Interrupted (stopping): the broker gives it out again when the
+                // connection closes.
+                Ok(None) => {}
+                Err(_) => bus.settle(delivery, bus::Settle::Requeue),
+            }
         }
     }
 }
@@ -708,7 +903,13 @@ enum StepEnd {
     Interrupted,
 }
 
-fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), store::StoreError> {
+/// Runs `run` of `rule` to its end: its final state, or `None` when the workflow stopped
+/// first (the run stays open).
+fn execute(
+    shared: &Shared,
+    rule: &Rule,
+    run: &store::OpenRun,
+) -> Result<Option<State>, store::StoreError> {
     let store = &shared.store;
     store.set_run(run.id, State::Started)?;
     telemetry::run_started(&rule.name);
@@ -761,7 +962,7 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
     if interrupted {
         // Left open: the next start resumes it from the steps that did not succeed.
         telemetry::run_interrupted(&rule.name);
-        return Ok(());
+        return Ok(None);
     }
     let (state, error) = if failed.is_empty() {
         (State::Success, None)
@@ -806,7 +1007,7 @@ fn execute(shared: &Shared, rule: &Rule, run: &store::OpenRun) -> Result<(), sto
             tracing::warn!(run = run.id, rule = %rule.name, event = %run.event.id, error = %e, "Run failed.")
         }
     }
-    Ok(())
+    Ok(Some(state))
 }
 
 fn context(rule: &Rule, run: &store::OpenRun, results: &HashMap<String, Value>) -> Value {

@@ -68,7 +68,7 @@ pub(crate) fn raise(shared: &Shared, event: Event, cursor: Option<(&str, &str)>)
     loop {
         match shared.raise(event.clone(), cursor) {
             Ok(_) => return true,
-            Err(crate::RaiseError::Store(e)) => {
+            Err(crate::RaiseError::Store(e) | crate::RaiseError::Unavailable(e)) => {
                 telemetry::sensor_error(&event.sensor);
                 if Instant::now() + wait > deadline {
                     tracing::error!(sensor = %event.sensor, event = %event.id, error = %e,

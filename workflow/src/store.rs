@@ -179,6 +179,20 @@ pub struct OpenRun {
     pub rule: String,
     /// The event that started it.
     pub event: Event,
+    /// The bus delivery to settle when it ends (a run the bus gave this node).
+    pub delivery: Option<Delivery>,
+}
+
+/// A delivery of the AMQP bus, settled when its run ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The rule (its queue and channel).
+    pub rule: String,
+    /// The connection it came on: a settle for an older one is dropped (the broker has
+    /// already given the message out again).
+    pub generation: u64,
+    /// Its tag on that connection.
+    pub tag: u64,
 }
 
 /// What a step stored last time (for a resumed run).
@@ -366,10 +380,73 @@ impl Store {
                         time_ms: r.get(4)?,
                         payload: serde_json::from_str(&payload).unwrap_or(Value::Null),
                     },
+                    delivery: None,
                 })
             })
             .map_err(|e| self.fail(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.fail(e))
+    }
+
+    /// Whether `sensor` has an event `id`.
+    pub fn has_event(&self, sensor: &str, id: &str) -> Result<bool, StoreError> {
+        let db = self.db.lock();
+        db.prepare_cached("SELECT 1 FROM events WHERE sensor = ?1 AND id = ?2")
+            .and_then(|mut q| q.exists(params![sensor, id]))
+            .map_err(|e| self.fail(e))
+    }
+
+    /// An event the bus delivered for `rule` (one transaction, synced): recorded if this
+    /// node has not seen it (the node that published it has, without its cursor: that moved
+    /// at the publish), with a queued run of `rule`. `None` when the run already succeeded
+    /// here (a delivery whose ack was lost); a run that did not finish is queued again, and
+    /// resumes from its first step that did not succeed.
+    pub fn take_delivery(&self, event: &Event, rule: &str) -> Result<Option<i64>, StoreError> {
+        self.durable(|tx| {
+            let payload = event.payload.to_string();
+            tx.execute(
+                "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, done)
+                 VALUES (?1, ?2, ?3, ?4, 0)",
+                params![event.sensor, event.id, event.time_ms, payload],
+            )?;
+            let seq: i64 = tx.query_row(
+                "SELECT seq FROM events WHERE sensor = ?1 AND id = ?2",
+                params![event.sensor, event.id],
+                |r| r.get(0),
+            )?;
+            // Its cursor moved when the bus confirmed it; ending this run must not move it back.
+            tx.execute(
+                "UPDATE events SET done = 0, cursor_key = NULL, cursor_value = NULL WHERE seq = ?1",
+                [seq],
+            )?;
+            let existing: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT id, state FROM runs WHERE event_seq = ?1 AND rule = ?2",
+                    params![seq, rule],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let now = unix_ms(std::time::SystemTime::now());
+            match existing {
+                Some((_, state)) if state == State::Success.as_str() => {
+                    tx.execute("UPDATE events SET done = 1 WHERE seq = ?1", [seq])?;
+                    Ok(None)
+                }
+                Some((id, _)) => {
+                    tx.execute(
+                        "UPDATE runs SET state = 'queued', finished_ms = NULL, error = NULL WHERE id = ?1",
+                        [id],
+                    )?;
+                    Ok(Some(id))
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO runs (rule, event_seq, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
+                        params![rule, seq, now],
+                    )?;
+                    Ok(Some(tx.last_insert_rowid()))
+                }
+            }
+        })
     }
 
     /// Marks open events whose runs have all ended (or that lost their rules) done, and

@@ -22,6 +22,18 @@ pub mod names {
     pub const SENSOR_ERRORS: &str = "nexus_workflow_sensor_errors_total";
     /// Timer and cron ticks that fell while the process was down, by `sensor`.
     pub const MISSED_TICKS: &str = "nexus_workflow_sensor_missed_ticks_total";
+    /// 1 while the AMQP bus is connected to its broker, else 0.
+    pub const BUS_CONNECTED: &str = "nexus_workflow_bus_connected";
+    /// Connections to the broker lost.
+    pub const BUS_RECONNECTS: &str = "nexus_workflow_bus_reconnects_total";
+    /// Events the broker confirmed, by `rule`.
+    pub const BUS_PUBLISHED: &str = "nexus_workflow_bus_published_total";
+    /// Deliveries the broker marked as given out before, by `rule`.
+    pub const BUS_REDELIVERED: &str = "nexus_workflow_bus_redelivered_total";
+    /// Deliveries of an event whose run had already succeeded on this node, by `rule`.
+    pub const BUS_DUPLICATES: &str = "nexus_workflow_bus_duplicates_total";
+    /// Deliveries sent to the dead-letter queue (their run failed for good), by `rule`.
+    pub const BUS_DEAD_LETTERED: &str = "nexus_workflow_bus_dead_lettered_total";
 }
 
 /// Name, type, labels, original name (none), meaning: the README's rows.
@@ -74,6 +86,48 @@ pub const METRICS: &[(&str, &str, &str, &str, &str)] = &[
         "sensor",
         "",
         "Timer and cron ticks that fell while the process was down.",
+    ),
+    (
+        names::BUS_CONNECTED,
+        "gauge",
+        "",
+        "",
+        "1 while the AMQP workflow bus is connected to its broker, else 0 (burst.nexus.workflow.bus).",
+    ),
+    (
+        names::BUS_RECONNECTS,
+        "counter",
+        "",
+        "",
+        "Connections of the workflow bus to its broker that were lost.",
+    ),
+    (
+        names::BUS_PUBLISHED,
+        "counter",
+        "rule",
+        "",
+        "Events the broker confirmed for a rule's queue.",
+    ),
+    (
+        names::BUS_REDELIVERED,
+        "counter",
+        "rule",
+        "",
+        "Bus deliveries the broker had given out before (a node died or lost its connection before its ack).",
+    ),
+    (
+        names::BUS_DUPLICATES,
+        "counter",
+        "rule",
+        "",
+        "Bus deliveries of an event whose run had already succeeded on this node: acked, not run again.",
+    ),
+    (
+        names::BUS_DEAD_LETTERED,
+        "counter",
+        "rule",
+        "",
+        "Bus deliveries sent to the rule's dead-letter queue nexus.dead.RULE (the run failed for good).",
     ),
 ];
 
