@@ -30,6 +30,7 @@
 //! | `workflow-events` (in `workflow`) | `POST /sensors/NAME` per second, each starting a run | `GET /healthz` on the same connection |
 //! | `workflow-latency` (in `workflow`) | a POST to its run's end on a live `events:runs` stream | - (p50, p99) |
 //! | `mysql` | rows/s the mysql sensor reads and counts from a MariaDB binlog, from a checkpoint | `mariadb-binlog --read-from-remote-server` over the same range |
+//! | `bus-1`, `bus-3` (in `bus`) | events/s through RabbitMQ (confirms, acks), 1 and 3 `nexus run` nodes | the embedded workflow, 1 node |
 //!
 //! Usage: `cargo build --release -p nexus-cli -p nexus-bench && target/release/nexus-bench
 //! [--quick] [--runs N] [--backend io_uring|epoll] [--only a,b] [--hog] [--json-out FILE]
@@ -42,6 +43,7 @@
 #![allow(clippy::print_stdout)]
 
 mod baselines;
+mod bus;
 mod mysql;
 mod netns;
 mod procs;
@@ -165,7 +167,7 @@ fn main() {
     let _hog = hog.then(cpu_hog);
     let started = Instant::now();
     let mut records = Vec::new();
-    let scenarios: [(&str, Scenario); 16] = [
+    let scenarios: [(&str, Scenario); 17] = [
         ("single", single),
         ("file", file),
         ("mux16", mux16),
@@ -182,6 +184,7 @@ fn main() {
         ("workflow", workflow::workflow),
         ("tls", tls::tls),
         ("mysql", mysql::mysql),
+        ("bus", bus::bus),
     ];
     for (name, run) in scenarios {
         if options.wants(name) {

@@ -651,17 +651,15 @@ impl Shared {
             bus.publish(&rule.name, &event)
                 .map_err(|e| RaiseError::Unavailable(format!("workflow bus: {e}")))?;
         }
-        match self.store.raise(&event, cursor, &[]).map_err(store)? {
-            Some(_) => {
-                telemetry::event(&event.sensor, "accepted");
-                self.appended();
-                Ok(Raised::New {
-                    id: event.id,
-                    runs: Vec::new(),
-                })
-            }
-            None => Ok(Raised::Duplicate { id: event.id }),
-        }
+        // This node's consumer may have recorded it already (with its run): the event stays,
+        // and the cursor moves either way.
+        self.store.record_published(&event, cursor).map_err(store)?;
+        telemetry::event(&event.sensor, "accepted");
+        self.appended();
+        Ok(Raised::New {
+            id: event.id,
+            runs: Vec::new(),
+        })
     }
 
     /// Checks `event` against its sensor's schema; the rules it starts.

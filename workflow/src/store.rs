@@ -395,6 +395,32 @@ impl Store {
             .map_err(|e| self.fail(e))
     }
 
+    /// An event the bus confirmed (one transaction, synced): recorded with no runs here
+    /// (unless this node's own consumer recorded it first, with its run), and its cursor
+    /// applied at once.
+    pub fn record_published(
+        &self,
+        event: &Event,
+        cursor: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
+        self.durable(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO events (sensor, id, time_ms, payload, done)
+                 VALUES (?1, ?2, ?3, ?4, 1)",
+                params![
+                    event.sensor,
+                    event.id,
+                    event.time_ms,
+                    event.payload.to_string()
+                ],
+            )?;
+            if let Some((key, value)) = cursor {
+                set_checkpoint(tx, &event.sensor, key, value)?;
+            }
+            Ok(())
+        })
+    }
+
     /// An event the bus delivered for `rule` (one transaction, synced): recorded if this
     /// node has not seen it (the node that published it has, without its cursor: that moved
     /// at the publish), with a queued run of `rule`. `None` when the run already succeeded
