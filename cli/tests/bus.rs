@@ -56,6 +56,17 @@ fn node(broker: &RabbitMq, dir: &Path, rules: &str, name: &str) -> Running {
     )
 }
 
+/// Nodes n1, n2 and n3 on `broker`, connected.
+fn three_nodes(broker: &RabbitMq, dir: &Path) -> Vec<Running> {
+    let rules = rules(dir);
+    let nodes: Vec<Running> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| node(broker, dir, &rules, n))
+        .collect();
+    wait_until("the nodes to reach the broker", || nodes.iter().all(ready));
+    nodes
+}
+
 fn ready(node: &Running) -> bool {
     http_get(node.admin, "/readyz").is_ok_and(|(status, _)| status == 200)
 }
@@ -136,12 +147,7 @@ fn duplicates(runs: &BTreeMap<String, Vec<String>>) -> usize {
 fn three_nodes_run_every_event_exactly_once() {
     let broker = RabbitMq::start();
     let dir = TempDir::new("bus-once");
-    let rules = rules(dir.path());
-    let nodes: Vec<Running> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| node(&broker, dir.path(), &rules, n))
-        .collect();
-    wait_until("the nodes to reach the broker", || nodes.iter().all(ready));
+    let nodes = three_nodes(&broker, dir.path());
     for i in 0..EVENTS {
         raise(&nodes[0], i);
     }
@@ -160,12 +166,7 @@ fn three_nodes_run_every_event_exactly_once() {
 fn a_node_killed_mid_run_loses_no_event() {
     let broker = RabbitMq::start();
     let dir = TempDir::new("bus-kill");
-    let rules = rules(dir.path());
-    let mut nodes: Vec<Running> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| node(&broker, dir.path(), &rules, n))
-        .collect();
-    wait_until("the nodes to reach the broker", || nodes.iter().all(ready));
+    let mut nodes = three_nodes(&broker, dir.path());
     for i in 0..EVENTS {
         raise(&nodes[0], i);
     }
@@ -188,12 +189,7 @@ fn a_node_killed_mid_run_loses_no_event() {
 fn the_nodes_come_back_after_the_broker_is_down_for_ten_seconds() {
     let mut broker = RabbitMq::start();
     let dir = TempDir::new("bus-outage");
-    let rules = rules(dir.path());
-    let nodes: Vec<Running> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| node(&broker, dir.path(), &rules, n))
-        .collect();
-    wait_until("the nodes to reach the broker", || nodes.iter().all(ready));
+    let nodes = three_nodes(&broker, dir.path());
     for i in 0..EVENTS / 2 {
         raise(&nodes[0], i);
     }

@@ -94,10 +94,17 @@ impl Bus {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let link = Link {
+            url,
+            rules,
+            deliveries,
+            connected: flag,
+            stop,
+        };
         let thread = std::thread::Builder::new()
             .name("nexus-bus".into())
             .spawn(move || {
-                runtime.block_on(run(&url, &rules, &deliveries, &mut rx, &flag, &stop));
+                runtime.block_on(run(&link, &mut rx));
             })?;
         Ok((
             Bus {
@@ -147,25 +154,25 @@ fn set_connected(flag: &AtomicBool, up: bool) {
     metrics::gauge!(crate::telemetry::names::BUS_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 
-async fn run(
-    url: &str,
-    rules: &[(String, u16)],
-    deliveries: &crossbeam_channel::Sender<Delivered>,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-    connected: &AtomicBool,
-    stop: &AtomicBool,
-) {
+/// What the bus thread works with.
+struct Link {
+    url: String,
+    /// The rules consumed, with their prefetch.
+    rules: Vec<(String, u16)>,
+    deliveries: crossbeam_channel::Sender<Delivered>,
+    connected: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+async fn run(link: &Link, commands: &mut mpsc::UnboundedReceiver<Command>) {
+    let (connected, stop) = (&*link.connected, &*link.stop);
     let mut generation = 0u64;
     let mut backoff = Duration::from_millis(500);
     set_connected(connected, false);
     loop {
         generation += 1;
         let started = tokio::time::Instant::now();
-        match session(
-            url, rules, deliveries, commands, connected, stop, generation,
-        )
-        .await
-        {
+        match session(link, commands, generation).await {
             Ok(()) => return,
             Err(e) => {
                 set_connected(connected, false);
@@ -269,14 +276,12 @@ async fn declare(channel: &Channel, rules: &[(String, u16)]) -> lapin::Result<()
 
 /// One connection, until it fails (`Err`) or the workflow stops (`Ok`).
 async fn session(
-    url: &str,
-    rules: &[(String, u16)],
-    deliveries: &crossbeam_channel::Sender<Delivered>,
+    link: &Link,
     commands: &mut mpsc::UnboundedReceiver<Command>,
-    connected: &AtomicBool,
-    stop: &AtomicBool,
     generation: u64,
 ) -> Result<(), String> {
+    let (url, rules, deliveries) = (link.url.as_str(), &link.rules[..], &link.deliveries);
+    let (connected, stop) = (&*link.connected, &*link.stop);
     fn fail(what: &'static str) -> impl Fn(lapin::Error) -> String {
         move |e| format!("{what}: {e}")
     }
