@@ -13,7 +13,7 @@ use nexus_testkit::MariaDb;
 use nexus_workflow::{Event, Plan, Store, Workflow, WorkflowConfig};
 use serde_json::json;
 
-use crate::report::Record;
+use crate::report::{median, Record};
 use crate::Options;
 
 /// Rows per transaction.
@@ -28,11 +28,6 @@ fn master_status(db: &MariaDb) -> (String, u64) {
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or(0);
     (file, position)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Seconds the sensor takes from its start at `from` to the event counting `rows`.

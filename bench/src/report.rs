@@ -35,7 +35,8 @@ pub(crate) struct Record {
     pub(crate) note: Option<String>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the upper one of an even count); NaN for none.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;

@@ -15,7 +15,7 @@ use nexus_testkit::{spawn_serve_with, Served};
 use serde_json::{json, Value};
 
 use crate::procs::nexus_binary;
-use crate::report::Record;
+use crate::report::{median, Record};
 use crate::Options;
 
 const RULES: &str = r#"
@@ -78,11 +78,6 @@ fn small_rate(address: SocketAddr, total: usize) -> f64 {
     let mut warm = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
     assert!(warm.for_each_chunk(|_| {}).is_complete());
     crate::small_streams_per_second(&client, address, total, 64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// One keep-alive HTTP/1.1 connection.
