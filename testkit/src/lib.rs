@@ -80,28 +80,52 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// A directory under the system temp dir, removed with its contents on drop.
+/// A directory under the system temp dir (or in memory), removed with its contents on drop.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
     /// Creates a fresh directory whose name contains `label`.
     pub fn new(label: &str) -> TempDir {
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random).unwrap();
-        let name = format!(
-            "nexus-{label}-{}-{:016x}",
-            std::process::id(),
-            u64::from_le_bytes(random)
-        );
-        let path = std::env::temp_dir().join(name);
+        let path = std::env::temp_dir().join(unique_name(label));
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path.canonicalize().unwrap())
+    }
+
+    /// Creates a fresh directory for `need` bytes of files, in memory (`/dev/shm`) when the
+    /// machine has a tmpfs there with room for them and a GiB to spare, else as [`TempDir::new`].
+    ///
+    /// For the tests that write GiBs: machines of this kind all have 24 GiB of memory, but
+    /// their free disk varies from tens of GiB to almost none, and the build takes most of it.
+    pub fn in_memory(label: &str, need: u64) -> TempDir {
+        let shm = Path::new("/dev/shm");
+        let room = rustix::fs::statvfs(shm)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(0);
+        if room < need.saturating_add(1 << 30) {
+            return TempDir::new(label);
+        }
+        let path = shm.join(unique_name(label));
+        match std::fs::create_dir(&path) {
+            Ok(()) => TempDir(path),
+            Err(_) => TempDir::new(label),
+        }
     }
 
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.0
     }
+}
+
+/// `nexus-LABEL-PID-RANDOM`: unique across tests and processes.
+fn unique_name(label: &str) -> String {
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).unwrap();
+    format!(
+        "nexus-{label}-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(random)
+    )
 }
 
 impl Drop for TempDir {

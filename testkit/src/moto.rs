@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 use crate::process::ChildGuard;
-use crate::{free_port, http_get, http_request, wait_until};
+use crate::{free_port, http_get, http_request, wait_until, TempDir};
 
 /// The credentials the tests give both moto's clients and Nexus (moto takes any).
 pub const S3_KEY_ID: &str = "nexus-test";
@@ -16,6 +16,9 @@ pub const S3_SECRET: &str = "nexus-test-secret";
 /// A running moto S3 server.
 pub struct Moto {
     _child: ChildGuard,
+    /// Where moto spools objects bigger than a few MiB (its TMPDIR), in memory when there is
+    /// room: a multipart GiB is there twice, as parts and as the completed object.
+    _spool: TempDir,
     /// Where it listens.
     pub address: SocketAddr,
 }
@@ -32,8 +35,10 @@ impl Moto {
             )
         });
         let port = free_port();
+        let spool = TempDir::in_memory("moto-spool", 2 << 30);
         let child = Command::new(&program)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("TMPDIR", spool.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -41,6 +46,7 @@ impl Moto {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.to_string_lossy()));
         let moto = Moto {
             _child: ChildGuard(child),
+            _spool: spool,
             address: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_until("moto to answer", || {
