@@ -294,21 +294,25 @@ fn admin_address(values: &Values) -> Result<Option<SocketAddr>, BadValue> {
     }
 }
 
-/// The admin endpoint's https configuration (`burst.nexus.admin.tls.cert` and `.key`), or
-/// `None` when neither is set (plain http).
-pub(crate) fn admin_tls(
-    values: &Values,
-) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+/// The admin endpoint's https identity (`burst.nexus.admin.tls.cert`, `.key` and
+/// `.reload.ms`), or `None` when neither file is set (plain http).
+pub(crate) fn admin_tls(values: &Values) -> Result<Option<nexus_server::admin::AdminTls>, String> {
     let path = |name: &str| -> Result<Option<PathBuf>, String> {
         let path = values.parse::<PathBuf>(name).map_err(|e| e.to_string())?;
         Ok(path.filter(|p| !p.as_os_str().is_empty()))
     };
+    let reload = values
+        .millis("burst.nexus.admin.tls.reload.ms")
+        .map_err(|e| e.to_string())?
+        .unwrap_or(std::time::Duration::from_secs(10));
     match (
         path("burst.nexus.admin.tls.cert")?,
         path("burst.nexus.admin.tls.key")?,
     ) {
         (None, None) => Ok(None),
-        (Some(cert), Some(key)) => nexus_server::admin::https_config(&cert, &key).map(Some),
+        (Some(cert), Some(key)) => {
+            nexus_server::admin::AdminTls::load(&cert, &key, reload).map(Some)
+        }
         _ => Err("burst.nexus.admin.tls.cert and burst.nexus.admin.tls.key go together".into()),
     }
 }
@@ -434,7 +438,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let admin = match admin_address.zip(render) {
         Some((address, render)) => {
-            let started = Admin::start_with_tls(address, render, routes, admin_tls);
+            let started = Admin::start_with_tls(address, render, routes, admin_tls.clone());
             match started {
                 Ok(admin) => Some(admin),
                 Err(e) => return fail(&e.to_string()),
@@ -451,9 +455,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(admin) = &admin {
         admin.set_phase(Phase::Ready);
     }
-    // SIGHUP reloads the TLS files (they are also watched); without TLS it only says so.
+    // SIGHUP reloads the TLS files of the data port and of the admin endpoint (they are also
+    // watched); without TLS it only says so.
     let reload = || {
-        if let Err(e) = server.reload_tls() {
+        // Each identity logs its own outcome.
+        let admin_reloaded = admin_tls.as_ref().map(|tls| tls.reload());
+        if let (Err(e), None) = (server.reload_tls(), admin_reloaded) {
             tracing::warn!(error = %e, "SIGHUP: nothing reloaded.");
         }
         true
@@ -642,6 +649,7 @@ mod tests {
                 "burst.nexus.admin.address",
                 "burst.nexus.admin.tls.cert",
                 "burst.nexus.admin.tls.key",
+                "burst.nexus.admin.tls.reload.ms",
                 "burst.nexus.log.format",
                 "burst.nexus.auth.secret",
                 "burst.nexus.auth.secret.file",

@@ -349,6 +349,13 @@ pub const PROPERTIES: &[Property] = &[
         "PEM private key of the admin endpoint's certificate.",
     ),
     p(
+        "burst.nexus.admin.tls.reload.ms",
+        Millis,
+        "10000",
+        "ms",
+        "How often the admin endpoint checks its certificate files for a change and reloads them (SIGHUP reloads at once).",
+    ),
+    p(
         "burst.nexus.log.format",
         Choice,
         "text",

@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::telemetry::{self, names};
+use crate::tls::{Endpoint, Identity};
 use crate::ServerStats;
 
 /// Time a client has to send a request's head.
@@ -174,6 +175,56 @@ struct Shared {
     phase: Arc<AtomicU8>,
     metrics: RenderMetrics,
     routes: Option<Arc<dyn Routes>>,
+    tls: Option<AdminTls>,
+}
+
+/// The admin endpoint's https identity (`burst.nexus.admin.tls.cert` and `.key`; TLS 1.3,
+/// ALPN http/1.1). Each connection takes the identity current at its accept: the files are
+/// checked for a change every `reload_interval` (`burst.nexus.admin.tls.reload.ms`), and
+/// [`reload`](Self::reload) (SIGHUP in `nexus serve` and `nexus run`) loads them at once. A
+/// reload that fails keeps the previous certificate.
+#[derive(Debug, Clone)]
+pub struct AdminTls {
+    identity: Arc<Identity>,
+    reload_interval: Duration,
+}
+
+impl AdminTls {
+    /// Loads the PEM certificate chain and key; the error names the property at fault.
+    pub fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        reload_interval: Duration,
+    ) -> Result<AdminTls, String> {
+        let files = crate::io::tls::ServerFiles {
+            mode: crate::io::tls::Mode::Tls,
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: None,
+        };
+        Ok(AdminTls {
+            identity: Arc::new(Identity::load(Endpoint::Admin, files)?),
+            reload_interval,
+        })
+    }
+
+    /// Loads the files again now; new connections get the new certificate.
+    pub fn reload(&self) -> Result<(), String> {
+        self.identity.reload("asked")
+    }
+
+    /// Its certificate's expiry and reloads, as metrics, before a scrape.
+    fn publish(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let identity = &self.identity;
+        if let Some(seconds) = identity.expires_in() {
+            metrics::gauge!(names::ADMIN_TLS_CERT_EXPIRY).set(seconds);
+        }
+        metrics::counter!(names::ADMIN_TLS_RELOADS, "outcome" => "ok")
+            .absolute(identity.reloads.load(Relaxed));
+        metrics::counter!(names::ADMIN_TLS_RELOADS, "outcome" => "failed")
+            .absolute(identity.reload_failures.load(Relaxed));
+    }
 }
 
 impl Admin {
@@ -191,13 +242,12 @@ impl Admin {
         Admin::start_with_tls(address, metrics, routes, None)
     }
 
-    /// As [`start_with`](Self::start_with), over https when `tls` is given (see
-    /// [`https_config`]).
+    /// As [`start_with`](Self::start_with), over https when `tls` is given.
     pub fn start_with_tls(
         address: SocketAddr,
         metrics: RenderMetrics,
         routes: Option<Arc<dyn Routes>>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: Option<AdminTls>,
     ) -> Result<Admin, AdminError> {
         let https = tls.is_some();
         let bind_error = |source| AdminError::Bind { address, source };
@@ -209,6 +259,7 @@ impl Admin {
             phase: Arc::clone(&phase),
             metrics,
             routes,
+            tls,
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -217,7 +268,7 @@ impl Admin {
             .map_err(AdminError::Start)?;
         std::thread::Builder::new()
             .name("nexus-admin".into())
-            .spawn(move || runtime.block_on(serve(listener, shared, tls)))
+            .spawn(move || runtime.block_on(serve(listener, shared)))
             .map_err(AdminError::Start)?;
         let scheme = if https { "https" } else { "http" };
         tracing::info!(admin = %address, scheme, "Admin endpoint listening (/metrics, /healthz, /readyz).");
@@ -235,32 +286,15 @@ impl Admin {
     }
 }
 
-/// The admin endpoint's https configuration from its PEM files (TLS 1.3, ALPN http/1.1).
-pub fn https_config(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<Arc<rustls::ServerConfig>, String> {
-    let files = crate::io::tls::ServerFiles {
-        mode: crate::io::tls::Mode::Tls,
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        client_ca: None,
-    };
-    let identity = crate::io::tls::server_config(&files).map_err(|e| {
-        e.to_string()
-            .replace("burst.nexus.server.tls.", "burst.nexus.admin.tls.")
-    })?;
-    let mut config = (*identity.config).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-async fn serve(
-    listener: std::net::TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    if let Some(tls) = shared.tls.clone() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tls.reload_interval).await;
+                tls.identity.reload_if_changed();
+            }
+        });
+    }
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -283,8 +317,9 @@ async fn serve(
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             continue;
         };
+        let acceptor = (shared.tls.as_ref())
+            .map(|tls| tokio_rustls::TlsAcceptor::from(tls.identity.current()));
         let shared = Arc::clone(&shared);
-        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let shared = Arc::clone(&shared);
@@ -362,6 +397,9 @@ fn respond(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>
     match request.uri().path() {
         "/metrics" => {
             metrics::gauge!(names::READY).set(f64::from(phase == Phase::Ready as u8));
+            if let Some(tls) = &shared.tls {
+                tls.publish();
+            }
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -138,7 +138,7 @@ impl Server {
     /// `burst.nexus.server.tls.reload.ms`. A failed reload keeps the previous identity.
     pub fn reload_tls(&self) -> Result<(), String> {
         match &self.tls {
-            Some(identity) => identity.reload("asked").map_err(|e| e.to_string()),
+            Some(identity) => identity.reload("asked"),
             None => Err("TLS is off (burst.nexus.server.tls.mode)".into()),
         }
     }
@@ -198,7 +198,7 @@ fn load_tls(config: &ServerConfig) -> Result<Option<Arc<Identity>>, StartError> 
     let Some(files) = config.tls.files().map_err(|e| StartError::Config(e.0))? else {
         return Ok(None);
     };
-    let identity = Identity::load(files).map_err(|e| StartError::Config(e.to_string()))?;
+    let identity = Identity::load(tls::Endpoint::Data, files).map_err(StartError::Config)?;
     match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp") {
         Ok(ulps) if ulps.split_whitespace().any(|ulp| ulp == "tls") => tracing::info!(
             "TLS runs in user space (rustls); this version does not hand sessions to kernel TLS."

@@ -92,6 +92,11 @@ pub mod names {
     pub const TLS_HANDSHAKE_FAILURES: &str = "nexus_server_tls_handshake_failures_total";
     /// TLS identity reloads, by `outcome`: ok or failed.
     pub const TLS_RELOADS: &str = "nexus_server_tls_reloads_total";
+    /// Seconds until the admin endpoint's certificate expires (negative once it has); only
+    /// with https on the admin endpoint.
+    pub const ADMIN_TLS_CERT_EXPIRY: &str = "nexus_admin_tls_certificate_expiry_seconds";
+    /// Admin certificate reloads, by `outcome`: ok or failed.
+    pub const ADMIN_TLS_RELOADS: &str = "nexus_admin_tls_reloads_total";
 }
 
 /// Bucket bounds of [`names::STREAM_DURATION`], in seconds: 1 ms to an hour.
@@ -325,6 +330,20 @@ pub const METRICS: &[(&str, &str, &str, &str, &str)] = &[
         "outcome",
         "",
         "Reloads of the TLS files (on change or SIGHUP), by outcome: ok or failed.",
+    ),
+    (
+        names::ADMIN_TLS_CERT_EXPIRY,
+        "gauge",
+        "",
+        "",
+        "Seconds until the admin endpoint's https certificate expires (negative once it has); only with https on the admin endpoint.",
+    ),
+    (
+        names::ADMIN_TLS_RELOADS,
+        "counter",
+        "outcome",
+        "",
+        "Reloads of the admin endpoint's certificate files (on change or SIGHUP), by outcome: ok or failed.",
     ),
     (
         names::PROCESS_START_TIME,

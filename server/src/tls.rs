@@ -1,16 +1,59 @@
-//! The data port's TLS identity: loaded at start, handed to each new connection, and
-//! reloaded when its files change or on [`Server::reload_tls`](crate::Server::reload_tls)
-//! (SIGHUP in `nexus serve`). A connection keeps the configuration it started with, so a
-//! reload never touches running streams; a reload that fails keeps the old identity.
+//! A TLS identity, of the data port or of the admin endpoint: loaded at start, handed to each
+//! new connection, and reloaded when its files change or when asked
+//! ([`Server::reload_tls`](crate::Server::reload_tls), SIGHUP in `nexus serve`). A connection
+//! keeps the configuration it started with, so a reload never touches running streams; a
+//! reload that fails keeps the old identity.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::io::tls::{self, ConfigError, ServerFiles};
+use crate::io::tls::{self, ServerFiles};
 
-/// What the shards read at each accept, and what the reloads replace.
+/// Which listener an identity serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// The data port: ALPN `nexus/2`, records sealed by nexus-io.
+    Data,
+    /// The admin endpoint: ALPN `http/1.1` through tokio-rustls, files named by the
+    /// `burst.nexus.admin.tls.*` properties.
+    Admin,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Data => "data port",
+            Endpoint::Admin => "admin endpoint",
+        }
+    }
+
+    /// The configuration for this endpoint from `files`; errors name its properties.
+    fn configure(self, files: &ServerFiles) -> Result<tls::ServerIdentity, String> {
+        let identity = tls::server_config(files);
+        match self {
+            Endpoint::Data => identity.map_err(|e| e.to_string()),
+            Endpoint::Admin => {
+                let identity = identity.map_err(|e| {
+                    e.to_string()
+                        .replace("burst.nexus.server.tls.", "burst.nexus.admin.tls.")
+                })?;
+                let mut config = (*identity.config).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                // tokio-rustls keeps the records: nothing to extract.
+                config.enable_secret_extraction = false;
+                Ok(tls::ServerIdentity {
+                    config: Arc::new(config),
+                    not_after: identity.not_after,
+                })
+            }
+        }
+    }
+}
+
+/// What the listener reads at each accept, and what the reloads replace.
 pub(crate) struct Identity {
+    endpoint: Endpoint,
     files: ServerFiles,
     current: RwLock<Arc<rustls::ServerConfig>>,
     /// Modification time and length of each file as last loaded.
@@ -24,6 +67,7 @@ pub(crate) struct Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
+            .field("endpoint", &self.endpoint)
             .field("files", &self.files)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
@@ -31,10 +75,11 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    pub(crate) fn load(files: ServerFiles) -> Result<Identity, ConfigError> {
+    pub(crate) fn load(endpoint: Endpoint, files: ServerFiles) -> Result<Identity, String> {
         let stamps = stamps(&files);
-        let identity = tls::server_config(&files)?;
+        let identity = endpoint.configure(&files)?;
         Ok(Identity {
+            endpoint,
             not_after: AtomicU64::new(unix_seconds(identity.not_after)),
             files,
             current: RwLock::new(identity.config),
@@ -52,21 +97,22 @@ impl Identity {
 
     /// Loads the files again and, when they make a valid identity, uses it for new
     /// connections. Logs the outcome either way.
-    pub(crate) fn reload(&self, why: &str) -> Result<(), ConfigError> {
+    pub(crate) fn reload(&self, why: &str) -> Result<(), String> {
         let stamps = stamps(&self.files);
         *self.stamps.lock() = stamps;
-        match tls::server_config(&self.files) {
+        let endpoint = self.endpoint.name();
+        match self.endpoint.configure(&self.files) {
             Ok(identity) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = identity.config;
                 self.not_after
                     .store(unix_seconds(identity.not_after), Relaxed);
                 self.reloads.fetch_add(1, Relaxed);
-                tracing::info!(why, cert = %self.files.cert.display(), "TLS certificate reloaded.");
+                tracing::info!(endpoint, why, cert = %self.files.cert.display(), "TLS certificate reloaded.");
                 Ok(())
             }
             Err(e) => {
                 self.reload_failures.fetch_add(1, Relaxed);
-                tracing::warn!(why, error = %e, "TLS reload failed; keeping the previous certificate.");
+                tracing::warn!(endpoint, why, error = %e, "TLS reload failed; keeping the previous certificate.");
                 Err(e)
             }
         }

@@ -55,13 +55,24 @@ fn parse_response(response: &[u8]) -> std::io::Result<(u16, String)> {
 /// An https GET (TLS 1.3, ALPN http/1.1) of `path` from `address`, checking its certificate
 /// against the PEM CA `ca` and the name `localhost`: the status code and the body.
 pub fn https_get(address: SocketAddr, ca: &std::path::Path, path: &str) -> (u16, String) {
+    try_https_get(address, ca, path).unwrap_or_else(|e| panic!("https GET {path}: {e}"))
+}
+
+/// [`https_get`], with the failure (a refused certificate, say) as an error.
+pub fn try_https_get(
+    address: SocketAddr,
+    ca: &std::path::Path,
+    path: &str,
+) -> Result<(u16, String), String> {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut stream = crate::tls_stream_to(address, ca, name, b"http/1.1");
     let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    parse_response(&response).unwrap()
+    parse_response(&response).map_err(|e| e.to_string())
 }
 
 /// The value of the sample `series` (a metric name with its labels, as printed) in a

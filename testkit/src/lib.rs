@@ -33,7 +33,9 @@ pub use driver::{
     read_frames_until_eof, tls_stream, tls_stream_to, Client, Pulled,
 };
 pub use fake::{default_accept, FakeServer};
-pub use http::{http_get, http_request, https_get, prometheus_sample, scrape_sample};
+pub use http::{
+    http_get, http_request, https_get, prometheus_sample, scrape_sample, try_https_get,
+};
 pub use mariadb::MariaDb;
 pub use moto::{Moto, S3_KEY_ID, S3_SECRET};
 pub use process::{
