@@ -42,6 +42,10 @@
 // A benchmark reports on stdout by design.
 #![allow(clippy::print_stdout)]
 
+/// As in the nexus binary (cli/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod baselines;
 mod bus;
 mod mysql;
