@@ -736,51 +736,70 @@ fn small(options: &Options) -> Vec<Record> {
         ..ClientConfig::default()
     })
     .expect("client");
-    let mut warm = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
-    warm.for_each_chunk(|_| {});
+    // The same client without the first-item spin (burst.nexus.client.first.item.spin.us=0),
+    // to show what the spin saves.
+    let sleeper = nexus_client::Client::new(ClientConfig {
+        threads: 1,
+        backend: options.backend.parse().unwrap_or_default(),
+        first_item_spin: Duration::ZERO,
+        ..ClientConfig::default()
+    })
+    .expect("client");
+    for c in [&client, &sleeper] {
+        let mut warm = c.initiate(address, "synthetic:4KiB", StreamOptions::default());
+        warm.for_each_chunk(|_| {});
+    }
     let samples = if options.quick { 2_000 } else { 20_000 };
-    // Time to first byte and its floor in alternating blocks of 100, so that both see the
+    // Time to first byte and its floor in alternating blocks of 100, so that all see the
     // same machine: here the floor alone moved from 85 to 288 us p50 within minutes.
     let mut ping = PingPong::start();
     let mut ttfb = Vec::with_capacity(samples);
+    let mut ttfb_sleeping = Vec::with_capacity(samples);
     let mut floor = Vec::with_capacity(samples);
+    let first_byte = |c: &nexus_client::Client| {
+        let start = Instant::now();
+        let mut h = c.initiate(address, "synthetic:4KiB", StreamOptions::default());
+        let first = h.recv();
+        let took = start.elapsed();
+        assert!(matches!(first, Some(Item::Chunk(_))), "no data: {first:?}");
+        h.for_each_chunk(|_| {});
+        took
+    };
     while ttfb.len() < samples {
         for _ in 0..100 {
-            let start = Instant::now();
-            let mut h = client.initiate(address, "synthetic:4KiB", StreamOptions::default());
-            let first = h.recv();
-            ttfb.push(start.elapsed());
-            assert!(matches!(first, Some(Item::Chunk(_))), "no data: {first:?}");
-            h.for_each_chunk(|_| {});
+            ttfb.push(first_byte(&client));
+        }
+        for _ in 0..100 {
+            ttfb_sleeping.push(first_byte(&sleeper));
         }
         for _ in 0..100 {
             floor.push(ping.round_trip());
         }
     }
+    drop(sleeper);
     ping.stop();
-    ttfb.sort();
-    let pct = |p: usize| ttfb[(ttfb.len() * p / 100).min(ttfb.len() - 1)].as_secs_f64() * 1e6;
-    floor.sort();
-    let floor_pct =
-        |p: usize| floor[(floor.len() * p / 100).min(floor.len() - 1)].as_secs_f64() * 1e6;
+    let percentile = |v: &mut Vec<Duration>, p: usize| {
+        v.sort();
+        v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1e6
+    };
+    let (p50, p99) = (percentile(&mut ttfb, 50), percentile(&mut ttfb, 99));
+    let sleeping_p50 = percentile(&mut ttfb_sleeping, 50);
+    let (floor_p50, floor_p99) = (percentile(&mut floor, 50), percentile(&mut floor, 99));
     let total = if options.quick { 20_000 } else { 100_000 };
     let in_flight = 64;
     let rate = small_streams_per_second(&client, address, total, in_flight);
     let note = format!(
-        "time to first byte p50 {:.0} us, p99 {:.0} us ({samples} sequential); bare TCP ping-pong p50 {:.0} us, p99 {:.0} us: p50 ratio {:.2}x; {rate:.0} streams/s ({total}, {in_flight} in flight)",
-        pct(50),
-        pct(99),
-        floor_pct(50),
-        floor_pct(99),
-        pct(50) / floor_pct(50)
+        "time to first byte p50 {p50:.0} us, p99 {p99:.0} us ({samples} sequential; without the first-item spin p50 {sleeping_p50:.0} us); bare TCP ping-pong p50 {floor_p50:.0} us, p99 {floor_p99:.0} us: p50 ratio {:.2}x; {rate:.0} streams/s ({total}, {in_flight} in flight)",
+        p50 / floor_p50
     );
     eprintln!("small: {note}");
     vec![Record {
         scenario: "small".into(),
         baseline: None,
         pairs: Vec::new(),
-        extra: json!({"ttfb_p50_us": pct(50), "ttfb_p99_us": pct(99), "streams_per_s": rate,
-                      "tcp_ping_pong_p50_us": floor_pct(50), "tcp_ping_pong_p99_us": floor_pct(99)}),
+        extra: json!({"ttfb_p50_us": p50, "ttfb_p99_us": p99, "ttfb_no_spin_p50_us": sleeping_p50,
+                      "streams_per_s": rate,
+                      "tcp_ping_pong_p50_us": floor_p50, "tcp_ping_pong_p99_us": floor_p99}),
         note: Some(note),
     }]
 }

@@ -324,7 +324,8 @@ impl Client {
         };
         let queue = self.shared.config.queue_size;
         let (shared, tx, rx) = self.register(endpoint, request, operation, queue);
-        let handle = StreamHandle::new(self.clone(), Arc::clone(&shared), rx);
+        let spin = self.shared.config.first_item_spin;
+        let handle = StreamHandle::new(self.clone(), Arc::clone(&shared), rx, spin);
         self.start_registered(shared, tx);
         handle
     }

@@ -260,16 +260,27 @@ pub struct StreamHandle {
     /// Bytes read and not yet handed back as credit.
     unconsumed: u64,
     finished: bool,
+    /// Whether an item has been read.
+    started: bool,
+    /// See [`ClientConfig::first_item_spin`](crate::ClientConfig::first_item_spin).
+    first_item_spin: Duration,
 }
 
 impl StreamHandle {
-    pub(crate) fn new(client: Client, shared: Arc<StreamShared>, rx: Receiver<Item>) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        shared: Arc<StreamShared>,
+        rx: Receiver<Item>,
+        first_item_spin: Duration,
+    ) -> Self {
         StreamHandle {
             _client: client,
             shared,
             rx,
             unconsumed: 0,
             finished: false,
+            started: false,
+            first_item_spin,
         }
     }
 
@@ -290,18 +301,45 @@ impl StreamHandle {
             }
             let item = match self.next_ready() {
                 Ok(item) => item,
-                Err(TryRecvError::Empty) => match self.rx.recv() {
-                    Ok(item) => item,
-                    Err(_) => match self.shared.take_spilled(&self.rx) {
-                        Some(item) => item,
-                        None => self.lost(),
-                    },
-                },
+                Err(TryRecvError::Empty) => {
+                    let spun = self.poll_first(self.first_item_spin);
+                    match spun.map_or_else(|| self.rx.recv(), Ok) {
+                        Ok(item) => item,
+                        Err(_) => match self.shared.take_spilled(&self.rx) {
+                            Some(item) => item,
+                            None => self.lost(),
+                        },
+                    }
+                }
                 Err(TryRecvError::Disconnected) => self.lost(),
             };
             if let Some(item) = self.accept(item) {
                 return Some(item);
             }
+        }
+    }
+
+    /// Before the stream's first item, polls the queue for up to `first_item_spin` instead
+    /// of sleeping at once (`burst.nexus.client.first.item.spin.us`): a first byte that comes
+    /// within it needs no futex wake from the IO thread and no wake-up of this one.
+    fn poll_first(&self, limit: Duration) -> Option<Item> {
+        if self.started || limit.is_zero() {
+            return None;
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..32 {
+                match self.next_ready() {
+                    Ok(item) => return Some(item),
+                    Err(TryRecvError::Disconnected) => return None,
+                    Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                }
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            // The thread that will deliver may be waiting for this CPU.
+            std::thread::yield_now();
         }
     }
 
@@ -315,7 +353,10 @@ impl StreamHandle {
             }
             let item = match self.next_ready() {
                 Ok(item) => item,
-                Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
+                Err(TryRecvError::Empty) => match self
+                    .poll_first(self.first_item_spin.min(timeout))
+                    .map_or_else(|| self.rx.recv_deadline(deadline), Ok)
+                {
                     Ok(item) => item,
                     Err(RecvTimeoutError::Timeout) => return Err(()),
                     Err(RecvTimeoutError::Disconnected) => {
@@ -379,6 +420,7 @@ impl StreamHandle {
 
     /// Handles one item from the queue: counts credit, drops chunks after a cancel.
     fn accept(&mut self, item: Item) -> Option<Item> {
+        self.started = true;
         match item {
             Item::Chunk(data) => {
                 self.unconsumed += data.len() as u64;

@@ -591,6 +591,57 @@ fn unreachable_endpoint(backend: Backend) {
 }
 both_backends!(unreachable_endpoint_fails_clearly, unreachable_endpoint);
 
+/// `first_item_spin` changes how a reader waits for the first item, not what it reads: with
+/// no spin and with a long one, data, errors and ends arrive the same; `recv_timeout` keeps
+/// its timeout even when the spin is longer.
+fn first_item_spin(backend: Backend) {
+    let root = TempDir::new("client-spin");
+    let server = server(backend, &root, 256 << 10);
+    for spin in [Duration::ZERO, Duration::from_secs(60)] {
+        let client = Client::new(ClientConfig {
+            first_item_spin: spin,
+            ..client_config(backend)
+        })
+        .unwrap();
+        let mut s = client.initiate(
+            server.local_addr(),
+            "synthetic:3MiB",
+            StreamOptions::default(),
+        );
+        let (data, end) = read_all(&mut s);
+        assert!(data == synthetic_bytes(0, 3 << 20), "spin {spin:?}");
+        assert_eq!(complete(&end).bytes, 3 << 20);
+        let mut missing = client.initiate(
+            server.local_addr(),
+            "file:missing.bin",
+            StreamOptions::default(),
+        );
+        match missing.recv() {
+            Some(Item::End(end)) => assert_eq!(end.error_code(), Some(ErrorCode::NOT_FOUND)),
+            other => panic!("spin {spin:?}: expected the error end, got {other:?}"),
+        }
+        assert_eq!(missing.recv(), None);
+
+        // A peer that accepts the connection (the kernel does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut waiting = client.initiate(
+            silent.local_addr().unwrap(),
+            "synthetic:1",
+            StreamOptions::default(),
+        );
+        let asked = Instant::now();
+        assert_eq!(waiting.recv_timeout(Duration::from_millis(10)), Err(()));
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "recv_timeout waited out the 60 s spin"
+        );
+    }
+}
+both_backends!(
+    first_item_spin_changes_the_wait_not_the_items,
+    first_item_spin
+);
+
 fn striping(backend: Backend) {
     let root = TempDir::new("client-stripes");
     let server = server(backend, &root, 64 << 10);

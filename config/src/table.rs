@@ -405,6 +405,13 @@ pub const PROPERTIES: &[Property] = &[
         "Items a stream's consumer queue holds (memory is bounded by the window either way).",
     ),
     p(
+        "burst.nexus.client.first.item.spin.us",
+        Integer,
+        "50",
+        "µs",
+        "How long a blocking reader waiting for a stream's first item polls before it sleeps: spares a thread wake-up on the time to first byte; 0: sleep at once.",
+    ),
+    p(
         "burst.nexus.client.window",
         Size,
         "4194304",
