@@ -34,12 +34,15 @@ pub struct WriteBatch {
 }
 
 impl Default for WriteBatch {
-    /// 256 segments (a CHUNK is two) and 8 MiB: large enough that a write is rarely short of
-    /// data at 1 MiB chunks, small enough to keep the round-robin between streams fair.
+    /// 256 segments (a CHUNK is two) and 1 MiB: one 1 MiB chunk, or many smaller frames, per
+    /// write. Larger writes made the kernel reorder segments on loopback: an 8 GiB pull saw
+    /// 2,800-3,100 retransmitted segments with 8 MiB writes (2,200-2,500 with 2 and 4 MiB)
+    /// against 210-240 with 1 MiB, and moved 3.2-3.4 GB/s instead of 3.7-3.9 with 15% more
+    /// system time on the sender (bench/RESULTS.md, issue 20).
     fn default() -> Self {
         WriteBatch {
             max_segments: 256,
-            max_bytes: 8 << 20,
+            max_bytes: 1 << 20,
         }
     }
 }
